@@ -464,30 +464,50 @@ class CheckpointError(RuntimeError):
     """A checkpoint that cannot be found, read or loaded; the message is one sentence for the user."""
 
 
-def hub_file(repo, filename):
-    """Local path of `filename` from Hub `repo`, downloading it into the huggingface_hub cache."""
-    from huggingface_hub import hf_hub_download
+def hub_cache_dir():
+    """The huggingface_hub cache, read from the environment now (not at import, so tests can move it)."""
+    home = os.environ.get('HF_HOME', os.path.join(os.path.expanduser('~'), '.cache', 'huggingface'))
+    return os.environ.get('HF_HUB_CACHE', os.path.join(home, 'hub'))
+
+
+def hub_file(repo, filename, flag='--ckpt'):
+    """Local path of `filename` from Hub `repo`: the huggingface_hub cache first, then a download.
+
+    Offline, this fails at once: a DNS lookup of the Hub host decides before huggingface_hub's
+    retries (about 25 s) start.
+    """
+    import socket
+    from urllib.parse import urlparse
+    from huggingface_hub import hf_hub_download, constants
+    cache = hub_cache_dir()
     try:
-        return hf_hub_download(repo, filename)
-    except Exception as e:  # offline, missing file, no such repo: all end the same way for the user
-        home = os.environ.get('HF_HOME', '~/.cache/huggingface')
-        raise CheckpointError(f"could not get {filename} from the Hugging Face Hub repo {repo} (looked in "
-                              f"the cache under {home} and online: {type(e).__name__}); download it "
-                              f"elsewhere and pass its local path with --ckpt PATH") from None
+        return hf_hub_download(repo, filename, cache_dir=cache, local_files_only=True)
+    except Exception:
+        pass
+    try:
+        if os.environ.get('HF_HUB_OFFLINE', '0').lower() in ('1', 'true', 'yes', 'on'):
+            raise OSError('HF_HUB_OFFLINE is set')
+        socket.getaddrinfo(urlparse(constants.ENDPOINT).hostname, 443)
+        return hf_hub_download(repo, filename, cache_dir=cache)
+    except Exception as e:
+        raise CheckpointError(f"could not get {filename} from the Hugging Face Hub repo {repo}: it is not in the "
+                              f"cache {cache} and the Hub is unreachable or refused ({type(e).__name__}); download "
+                              f"it where there is network (or point HF_HOME at a cache that has it), or pass a "
+                              f"local file with {flag} PATH") from None
 
 
-def resolve_checkpoint(spec):
+def resolve_checkpoint(spec, releases=RELEASES, flag='--ckpt'):
     """A release name, `hf://OWNER/REPO/FILE` or a local path -> a local file path."""
-    if spec in RELEASES:
-        return hub_file(RELEASES[spec]['repo'], RELEASES[spec]['file'])
+    if spec in releases:
+        return hub_file(releases[spec]['repo'], releases[spec]['file'], flag)
     if spec.startswith('hf://'):
         parts = spec[5:].split('/')
         if len(parts) < 3:
             raise CheckpointError(f"{spec} is not of the form hf://OWNER/REPO/FILE")
-        return hub_file('/'.join(parts[:2]), '/'.join(parts[2:]))
+        return hub_file('/'.join(parts[:2]), '/'.join(parts[2:]), flag)
     if not os.path.isfile(spec):
-        raise CheckpointError(f"checkpoint {spec} is not a known release ({', '.join(RELEASES)}) nor an "
-                              f"existing file; pass a local file with --ckpt PATH")
+        raise CheckpointError(f"checkpoint {spec} is not a known release ({', '.join(releases)}) nor an "
+                              f"existing file; pass a local file with {flag} PATH")
     return spec
 
 
@@ -539,6 +559,16 @@ def load_into(model, sd, path):
                               f"image size and --ckpt")
     model.load_state_dict(sd, strict=True)
     return model
+
+
+def save_gpt(model, path, **metadata):
+    """Write the weights as safetensors, keyed like LlamaGen, with the GPTConfig in the header so
+    load_gpt / sample.py --ckpt can rebuild the model. Written to a temp file, then renamed."""
+    from safetensors.torch import save_file
+    meta = {'gpt_config': json.dumps(asdict(model.config)), **{k: str(v) for k, v in metadata.items()}}
+    sd = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
+    save_file(sd, path + '.tmp', metadata=meta)
+    os.replace(path + '.tmp', path)
 
 
 def config_for(preset=None, image_size=256, downsample=16, **overrides):

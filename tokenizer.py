@@ -7,14 +7,15 @@ strict=True. VQ-16 maps a 256x256 image to a 16x16 grid of indices into a 16384 
 
     python tokenizer.py      # smoke demo: encode and decode a random image with a tiny VQ
 """
-from dataclasses import dataclass, field
+import json
+from dataclasses import dataclass, field, asdict
 from typing import List
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from model import CheckpointError, hub_file, read_state_dict, load_into, LLAMAGEN, LLAMAGEN_T2I
+from model import read_state_dict, resolve_checkpoint, load_into, LLAMAGEN, LLAMAGEN_T2I
 
 
 @dataclass
@@ -221,17 +222,25 @@ class VQModel(nn.Module):
         return self.decoder(self.post_quant_conv(zq))
 
 
+def save_vq(vq, path):
+    """safetensors with the VQConfig in the header, so load_vq(path) rebuilds it."""
+    from safetensors.torch import save_file
+    sd = {k: v.detach().contiguous().cpu() for k, v in vq.state_dict().items()}
+    save_file(sd, path, metadata={'vq_config': json.dumps(asdict(vq.config))})
+
+
 def load_vq(ckpt='vq_ds16_c2i', preset=None, device='cpu', dtype=torch.float32, **overrides):
     """Build and load a VQModel from a release name, hf://REPO/FILE or a local file."""
-    from model import resolve_checkpoint
     rel = VQ_RELEASES.get(ckpt)
-    path = hub_file(rel['repo'], rel['file']) if rel else resolve_checkpoint(ckpt)
+    path = resolve_checkpoint(ckpt, VQ_RELEASES, '--vq_ckpt')
     preset = preset or (rel or {}).get('preset', 'VQ-16')
     if preset not in VQ_PRESETS:
         raise ValueError(f"unknown VQ preset {preset!r}; known: {', '.join(VQ_PRESETS)}")
-    sd, _ = read_state_dict(path, 'vq_model')
+    sd, meta = read_state_dict(path, 'vq_model')
+    # files we wrote carry their VQConfig; otherwise the preset plus overrides
+    kw = json.loads(meta['vq_config']) if 'vq_config' in meta else {**VQ_PRESETS[preset], **overrides}
     with torch.device('meta'):
-        vq = VQModel(VQConfig(**{**VQ_PRESETS[preset], **overrides}))
+        vq = VQModel(VQConfig(**kw))
     vq = load_into(vq.to_empty(device='cpu'), sd, path)
     return vq.to(device=device, dtype=dtype).eval()
 
