@@ -80,6 +80,7 @@ GPT_PRESETS = {
     'GPT-1B': dict(n_layer=22, n_head=32, dim=2048),
     'GPT-3B': dict(n_layer=24, n_head=32, dim=3200),
     'GPT-7B': dict(n_layer=32, n_head=32, dim=4096),
+    'GPT-tiny': dict(n_layer=2, n_head=4, dim=64),  # not a release: demos and tests on a CPU
 }
 
 
