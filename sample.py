@@ -5,7 +5,8 @@ Follows LlamaGen's autoregressive/sample/sample_c2i.py and sample_t2i.py: their 
 (c2i cfg 4.0, top_k 2000; t2i cfg 7.5, top_k 1000), FLAN-T5-XL captions of 120 tokens left-padded as
 sample_t2i.py does, save_image's rounding. The grid has a row of --n images per condition.
 
-    python sample.py --class 207 "golden retriever" --n 4 --seed 0      # c2i_B_256 + vq_ds16_c2i
+    python sample.py                          # LlamaGen's 8 demo classes with c2i_B_256 + vq_ds16_c2i
+    python sample.py --class 207 "golden retriever" --n 4 --seed 0
     python sample.py --prompt "a blue Porsche 356 parked in front of a yellow brick wall"
     python sample.py --class 207 --ckpt out/run/model.safetensors --npz samples.npz
 """
@@ -41,7 +42,7 @@ class SampleConfig:
     image_size: Optional[int] = None  # pixels, for a file without config; None = the release's (or 256)
     t5: str = 'google/flan-t5-xl'  # t2i text encoder: Hub name or local save_pretrained directory
     device: Optional[str] = None  # None = cuda if available, else cpu
-    dtype: Optional[str] = field(default=None, metadata=dict(choices=['float32', 'bfloat16', 'float16']))  # GPT, T5
+    dtype: Optional[str] = field(default=None, metadata=dict(choices=['float32', 'bfloat16', 'float16']))  # the GPT
     compile: bool = False  # torch.compile the decode step
     out: str = 'samples.png'  # PNG grid; '' = none
     npz: Optional[str] = None  # also write the images as uint8 NHWC `arr_0`, the ADM FID evaluator's format
@@ -76,7 +77,7 @@ def parse_config(cls, argv=None, presets=None):
                 argument_default=argparse.SUPPRESS, allow_abbrev=False)
     notes = dict(re.findall(r'^\s+(\w+):[^#\n]*#\s*(.+)$', inspect.getsource(cls), re.M))  # --help text
     for f in fields(cls):
-        t = typing.get_type_hints(cls)[f.name]
+        t = typing.get_type_hints(cls)[f.name]  # the real type even under `from __future__ import annotations`
         if typing.get_origin(t) is typing.Union:  # Optional[X] -> X
             t = next(a for a in typing.get_args(t) if a is not type(None))
         kw = dict(dest=f.name, help=notes.get(f.name, '').replace('%', '%%'), choices=f.metadata.get('choices'))
@@ -142,7 +143,7 @@ def encode_prompts(prompts, tokenizer, encoder, max_length=120):
 
 def class_ids(specs):
     """--class values (ids, or ImageNet names matched case-insensitively) -> list of int."""
-    keys = [' '.join(s.lower().split()) for s in specs]
+    keys = [' '.join(str(s).lower().split()) for s in specs]
     if all(k.lstrip('-').isdigit() for k in keys):
         return [int(k) for k in keys]
     import open_clip  # IMAGENET_CLASSNAMES: 1000 names, index = class id (~2 s to import, so only here)
@@ -190,8 +191,8 @@ def main(argv=None):
             raise UserError(f"class ids must be in 0..{gpt.config.num_classes - 1} for {cfg.ckpt}, got {ids}")
         cond, mask = torch.tensor(ids, device=cfg.device).repeat_interleave(cfg.n), None
     else:
-        emb, mask = encode_prompts(cfg.prompts, *load_t5(cfg.t5, cfg.device, getattr(torch, cfg.dtype)),
-                                   max_length=gpt.config.cls_token_num)
+        t5 = load_t5(cfg.t5, cfg.device, torch.float32 if cfg.dtype == 'float32' else torch.bfloat16)  # fp16 overflows
+        emb, mask = encode_prompts(cfg.prompts, *t5, max_length=gpt.config.cls_token_num)
         cond, mask = emb.repeat_interleave(cfg.n, 0), mask.repeat_interleave(cfg.n, 0)
     gen = torch.Generator(cfg.device).manual_seed(cfg.seed)  # the only source of randomness
     tokens, _ = generate(gpt, cond, mask, cfg_scale=cfg.cfg, cfg_interval=cfg.cfg_interval, top_k=cfg.top_k,
