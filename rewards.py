@@ -31,6 +31,7 @@ SCORERS = ("clip", "quality", "hps", "colorfulness", "class_color")
 class WeightsUnavailable(RuntimeError):
     """Pretrained weights are neither in the local cache nor downloadable (e.g. offline)."""
 
+
 # -----------------------------------------------------------------------------
 # preprocessing and conditions
 
@@ -55,8 +56,7 @@ def clip_preprocess(images, size, mean=OPENAI_MEAN, std=OPENAI_STD, resize_mode=
         nh, nw = round(h * size / max(h, w)), round(w * size / max(h, w))
     for hw in ((h, nw), (nh, nw)):  # as PIL: a width pass, then a height pass, clamped in between
         if hw != tuple(x.shape[-2:]):
-            x = F.interpolate(x, size=hw, mode="bicubic", antialias=True, align_corners=False)
-            x = x.clamp(0, 1)
+            x = F.interpolate(x, size=hw, mode="bicubic", antialias=True).clamp(0, 1)
     ph, pw = max(size - nh, 0), max(size - nw, 0)  # pad, then centre-crop, as center_crop_or_pad
     x = F.pad(x, (pw // 2, (pw + 1) // 2, ph // 2, (ph + 1) // 2))
     top, left = int(round((x.shape[-2] - size) / 2)), int(round((x.shape[-1] - size) / 2))
@@ -77,14 +77,15 @@ def class_ids(conditions, n):
 
 
 def condition_texts(conditions, n, templates=False):
-    """One tuple of texts per image: (prompt,), or "a photo of a {class}." (or CLIP's 80 ImageNet
-    templates, averaged in encode_texts) for a class id."""
+    """One tuple of texts per image: (prompt,), or for a class id ("a photo of a {class}.",) or its
+    CLIP ImageNet templates (80, averaged by encode_texts)."""
     ids = class_ids(conditions, n)
     if ids is None:
         return [(c,) for c in conditions]
     names = [open_clip.IMAGENET_CLASSNAMES[i] for i in ids]
     tmpl = open_clip.OPENAI_IMAGENET_TEMPLATES if templates else [lambda c: f"a photo of a {c}."]
     return [tuple(t(c) for t in tmpl) for c in names]
+
 
 # -----------------------------------------------------------------------------
 # scorers on an open_clip model
@@ -111,7 +112,7 @@ class ClipScorer(nn.Module):
     def encode_texts(self, keys):  # list of text tuples -> (len, D); a tuple's features averaged
         new = [k for k in dict.fromkeys(keys) if k not in self.text_cache]  # dedupe (GRPO groups)
         if new:
-            tokens = self.tokenizer([t for k in new for t in k]).to(self.model.logit_scale.device)
+            tokens = self.tokenizer([t for k in new for t in k]).to(next(self.model.parameters()).device)
             feats = self._run(self.model.encode_text, tokens).split([len(k) for k in new])
             if len(self.text_cache) > 10_000:
                 self.text_cache.clear()
@@ -120,7 +121,7 @@ class ClipScorer(nn.Module):
 
     @torch.no_grad()
     def forward(self, images, conditions):
-        x = images.to(self.model.logit_scale.device)
+        x = images.to(next(self.model.parameters()).device)
         pixels = clip_preprocess(x, self.size, self.mean, self.std, self.resize_mode)
         return self.score_pixels(pixels, conditions).to(images.device)
 
@@ -153,11 +154,11 @@ class ClipIQA(ClipScorer):
 
 
 class HPSv2(ClipScore):
-    """Realism / human preference (HPSv2.1): cosine of image and prompt features of the HPS fine-tuned
-    ViT-H-14 after HPSv2's long-side resize + pad; generated images score ~0.2-0.35."""
+    """Realism / human preference (HPSv2.1): CLIPScore on HPS's ViT-H-14 with its long-side resize + pad."""
 
     def __init__(self, model, tokenizer):
         super().__init__(model, tokenizer, templates=False, resize_mode="longest")
+
 
 # -----------------------------------------------------------------------------
 # weight-free scorers: meaningful alone, they drive the offline demos
@@ -177,8 +178,7 @@ class Colorfulness(nn.Module):
 
 
 def class_target_color(ids):
-    """(B,) class ids -> (B, 3) RGB in [0.1, 0.9] on a hue wheel stepped by the golden ratio, so
-    neighbouring classes get distant hues; every target lies 0.49 from mid-grey."""
+    """(B,) ids -> (B, 3) RGB in [0.1, 0.9], 0.49 from mid-grey; golden-ratio hue steps part neighbours."""
     hue = (torch.as_tensor(ids, dtype=torch.float64) * 0.6180339887498949) % 1
     phase = torch.tensor([0.0, 1 / 3, 2 / 3], dtype=torch.float64)
     return (0.5 + 0.4 * torch.cos(2 * math.pi * (hue[:, None] + phase))).float()
@@ -196,17 +196,18 @@ class ClassColor(nn.Module):
         mean = to_unit(images).mean((2, 3))  # (B, 3)
         return 1 - (mean - class_target_color(ids).to(mean.device)).norm(dim=-1) / math.sqrt(3)
 
+
 # -----------------------------------------------------------------------------
 # loading (once per process) and the weighted combination
 
 
-def _fetch(what, download, how):
+def _fetch(what, download, arg):
     try:
         return download()
     except Exception as e:  # offline, not in the cache, or a hub error
-        raise WeightsUnavailable(
-            f"{what} are not in the Hugging Face cache {hf_constants.HF_HUB_CACHE} and could not be "
-            f"downloaded ({type(e).__name__}); set HF_HOME to a cache that has them or pass {how}.") from None
+        raise WeightsUnavailable(f"{what} are not in the Hugging Face cache {hf_constants.HF_HUB_CACHE} and "
+                                 f"could not be downloaded ({type(e).__name__}); set HF_HOME to a cache that "
+                                 f"has them or pass a local file as {arg}.") from None
 
 
 @functools.cache  # once per process and (arch, weights, device): clip and quality share the result
@@ -215,8 +216,7 @@ def load_clip(arch="ViT-L-14", pretrained="openai", device="cpu"):
     a checkpoint file (OpenAI weights need arch 'ViT-L-14-quickgelu'), or None for random weights."""
     tag = open_clip.get_pretrained_cfg(arch, pretrained) if pretrained else {}
     what = f"CLIP weights {arch}/{pretrained} (HF repo {tag.get('hf_hub', '').rstrip('/')})"
-    how = "a checkpoint file as clip_pretrained"
-    path = _fetch(what, lambda: open_clip.download_pretrained(tag), how) if tag else pretrained
+    path = _fetch(what, lambda: open_clip.download_pretrained(tag), "clip_pretrained") if tag else pretrained
     pp = {k: tag[k] for k in ("mean", "std", "interpolation", "resize_mode") if k in tag}
     model = open_clip.create_model(arch, pretrained=path, device=device, force_preprocess_cfg=pp,
                                    force_quick_gelu=tag.get("quick_gelu", False))
@@ -229,7 +229,7 @@ def load_hps(ckpt=None, arch="ViT-H-14", device="cpu"):
     every weight, loaded strictly. ckpt: a local file, or None to fetch it from the HF hub."""
     if ckpt is None:
         ckpt = _fetch(f"HPSv2.1 weights ({HPS_FILE} from HF repo {HPS_REPO})",
-                      lambda: hf_hub_download(HPS_REPO, HPS_FILE), "the file's path as hps_ckpt")
+                      lambda: hf_hub_download(HPS_REPO, HPS_FILE), "hps_ckpt")
     elif not os.path.isfile(ckpt):
         raise WeightsUnavailable(f"HPS checkpoint {ckpt} does not exist; pass the path of {HPS_FILE}.")
     state = torch.load(ckpt, map_location="cpu", weights_only=True)
@@ -242,9 +242,13 @@ def load_hps(ckpt=None, arch="ViT-H-14", device="cpu"):
 
 def parse_spec(spec):
     """'clip=1,quality=0.5' or {'clip': 1, 'quality': 0.5} -> {name: float weight}."""
-    items = spec.items() if isinstance(spec, dict) else (p.partition("=")[::2] for p in str(spec).split(","))
+    if isinstance(spec, dict):
+        items = spec.items()
+    else:  # a part without '=' gets the weight '', which fails below
+        items = [part.partition("=")[::2] for part in str(spec).split(",")]
     weights = {}
-    for name, w in ((str(n).strip(), w) for n, w in items):
+    for name, w in items:
+        name = str(name).strip()
         if name not in SCORERS:
             raise ValueError(f"unknown reward {name!r} in {spec!r}; known rewards: {', '.join(SCORERS)}.")
         try:
@@ -295,7 +299,7 @@ if __name__ == "__main__":
     for name, images in [("noise", torch.rand(8, 3, 16, 16) * 2 - 1), ("blobs", blobs), ("colours", colours)]:
         total, raw = reward(images, ids)
         print(f"{name:>7}: " + "  ".join(f"{k} {v.mean():.3f}±{v.std():.3f}" for k, v in raw.items()))
-    # the CLIP scorers on a tiny random-weight backbone: plumbing only, the numbers mean nothing
     tiny = open_clip.CLIP(16, dict(image_size=32, layers=1, width=32, patch_size=8, head_width=16),
                           dict(width=16, heads=2, layers=1)), open_clip.get_tokenizer("ViT-B-32")
-    print("tiny random CLIP:", {c.__name__: c(*tiny)(blobs, ids).shape for c in (ClipScore, ClipIQA, HPSv2)})
+    print("tiny random-weight CLIP, plumbing only:", {c.__name__: tuple(c(*tiny)(blobs, ids).shape)
+                                                     for c in (ClipScore, ClipIQA, HPSv2)})
