@@ -589,7 +589,7 @@ def config_for(preset=None, image_size=256, downsample=16, **overrides):
     return GPTConfig(**kw)
 
 
-def load_gpt(ckpt, preset=None, image_size=None, device='cpu', dtype=torch.float32, **overrides):
+def load_gpt(ckpt, preset=None, image_size=None, device='cpu', dtype=torch.float32, downsample=16, **overrides):
     """Build and load a GPT from a release name, hf://REPO/FILE or a local file.
 
     The config comes from, in order: the release table, the checkpoint's own metadata (files written
@@ -603,7 +603,8 @@ def load_gpt(ckpt, preset=None, image_size=None, device='cpu', dtype=torch.float
     else:
         kw = {k: v for k, v in rel.items() if k in ('model_type', 'cls_token_num')}
         kw.update(overrides)
-        cfg = config_for(preset or rel.get('preset') or 'GPT-B', image_size or rel.get('image_size', 256), **kw)
+        cfg = config_for(preset or rel.get('preset') or 'GPT-B', image_size or rel.get('image_size', 256), downsample,
+                         **kw)
     with torch.device('meta'):
         model = GPT(cfg)
     model = model.to_empty(device='cpu')

@@ -97,8 +97,8 @@ class TrainConfig:
 TRAIN_PRESETS = {
     # tiny random generator + tiny random VQ + a weight-free reward: runs offline on a CPU
     'demo': dict(ckpt='', model='GPT-tiny', vq_ckpt='', image_size=16, classes=list(range(8)),
-                 rewards='colorfulness=1', conds_per_rank=4, group_size=8, cfg_scale=1.0, lr=1e-2,
-                 beta=0.01, max_steps=300, save_every=100, grid_every=100, out_dir='out/demo'),
+                 rewards='colorfulness=1', conds_per_rank=4, group_size=8, cfg_scale=1.0, lr=3e-3,
+                 beta=0.01, max_steps=400, save_every=100, grid_every=100, out_dir='out/demo'),
     # the paper's settings (AR-GRPO scripts): LlamaGen c2i XL at 384 px and t2i XL at 256 px
     'c2i_xl': dict(ckpt='c2i_XL_384', image_size=384, vq_ckpt='vq_ds16_c2i', cfg_scale=2.0, beta=0.1,
                    max_steps=400, out_dir='out/c2i_xl'),
@@ -142,7 +142,7 @@ def build_models(cfg, device):
     vq.requires_grad_(False)
     ds, vocab = vq.config.downsample, vq.config.codebook_size
     if cfg.ckpt:
-        policy = load_gpt(cfg.ckpt, preset=cfg.model, image_size=cfg.image_size, device=device)
+        policy = load_gpt(cfg.ckpt, preset=cfg.model, image_size=cfg.image_size, device=device, downsample=ds)
     else:
         torch.manual_seed(cfg.seed)
         policy = GPT(config_for(cfg.model, cfg.image_size, ds, vocab_size=vocab)).to(device)
