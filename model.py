@@ -290,7 +290,10 @@ class GPT(nn.Module):
         p = self.output.weight
         # LlamaGen rounds the cache length up to a multiple of 8
         max_len = find_multiple(max_len or self.config.cls_token_num + self.config.block_size, 8)
-        return KVCache(self.config, batch_size, max_len, p.device, p.dtype)
+        # under autocast the keys/values come out in the autocast dtype, not the weights' dtype
+        dt = p.device.type
+        dtype = torch.get_autocast_dtype(dt) if torch.is_autocast_enabled(dt) else p.dtype
+        return KVCache(self.config, batch_size, max_len, p.device, dtype)
 
     def forward(self, tokens, cond=None, kv_cache=None, cond_mask=None):
         """tokens (B, S) int64 image tokens to feed; cond (B,) class ids or (B, C, caption_dim) captions,
