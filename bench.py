@@ -154,7 +154,7 @@ def bench_rewards(cfg, device):
         pils = [Image.fromarray(im) for im in to_uint8(images).permute(0, 2, 3, 1).cpu().numpy()]
         out = []
         for pil, c in zip(pils, conds):
-            with torch.autocast(device.type, enabled=device.type == 'cuda'):
+            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == 'cuda'):
                 x = model.encode_image(transform(pil)[None].to(device))
                 t = model.encode_text(tok([f"a photo of a {open_clip.IMAGENET_CLASSNAMES[c]}."]).to(device))
             out.append(torch.cosine_similarity(x.float(), t.float()))
