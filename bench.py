@@ -10,6 +10,7 @@ table. Timings are medians of --reps runs after one warm-up. All weights are ran
 depend on them. Never used for assertions: tests only run --quick to show it works.
 """
 import json
+import os
 import statistics
 import time
 from dataclasses import dataclass, field
@@ -33,6 +34,7 @@ class BenchConfig:
     reps: int = 3  # timed repetitions; the median is reported
     reward_batch: int = 32  # images per reward batch
     clip_model: str = ''  # open_clip architecture for the reward benchmark; '' = ViT-L-14 on cuda, ViT-B-32 on cpu
+    compile: bool = False  # GRPO-step section: torch.compile the rollout's decode step (train.py --compile)
     only: List[str] = field(default_factory=list)  # run only these sections: kv cfg compile reward step
     out: str = ''  # also append the JSON lines to this file
 
@@ -183,7 +185,7 @@ def bench_grpo_step(cfg, device, dtype):
     tc = train.TrainConfig(ckpt='', vq_ckpt='', rewards='clip=1,quality=1', clip_pretrained=None,
                            clip_model='ViT-B-32' if cfg.quick or device.type == 'cpu' else (cfg.clip_model or 'ViT-L-14'),
                            conds_per_rank=1 if device.type == 'cpu' else 4, group_size=8, cfg_scale=2.0, beta=0.1,
-                           dtype='bfloat16', device=device.type)
+                           dtype='bfloat16', device=device.type, compile=cfg.compile)
     vq = VQModel(VQConfig(**(train.TINY_VQ if cfg.quick else VQ_PRESETS['VQ-16']))).to(device).eval()
     # float32 master weights (autocast on GPU), as train.py
     policy = build_gpt(cfg, device, torch.float32, vq.config.downsample, vq.config.codebook_size)
@@ -196,7 +198,8 @@ def bench_grpo_step(cfg, device, dtype):
     rows = [train.grpo_step(tc, ctx, s + 1)[0] for s in range(cfg.reps)]
     med = {k: statistics.median(r[k] for r in rows) for k in rows[0] if k.startswith('time_') or k == 'step_time'}
     shape = f"{'GPT-tiny' if cfg.quick else cfg.model} {tc.conds_per_rank}x{tc.group_size} images, " \
-            f"N={policy.config.block_size}, {tc.image_size}px, rewards {tc.rewards} on {tc.clip_model}"
+            f"N={policy.config.block_size}, {tc.image_size}px, rewards {tc.rewards} on {tc.clip_model}, " \
+            f"compile={tc.compile}"
     report('grpo_step', 1 / med['step_time'], 'steps_per_s', shape=shape,
            images_per_s=round(tc.conds_per_rank * tc.group_size / med['step_time'], 3))
     for part in ('rollout', 'decode', 'reward', 'update'):
@@ -218,8 +221,9 @@ def main(argv=None):
         print(f"device: {torch.cuda.get_device_name()}, torch {torch.__version__}")
     else:
         import platform
-        print(f"device: CPU {platform.processor() or platform.machine()}, {torch.get_num_threads()} threads, "
-              f"torch {torch.__version__}")
+        name = next((l.split(':', 1)[1].strip() for l in open('/proc/cpuinfo') if l.startswith('model name')),
+                    platform.machine()) if os.path.exists('/proc/cpuinfo') else platform.machine()
+        print(f"device: CPU {name}, {torch.get_num_threads()} threads, torch {torch.__version__}")
     if {'kv', 'cfg'} & set(sections):
         bench_sampling(cfg, device, dtype, sections)
     if 'reward' in sections:

@@ -13,6 +13,7 @@ log-probs in training and, with a KV cache, for sampling. `logits[:, j]` predict
     python model.py      # smoke demo: cached decoding equals the full forward on a tiny model
 """
 import argparse
+import contextlib
 import json
 import math
 import os
@@ -474,25 +475,40 @@ def hub_cache_dir():
     return os.environ.get('HF_HUB_CACHE', os.path.join(home, 'hub'))
 
 
-def hub_file(repo, filename, flag='--ckpt'):
-    """Local path of `filename` from Hub `repo`: the huggingface_hub cache first, then a download.
-
-    Offline, this fails at once: a DNS lookup of the Hub host decides before huggingface_hub's
-    retries (about 25 s) start.
-    """
+def hub_unreachable():
+    """Why the Hub cannot be reached right now (HF_HUB_OFFLINE is set, or its host does not resolve), or None."""
     import socket
     from urllib.parse import urlparse
-    from huggingface_hub import hf_hub_download, constants
+    from huggingface_hub import constants
+    if os.environ.get('HF_HUB_OFFLINE', '0').lower() in ('1', 'true', 'yes', 'on'):
+        return 'HF_HUB_OFFLINE is set'
+    try:
+        socket.getaddrinfo(urlparse(constants.ENDPOINT).hostname, 443)
+    except OSError:
+        return 'no network'
+    return None
+
+
+@contextlib.contextmanager
+def cache_only_if_offline():
+    """Inside, Hub lookups answer from the local cache alone when the Hub cannot be reached, so a missing
+    file fails at once instead of after huggingface_hub's ~25 s of retries."""
+    from huggingface_hub import constants
+    saved = constants.HF_HUB_OFFLINE  # read by huggingface_hub at call time
+    constants.HF_HUB_OFFLINE = saved or hub_unreachable() is not None
+    try:
+        yield
+    finally:
+        constants.HF_HUB_OFFLINE = saved
+
+
+def hub_file(repo, filename, flag='--ckpt'):
+    """Local path of `filename` from Hub `repo`: the huggingface_hub cache, else a download."""
+    from huggingface_hub import hf_hub_download
     cache = hub_cache_dir()
     try:
-        return hf_hub_download(repo, filename, cache_dir=cache, local_files_only=True)
-    except Exception:
-        pass
-    try:
-        if os.environ.get('HF_HUB_OFFLINE', '0').lower() in ('1', 'true', 'yes', 'on'):
-            raise OSError('HF_HUB_OFFLINE is set')
-        socket.getaddrinfo(urlparse(constants.ENDPOINT).hostname, 443)
-        return hf_hub_download(repo, filename, cache_dir=cache)
+        with cache_only_if_offline():
+            return hf_hub_download(repo, filename, cache_dir=cache)
     except Exception as e:
         raise CheckpointError(f"could not get {filename} from the Hugging Face Hub repo {repo}: it is not in the "
                               f"cache {cache} and the Hub is unreachable or refused ({type(e).__name__}); download "

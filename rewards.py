@@ -21,7 +21,9 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 import open_clip
-from huggingface_hub import constants as hf_constants, hf_hub_download
+from huggingface_hub import hf_hub_download
+
+from model import cache_only_if_offline, hub_cache_dir
 from open_clip.constants import OPENAI_DATASET_MEAN as OPENAI_MEAN, OPENAI_DATASET_STD as OPENAI_STD
 
 HPS_REPO, HPS_FILE = "xswu/HPSv2", "HPS_v2.1_compressed.pt"
@@ -203,9 +205,10 @@ class ClassColor(nn.Module):
 
 def _fetch(what, download, arg):
     try:
-        return download()
+        with cache_only_if_offline():  # offline: fail at once instead of retrying for ~25 s
+            return download()
     except Exception as e:  # offline, not in the cache, or a hub error
-        raise WeightsUnavailable(f"{what} are not in the Hugging Face cache {hf_constants.HF_HUB_CACHE} and "
+        raise WeightsUnavailable(f"{what} are not in the Hugging Face cache {hub_cache_dir()} and "
                                  f"could not be downloaded ({type(e).__name__}); set HF_HOME to a cache that "
                                  f"has them or pass a local file as {arg}.") from None
 
@@ -229,7 +232,7 @@ def load_hps(ckpt=None, arch="ViT-H-14", device="cpu"):
     every weight, loaded strictly. ckpt: a local file, or None to fetch it from the HF hub."""
     if ckpt is None:
         ckpt = _fetch(f"HPSv2.1 weights ({HPS_FILE} from HF repo {HPS_REPO})",
-                      lambda: hf_hub_download(HPS_REPO, HPS_FILE), "hps_ckpt")
+                      lambda: hf_hub_download(HPS_REPO, HPS_FILE, cache_dir=hub_cache_dir()), "hps_ckpt")
     elif not os.path.isfile(ckpt):
         raise WeightsUnavailable(f"HPS checkpoint {ckpt} does not exist; pass the path of {HPS_FILE}.")
     state = torch.load(ckpt, map_location="cpu", weights_only=True)

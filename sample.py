@@ -10,14 +10,14 @@ sample_t2i.py does, save_image's rounding. The grid has a row of --n images per 
     python sample.py --prompt "a blue Porsche 356 parked in front of a yellow brick wall"
     python sample.py --class 207 --ckpt out/run/model.safetensors --npz samples.npz
 """
-import argparse, difflib, inspect, json, os, re, socket, sys, typing
+import argparse, difflib, inspect, json, os, re, sys, typing
 from dataclasses import dataclass, field, fields, asdict
 from typing import List, Optional
 
 import numpy as np
 import torch
 
-from model import CheckpointError, GPT_PRESETS, RELEASES, generate, hub_cache_dir, load_gpt
+from model import CheckpointError, GPT_PRESETS, RELEASES, cache_only_if_offline, generate, hub_cache_dir, load_gpt
 from tokenizer import load_vq
 
 
@@ -102,24 +102,18 @@ def parse_config(cls, argv=None, presets=None):
 
 def load_t5(name='google/flan-t5-xl', device='cpu', dtype=torch.float32):
     """(tokenizer, T5 encoder in eval mode) from a local directory, the Hugging Face cache or the Hub.
-    Offline it fails at once with CheckpointError (HF_HUB_OFFLINE, or a failed DNS lookup of the Hub)."""
+    Offline it fails at once with CheckpointError (cache-only lookups when the Hub is unreachable)."""
     from transformers import AutoTokenizer, T5EncoderModel
-    from huggingface_hub import constants
-    offline = os.path.isdir(name) or os.environ.get('HF_HUB_OFFLINE', '0').lower() in ('1', 'true', 'yes', 'on')
-    for local in (True, False):  # a directory or the cache first, then the network
-        try:
-            if not local:
-                socket.getaddrinfo(constants.ENDPOINT.split('://')[-1].split('/')[0], 443)  # fails at once offline
-            kw = dict(local_files_only=local, cache_dir=hub_cache_dir())
+    try:
+        with cache_only_if_offline():
+            kw = dict(cache_dir=hub_cache_dir())
             tok = AutoTokenizer.from_pretrained(name, **kw)
             return tok, T5EncoderModel.from_pretrained(name, dtype=dtype, **kw).to(device).eval()
-        except Exception as e:
-            err = type(e).__name__
-            if offline:
-                break
-    raise CheckpointError(f"could not load the text encoder {name} ({err}): it is not a save_pretrained directory "
-                          f"nor in the cache {hub_cache_dir()}, and the Hub is unreachable or refused; download it "
-                          f"where there is network (or point HF_HOME at a cache that has it), or pass --t5 DIR")
+    except Exception as e:
+        raise CheckpointError(f"could not load the text encoder {name} ({type(e).__name__}): it is not a "
+                              f"save_pretrained directory nor in the cache {hub_cache_dir()}, and the Hub is "
+                              f"unreachable or refused; download it where there is network (or point HF_HOME at a "
+                              f"cache that has it), or pass --t5 DIR") from None
 
 
 @torch.no_grad()

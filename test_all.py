@@ -7,20 +7,42 @@ Tests compare against references: the outputs of the original LlamaGen code stor
 ../shared/fixtures/llamagen (see its README), independent computations, or round trips.
 """
 import argparse
+import io
 import json
+import math
 import os
+import re
+import subprocess
 import sys
+import time
+from dataclasses import dataclass, field
+from typing import List, Optional
 
+import numpy as np
+import open_clip
 import pytest
 import torch
+import torch.nn.functional as F
+from PIL import Image
 from safetensors.torch import load_file, save_file
+from torch.distributions import Categorical
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, HERE)
 FIX = os.path.join(HERE, '..', 'shared', 'fixtures', 'llamagen')
 
+import model
+import rewards
+import sample
+import tokenizer
+import train
+from grpo import (cfg_mix, clipped_surrogate, group_advantages, grpo_loss, kl_k3, policy_logprobs, token_entropy,
+                  token_logprobs)
 from model import (GPT, GPTConfig, CheckpointError, RELEASES, config_for, generate, load_gpt, load_into,
                    read_state_dict, save_gpt, precompute_freqs_cis_2d)
+from rewards import (ClassColor, ClipIQA, ClipScore, Colorfulness, HPSv2, WeightsUnavailable, build_reward,
+                     class_target_color, clip_preprocess, load_clip, load_hps, parse_spec)
+from sample import UserError, encode_prompts, load_t5, parse_config, to_uint8
 from tokenizer import VQConfig, VQModel, load_vq, save_vq, VQ_PRESETS
 
 ATOL = 1e-4
@@ -339,10 +361,6 @@ def test_release_from_hub_cache_offline(tmp_path, monkeypatch):
 # train.py
 
 
-import numpy as np
-import subprocess
-import train
-
 
 def run_train(out_dir, *args):
     """The offline demo preset at 8x8 px (4x4 tokens): a GRPO step takes ~50 ms on a CPU."""
@@ -434,6 +452,743 @@ def test_torchrun_two_ranks_stay_in_sync(tmp_path):
     rows = [json.loads(x) for x in open(tmp_path / 'metrics.jsonl')]
     assert [r['step'] for r in rows] == [1, 2, 3, 4]
     assert rows[0]['images_per_s'] > 0
+
+# -----------------------------------------------------------------------------
+# grpo.py
+# Tests for grpo.py: each function against an independent computation (hand numbers,
+# torch.distributions, plain REINFORCE, probabilities instead of log-probs).
+
+
+# ---------------------------------------------------------------------------- advantages
+
+def test_advantages_hand_computed():
+    # rewards 1,2,3,4: mean 2.5, deviations -1.5,-.5,.5,1.5, sample std sqrt(5/3) = 1.2909944
+    A = group_advantages(torch.tensor([1.0, 2.0, 3.0, 4.0]), 4, eps=0.0)
+    torch.testing.assert_close(A, torch.tensor([-1.1618950, -0.3872983, 0.3872983, 1.1618950]))
+    # default eps = 1e-4 is added to the std, as in TRL
+    A = group_advantages(torch.tensor([1.0, 2.0, 3.0, 4.0]), 4)
+    torch.testing.assert_close(A, torch.tensor([-1.5, -0.5, 0.5, 1.5]) / (1.2909944 + 1e-4))
+    # two groups of 2: [0, 1] -> std 1/sqrt(2), deviations +-0.5 -> +-0.7071068
+    A = group_advantages(torch.tensor([0.0, 1.0, 5.0, 3.0]), 2, eps=0.0)
+    torch.testing.assert_close(A, torch.tensor([-0.7071068, 0.7071068, 0.7071068, -0.7071068]))
+
+
+def test_advantages_sum_to_zero_per_group():
+    torch.manual_seed(0)
+    r = torch.rand(6 * 8) * 10
+    for scale_std in (True, False):
+        A = group_advantages(r, 8, scale_std=scale_std).view(6, 8)
+        torch.testing.assert_close(A.sum(1), torch.zeros(6), atol=1e-5, rtol=0)
+    # with std scaling, each group has sample std ~1 (eps makes it slightly smaller)
+    A = group_advantages(r, 8, eps=0.0).view(6, 8)
+    torch.testing.assert_close(A.std(1), torch.ones(6))
+
+
+def test_advantages_flat_group_is_zero_not_nan():
+    # 8 x 0.1 in float32: the mean is off by 7e-9, so naive (r - mean) / std would be ~+-1
+    r = torch.cat([torch.full((8,), 0.1), torch.full((8,), 0.7), torch.arange(8.0)])
+    for scale_std, eps in ((True, 1e-4), (True, 0.0), (False, 1e-4)):
+        A = group_advantages(r, 8, scale_std=scale_std, eps=eps)
+        assert (A[:16] == 0).all()
+        assert torch.isfinite(A).all() and A[16:].abs().sum() > 0
+
+
+def test_advantages_no_std_is_r_minus_mean():
+    r = torch.tensor([1.0, 2.0, 6.0, 10.0, 10.0, 16.0])
+    A = group_advantages(r, 3, scale_std=False)
+    torch.testing.assert_close(A, torch.tensor([-2.0, -1.0, 3.0, -2.0, -2.0, 4.0]))
+
+
+def test_advantages_bad_group_size_raises():
+    with pytest.raises(ValueError):
+        group_advantages(torch.zeros(10), 4)
+    with pytest.raises(ValueError):
+        group_advantages(torch.zeros(4), 1)
+
+# ---------------------------------------------------------------------------- log-probs
+
+def test_token_logprobs_matches_categorical():
+    torch.manual_seed(0)
+    logits = torch.randn(3, 5, 11) * 3
+    tokens = torch.randint(0, 11, (3, 5))
+    for t in (1.0, 0.7, 1.5):
+        ref = Categorical(logits=logits / t).log_prob(tokens)
+        torch.testing.assert_close(token_logprobs(logits, tokens, temperature=t), ref)
+    # low-precision logits are promoted: float32 result, close to the float32 reference
+    lp = token_logprobs(logits.bfloat16(), tokens)
+    assert lp.dtype == torch.float32
+    ref = Categorical(logits=logits.bfloat16().float()).log_prob(tokens)
+    torch.testing.assert_close(lp, ref)
+
+
+def test_guided_logprobs_are_log_softmax_of_cfg_mixture():
+    torch.manual_seed(0)
+    cond, uncond = torch.randn(2, 4, 9), torch.randn(2, 4, 9)
+    tokens = torch.randint(0, 9, (2, 4))
+    s, t = 4.0, 0.9
+    torch.testing.assert_close(cfg_mix(cond, uncond, s), uncond + s * (cond - uncond))
+    mix = uncond + s * (cond - uncond)
+    ref = torch.log_softmax(mix / t, -1).gather(-1, tokens[..., None])[..., 0]
+    torch.testing.assert_close(policy_logprobs(cond, uncond, tokens, "guided", s, t), ref)
+    # cond mode ignores uncond; at CFG scale 1 both modes agree
+    ref = torch.log_softmax(cond / t, -1).gather(-1, tokens[..., None])[..., 0]
+    torch.testing.assert_close(policy_logprobs(cond, None, tokens, "cond", s, t), ref)
+    torch.testing.assert_close(policy_logprobs(cond, uncond, tokens, "guided", 1.0, t), ref)
+
+
+def test_guided_gradients_reach_both_halves():
+    torch.manual_seed(0)
+    cond = torch.randn(2, 3, 7, requires_grad=True)
+    uncond = torch.randn(2, 3, 7, requires_grad=True)
+    tokens = torch.randint(0, 7, (2, 3))
+    policy_logprobs(cond, uncond, tokens, "guided", 3.0).sum().backward()
+    assert cond.grad.abs().sum() > 0 and uncond.grad.abs().sum() > 0
+    # d/d uncond = (1 - s)/s * d/d cond, since both enter only through the mixture
+    torch.testing.assert_close(uncond.grad, cond.grad * (1 - 3.0) / 3.0)
+
+
+def test_policy_logprobs_bad_mode_raises():
+    x, tok = torch.randn(1, 2, 3), torch.zeros(1, 2, dtype=torch.long)
+    with pytest.raises(ValueError):
+        policy_logprobs(x, x, tok, "mixture", 2.0)
+    with pytest.raises(ValueError):
+        policy_logprobs(x, None, tok, "guided", 2.0)
+
+
+def test_token_entropy_matches_categorical():
+    torch.manual_seed(0)
+    logits = torch.randn(3, 5, 13) * 2
+    torch.testing.assert_close(token_entropy(logits), Categorical(logits=logits).entropy())
+    torch.testing.assert_close(token_entropy(torch.zeros(1, 2, 13)), torch.full((1, 2), math.log(13)))
+
+# ---------------------------------------------------------------------------- surrogate and loss
+
+def test_ratio_one_gradient_is_reinforce_with_group_baseline():
+    torch.manual_seed(0)
+    B, T, V = 8, 6, 10
+    logits = torch.randn(B, T, V, requires_grad=True)
+    tokens = torch.randint(0, V, (B, T))
+    A = group_advantages(torch.rand(B), 4)
+    logp = token_logprobs(logits, tokens)
+    loss, stats = grpo_loss(logp, logp.detach(), A)
+    (g,) = torch.autograd.grad(loss, logits)
+    # independent REINFORCE: -(A * log pi).mean with log pi from torch.distributions
+    logits2 = logits.detach().clone().requires_grad_(True)
+    ref = -(A[:, None] * Categorical(logits=logits2).log_prob(tokens)).mean()
+    (g_ref,) = torch.autograd.grad(ref, logits2)
+    torch.testing.assert_close(g, g_ref)
+    # the value differs: at rho == 1 the surrogate is -mean(A), ~0 for group-centred A
+    torch.testing.assert_close(loss, -A.mean(), atol=1e-6, rtol=0)
+    assert stats["clip_frac"] == 0 and stats["ratio_min"] == 1 and stats["ratio_max"] == 1
+
+
+def test_clipped_side_has_zero_gradient():
+    # row 0 has A = +1, row 1 has A = -1; ratios chosen away from the 0.8 / 1.2 edges
+    ratio = torch.tensor([[0.5, 1.0, 1.1, 1.5], [0.5, 0.9, 1.0, 1.5]])
+    A = torch.tensor([1.0, -1.0])
+    logp_old = torch.randn(2, 4)
+    logp = (ratio.log() + logp_old).requires_grad_(True)
+    pg = clipped_surrogate(logp, logp_old, A)
+    # by hand: A>0 -> -min(r, clip r): -0.5, -1, -1.1, -1.2 ; A<0 -> max(r, clip r): .8, .9, 1, 1.5
+    torch.testing.assert_close(pg, torch.tensor([[-0.5, -1.0, -1.1, -1.2], [0.8, 0.9, 1.0, 1.5]]))
+    (g,) = torch.autograd.grad(pg.sum(), logp)
+    # clip binds at (0,3): A>0, r>1.2 and (1,0): A<0, r<0.8 -> zero grad; elsewhere d/dlogp = -A r
+    expect = -A[:, None] * ratio
+    expect[0, 3] = expect[1, 0] = 0.0
+    torch.testing.assert_close(g, expect)
+    loss, stats = grpo_loss(logp, logp_old, A)
+    assert stats["clip_frac"].item() == pytest.approx(2 / 8)
+    assert stats["ratio_min"].item() == pytest.approx(0.5)
+    assert stats["ratio_max"].item() == pytest.approx(1.5)
+    assert stats["ratio_mean"].item() == pytest.approx(ratio.mean().item())
+    torch.testing.assert_close(loss, pg.mean())
+
+
+def test_asymmetric_clip_range():
+    # eps_low=0.1, eps_high=0.3: r=1.25 is inside for A>0, r=0.85 is clipped for A<0
+    ratio = torch.tensor([[1.25, 1.35], [0.85, 0.95]])
+    A = torch.tensor([2.0, -2.0])
+    pg = clipped_surrogate(ratio.log(), torch.zeros(2, 2), A, eps_low=0.1, eps_high=0.3)
+    torch.testing.assert_close(pg, torch.tensor([[-2.5, -2.6], [1.8, 1.9]]))
+    _, stats = grpo_loss(ratio.log(), torch.zeros(2, 2), A, eps_low=0.1, eps_high=0.3)
+    assert stats["clip_frac"].item() == pytest.approx(2 / 4)
+
+
+def test_k3_nonnegative_zero_at_equal_and_matches_probability_formula():
+    torch.manual_seed(0)
+    logp, ref = torch.randn(64, 32) * 3, torch.randn(64, 32) * 3
+    k3 = kl_k3(logp, ref)
+    assert (k3 >= 0).all()
+    # independent: with r = pi_ref / pi (in float64 probabilities), k3 = r - log r - 1
+    r = ref.double().exp() / logp.double().exp()
+    torch.testing.assert_close(k3.double(), r - r.log() - 1, rtol=1e-5, atol=1e-6)
+    assert (kl_k3(logp, logp) == 0).all()
+    # tiny differences: the naive exp(d) - d - 1 can round below 0; k3 must not
+    near = logp + torch.randn(64, 32) * 1e-6
+    assert (kl_k3(logp, near) >= 0).all()
+    # gradient w.r.t. logp is 1 - pi_ref / pi
+    lp = logp.clone().requires_grad_(True)
+    (g,) = torch.autograd.grad(kl_k3(lp, ref).sum(), lp)
+    torch.testing.assert_close(g.double(), 1 - r, rtol=1e-4, atol=1e-5)
+
+
+def test_k3_mean_estimates_kl_under_samples_from_policy():
+    torch.manual_seed(0)
+    p_logits, q_logits = torch.randn(6), torch.randn(6)
+    p, q = Categorical(logits=p_logits), Categorical(logits=q_logits)
+    x = p.sample((200_000,))
+    est = kl_k3(p.log_prob(x), q.log_prob(x)).mean()
+    exact = torch.distributions.kl_divergence(p, q)
+    assert abs(est.item() - exact.item()) < 0.02 * max(1.0, exact.item())
+
+
+def test_grpo_loss_with_kl_matches_independent_sum():
+    torch.manual_seed(0)
+    B, T, beta = 4, 5, 0.04
+    logp, ref = torch.randn(B, T) - 2, torch.randn(B, T) - 2
+    logp_old = logp + 0.3 * torch.randn(B, T)
+    A = torch.tensor([1.0, -0.5, 0.0, 2.0])
+    loss, stats = grpo_loss(logp, logp_old, A, ref_logp=ref, beta=beta)
+    # independent: probabilities, explicit clamp, k3 as r - log r - 1
+    rho = logp.exp() / logp_old.exp()
+    surr = -torch.minimum(rho * A[:, None], rho.clamp(0.8, 1.2) * A[:, None])
+    r = ref.exp() / logp.exp()
+    k3 = r - r.log() - 1
+    torch.testing.assert_close(loss, surr.mean() + beta * k3.mean(), rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(stats["pg_loss"], surr.mean(), rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(stats["kl"], k3.mean(), rtol=1e-5, atol=1e-6)
+    # beta = 0: KL still reported, not in the loss; no reference: KL reported as 0
+    loss0, stats0 = grpo_loss(logp, logp_old, A, ref_logp=ref, beta=0.0)
+    torch.testing.assert_close(loss0, surr.mean(), rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(stats0["kl"], k3.mean(), rtol=1e-5, atol=1e-6)
+    _, stats1 = grpo_loss(logp, logp_old, A)
+    assert stats1["kl"].item() == 0.0
+    assert all(not v.requires_grad for v in stats.values())
+
+
+# -----------------------------------------------------------------------------
+# rewards.py
+# Tests for rewards.py, on a tiny random-weight open_clip model (no network, a few seconds on CPU).
+#
+# Each test compares against an independent reference: open_clip's own PIL transform, a hand-written
+# CLIP-IQA softmax, a hand-computed colourfulness, scores of the in-memory model for HPS loading.
+
+
+TINY = "rewards-test-tiny"  # ~0.9M parameters, builds in ~10 ms; vocab 49408 so the real tokenizer fits
+TINY_CFG = dict(embed_dim=16,
+                vision_cfg=dict(image_size=32, layers=1, width=32, head_width=16, patch_size=8),
+                text_cfg=dict(context_length=77, vocab_size=49408, width=16, heads=2, layers=1))
+PIL_TOL = 0.02  # max |torch - PIL| on normalised pixels; measured <= 0.0165, i.e. ~1.1 uint8 levels
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    path = tmp_path_factory.mktemp("cfg") / f"{TINY}.json"
+    path.write_text(json.dumps(TINY_CFG))
+    open_clip.add_model_config(path)
+    torch.manual_seed(0)
+    return load_clip(TINY, None, "cpu")  # (model, tokenizer), random weights
+
+
+def make_images(b=4, h=16, w=16, seed=0):
+    """Smooth random images in [-1.1, 1.1] (the decoder may overshoot), like a random VQ decoder's."""
+    g = torch.Generator().manual_seed(seed)
+    low = torch.rand(b, 3, max(h // 4, 1), max(w // 4, 1), generator=g) * 2.2 - 1.1
+    return F.interpolate(low, size=(h, w), mode="bilinear") + 0.05 * torch.randn(b, 3, h, w, generator=g)
+
+
+def scorers(tiny):
+    model, tok = tiny
+    return {"clip": ClipScore(model, tok), "quality": ClipIQA(model, tok), "hps": HPSv2(model, tok),
+            "colorfulness": Colorfulness(), "class_color": ClassColor()}
+
+
+def prompts_for(ids):
+    return [f"a photo of a {open_clip.IMAGENET_CLASSNAMES[i]}." for i in ids]
+
+
+def features(model, tok, images, texts, resize_mode="shortest"):
+    """Independent reference features: unit-norm image and text embeddings."""
+    pixels = clip_preprocess(images, 32, resize_mode=resize_mode)
+    img = F.normalize(model.encode_image(pixels), dim=-1)
+    return img, F.normalize(model.encode_text(tok(texts)), dim=-1)
+
+# -----------------------------------------------------------------------------
+# the scorer contract
+
+
+def test_shapes_dtype_ranges(tiny):
+    images, ids = make_images(), torch.tensor([1, 207, 980, 1])
+    for name, s in scorers(tiny).items():
+        out = s(images, ids)
+        assert out.shape == (4,) and out.dtype == torch.float32 and torch.isfinite(out).all(), name
+    out = scorers(tiny)
+    assert ((out["quality"](images, ids) >= 0) & (out["quality"](images, ids) <= 1)).all()
+    assert ((out["class_color"](images, ids) >= 0) & (out["class_color"](images, ids) <= 1)).all()
+    assert (out["clip"](images, ids).abs() <= 1 + 1e-5).all()
+
+
+def test_batch_equals_one_by_one_and_deterministic(tiny):
+    images, ids = make_images(5, 24, 20), [3, 3, 500, 999, 0]  # non-square, a repeated class
+    for name, s in scorers(tiny).items():
+        batched = s(images, ids)
+        single = torch.cat([s(images[i:i + 1], ids[i:i + 1]) for i in range(5)])
+        torch.testing.assert_close(batched, single, atol=1e-5, rtol=1e-5, msg=name)
+        if hasattr(s, "text_cache"):
+            s.text_cache.clear()  # recomputing the text features must not change anything either
+        assert torch.equal(s(images, ids), batched), name
+
+
+def test_class_ids_equal_formatted_prompts(tiny):
+    images, ids = make_images(), [0, 1, 2, 945]
+    s = ClipScore(*tiny)
+    from_prompts = s(images, prompts_for(ids))
+    for conds in (ids, torch.tensor(ids), torch.tensor(ids, dtype=torch.int32)):
+        torch.testing.assert_close(s(images, conds), from_prompts, atol=0, rtol=0)
+
+
+def test_clip_score_matches_reference(tiny):
+    model, tok = tiny
+    images, prompts = make_images(), ["a red car", "a cat", "a red car", "two dogs on a beach"]
+    img, txt = features(model, tok, images, prompts)
+    torch.testing.assert_close(ClipScore(model, tok)(images, prompts), (img * txt).sum(-1), atol=1e-5, rtol=0)
+
+
+def test_class_templates_average_normalised_text_features(tiny):
+    model, tok = tiny
+    images, ids = make_images(2), [7, 300]
+    names = [open_clip.IMAGENET_CLASSNAMES[i] for i in ids]
+    img = features(model, tok, images, ["x"])[0]
+    ref = []
+    for i, c in enumerate(names):
+        t = F.normalize(model.encode_text(tok([f(c) for f in open_clip.OPENAI_IMAGENET_TEMPLATES])), dim=-1)
+        ref.append(img[i] @ F.normalize(t.mean(0), dim=-1))
+    torch.testing.assert_close(ClipScore(model, tok, templates=True)(images, ids), torch.stack(ref), atol=1e-5,
+                               rtol=0)
+
+
+def test_clip_iqa_is_softmax_over_antonym_pair(tiny):
+    model, tok = tiny
+    images = make_images(6)
+    img, txt = features(model, tok, images, ["Good photo.", "Bad photo."])
+    cos = img @ txt.T  # (B, 2)
+    assert ClipIQA(model, tok).logit_scale == 100.0  # CLIP's fixed scale, as CLIP-IQA uses
+    for scale in (100.0, 1.0):  # 100 saturates on a random model, so also check an unsaturated scale
+        ref = torch.exp(scale * cos[:, 0]) / (torch.exp(scale * cos[:, 0]) + torch.exp(scale * cos[:, 1]))
+        out = ClipIQA(model, tok, logit_scale=scale)(images, ["conditions are ignored"] * 6)
+        torch.testing.assert_close(out, ref, atol=1e-5, rtol=1e-4)
+    assert 0 < out.min() and out.max() < 1 and out.std() > 0
+
+
+def test_conditions_errors(tiny):
+    images = make_images(2)
+    with pytest.raises(ValueError, match="conditions for 2 images"):
+        ClipScore(*tiny)(images, [1, 2, 3])
+    with pytest.raises(ValueError, match="0..999"):
+        ClipScore(*tiny)(images, [1, 1000])
+    with pytest.raises(ValueError, match="needs class ids"):
+        ClassColor()(images, ["a cat", "a dog"])
+
+# -----------------------------------------------------------------------------
+# preprocessing vs open_clip's PIL transform
+
+
+@pytest.mark.parametrize("h,w,mode", [(16, 16, "shortest"), (8, 8, "shortest"), (64, 64, "shortest"),
+                                      (48, 40, "shortest"), (256, 256, "shortest"), (40, 64, "longest"),
+                                      (37, 53, "longest"), (32, 32, "shortest")])
+def test_torch_preprocess_matches_open_clip_pil(h, w, mode):
+    # quantise to uint8 first: that is what the PIL path sees; noisy images stress the bicubic overshoot
+    images = torch.rand(3, 3, h, w, generator=torch.Generator().manual_seed(h * w)) * 2 - 1
+    u8 = ((images + 1) / 2 * 255).round().byte()
+    tf = open_clip.image_transform(32, is_train=False, resize_mode=mode)
+    ref = torch.stack([tf(Image.fromarray(u.permute(1, 2, 0).numpy())) for u in u8])
+    out = clip_preprocess(u8.float() / 255 * 2 - 1, 32, resize_mode=mode)
+    assert out.shape == ref.shape == (3, 3, 32, 32)
+    assert (out - ref).abs().max() < PIL_TOL
+    assert (out - ref).abs().mean() < 0.01
+
+
+def test_scores_match_per_image_pil_loop(tiny):
+    """The batched path against the one-image-at-a-time PIL baseline (what bench.py times)."""
+    model, tok = tiny
+    images, ids = make_images(4, 40, 40), [5, 6, 7, 8]
+    for s in (ClipScore(model, tok), HPSv2(model, tok)):
+        tf = open_clip.image_transform(s.size, False, s.mean, s.std, s.resize_mode)
+        ref = []
+        for i in range(4):
+            u8 = ((images[i].clamp(-1, 1) + 1) / 2 * 255).round().byte().permute(1, 2, 0).numpy()
+            ref.append(s.score_pixels(tf(Image.fromarray(u8))[None], ids[i:i + 1]))
+        torch.testing.assert_close(s(images, ids), torch.cat(ref), atol=2e-3, rtol=0)
+
+# -----------------------------------------------------------------------------
+# weight-free scorers
+
+
+def test_colorfulness_hand_computed():
+    # one red and one blue pixel: rg = [1, 0], yb = [0.5, -1]
+    images = torch.tensor([[[1.0, -1.0]], [[-1.0, -1.0]], [[-1.0, 1.0]]])[None]  # (1, 3, 1, 2) in [-1, 1]
+    sd, mu = math.sqrt(0.5 ** 2 + 0.75 ** 2), math.sqrt(0.5 ** 2 + 0.25 ** 2)
+    torch.testing.assert_close(Colorfulness()(images), torch.tensor([sd + 0.3 * mu]))
+    grey = torch.full((2, 3, 4, 4), 0.2)
+    assert torch.equal(Colorfulness()(grey), torch.zeros(2))
+    # the paper's [0, 255] formula via numpy on a random image, divided by 255
+    x = make_images(1)[0].clamp(-1, 1)
+    r, g, b = ((x + 1) / 2 * 255).double().numpy()
+    rg, yb = r - g, 0.5 * (r + g) - b
+    ref = (np.sqrt(rg.std() ** 2 + yb.std() ** 2) + 0.3 * np.sqrt(rg.mean() ** 2 + yb.mean() ** 2)) / 255
+    assert abs(Colorfulness()(x[None]).item() - ref) < 1e-5
+
+
+def test_class_color_targets_and_spread():
+    ids = torch.arange(16)
+    target = class_target_color(ids)
+    assert target.min() >= 0.1 - 1e-6 and target.max() <= 0.9 + 1e-6
+    assert torch.equal(class_target_color([3]), class_target_color(torch.tensor([3])))  # deterministic
+    exact = target[:, :, None, None].expand(16, 3, 8, 8) * 2 - 1
+    torch.testing.assert_close(ClassColor()(exact, ids), torch.ones(16))
+    grey = torch.zeros(16, 3, 8, 8)  # mid-grey is 0.49 from every target: 1 - 0.49 / sqrt(3)
+    torch.testing.assert_close(ClassColor()(grey, ids), torch.full((16,), 1 - 0.4 * math.sqrt(1.5) / math.sqrt(3)))
+    # not saturated on random images: mid-range and with a spread a policy can climb
+    r = ClassColor()(make_images(64, 16, 16), torch.arange(64))
+    assert 0.5 < r.mean() < 0.9 and r.std() > 0.01
+
+# -----------------------------------------------------------------------------
+# combination, spec parsing, loading
+
+
+def test_combined_reward_is_weighted_sum_and_shares_backbone(tiny):
+    model, tok = tiny
+    images, ids = make_images(), [10, 20, 30, 40]
+    spec = "clip=1, quality=0.5,colorfulness=2,class_color=-0.25"
+    reward = build_reward(spec, clip_model=TINY, clip_pretrained=None)
+    total, raw = reward(images, ids)
+    assert set(raw) == {"clip", "quality", "colorfulness", "class_color"}
+    assert reward.scorers["clip"].model is reward.scorers["quality"].model is model  # loaded once
+    ref = {"clip": ClipScore(model, tok)(images, ids), "quality": ClipIQA(model, tok)(images, ids),
+           "colorfulness": Colorfulness()(images), "class_color": ClassColor()(images, ids)}
+    for k in ref:
+        torch.testing.assert_close(raw[k], ref[k])
+    expected = ref["clip"] + 0.5 * ref["quality"] + 2 * ref["colorfulness"] - 0.25 * ref["class_color"]
+    torch.testing.assert_close(total, expected)
+    total2, _ = build_reward({"clip": 1, "quality": 0.5, "colorfulness": 2, "class_color": -0.25},
+                             clip_model=TINY, clip_pretrained=None)(images, ids)
+    torch.testing.assert_close(total2, total)
+
+
+def test_parse_spec_and_errors():
+    assert parse_spec("clip=1,quality=0.5, hps=2") == {"clip": 1.0, "quality": 0.5, "hps": 2.0}
+    assert parse_spec({"colorfulness": 1}) == {"colorfulness": 1.0}
+    with pytest.raises(ValueError, match="known rewards: clip, quality, hps, colorfulness, class_color"):
+        parse_spec("clip=1,maniqa=1")
+    for bad in ("clip", "clip=abc", "clip=1,clip=2", "clip=nan", "clip=1,", "", {"clip": "x"}):
+        with pytest.raises(ValueError):
+            parse_spec(bad)
+
+
+def test_hps_loads_from_state_dict_file(tiny, tmp_path):
+    torch.manual_seed(1)  # a different random model than the fixture's, saved in HPSv2's file format
+    model = open_clip.create_model(TINY).eval()
+    torch.save({"state_dict": model.state_dict()}, tmp_path / "hps.pt")
+    loaded, tok = load_hps(str(tmp_path / "hps.pt"), TINY, "cpu")
+    images, prompts = make_images(3, 40, 24), ["a castle", "a cat", "a castle at night"]
+    out = HPSv2(loaded, tok)(images, prompts)
+    torch.testing.assert_close(out, HPSv2(model, tok)(images, prompts), atol=0, rtol=0)
+    img, txt = features(model, tok, images, prompts, resize_mode="longest")  # HPSv2: diag(img @ txt.T)
+    torch.testing.assert_close(out, torch.diagonal(img @ txt.T), atol=1e-5, rtol=0)
+    torch.save({"model": model.state_dict()}, tmp_path / "bad.pt")
+    with pytest.raises(ValueError, match="not an HPSv2 checkpoint"):
+        load_hps(str(tmp_path / "bad.pt"), TINY, "cpu")
+    with pytest.raises(WeightsUnavailable, match="does not exist"):
+        load_hps(str(tmp_path / "missing.pt"), TINY, "cpu")
+
+
+def offline_hf_home(monkeypatch, home):
+    """HF_HUB_OFFLINE=1 and HF_HOME=home; huggingface_hub reads both at import, so patch its constants too."""
+    import huggingface_hub.constants as hf_constants
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("HF_HOME", str(home))
+    monkeypatch.setattr(hf_constants, "HF_HUB_OFFLINE", True)
+    monkeypatch.setattr(hf_constants, "HF_HUB_CACHE", str(home / "hub"))
+
+
+def test_clip_loads_from_local_checkpoint(tiny, tmp_path):
+    model, tok = tiny
+    torch.save(model.state_dict(), tmp_path / "clip.pt")
+    loaded, _ = load_clip(TINY, str(tmp_path / "clip.pt"), "cpu")
+    assert loaded is not model
+    images, ids = make_images(), [1, 2, 3, 4]
+    torch.testing.assert_close(ClipScore(loaded, tok)(images, ids), ClipScore(model, tok)(images, ids))
+
+
+def test_hps_loads_from_populated_hf_cache(tiny, monkeypatch, tmp_path):
+    # the layout hf_hub_download leaves behind: refs/main names the snapshot that holds the file
+    offline_hf_home(monkeypatch, tmp_path)
+    repo = tmp_path / "hub" / "models--xswu--HPSv2"
+    (repo / "snapshots" / ("0" * 40)).mkdir(parents=True)
+    (repo / "refs").mkdir()
+    (repo / "refs" / "main").write_text("0" * 40)
+    torch.save({"state_dict": tiny[0].state_dict()}, repo / "snapshots" / ("0" * 40) / "HPS_v2.1_compressed.pt")
+    loaded, tok = load_hps(None, TINY, "cpu")
+    images, prompts = make_images(2), ["a cat", "a dog"]
+    torch.testing.assert_close(HPSv2(loaded, tok)(images, prompts), HPSv2(*tiny)(images, prompts))
+
+
+def test_offline_failure_is_fast_and_one_sentence(monkeypatch, tmp_path):
+    offline_hf_home(monkeypatch, tmp_path)
+    for load, weights in [(lambda: load_clip("ViT-L-14", "openai", "cpu"), "ViT-L-14/openai"),
+                          (lambda: load_hps(None, "ViT-H-14", "cpu"), "HPS_v2.1_compressed.pt"),
+                          (lambda: build_reward("hps=1"), "xswu/HPSv2")]:
+        t0 = time.perf_counter()
+        with pytest.raises(WeightsUnavailable) as err:
+            load()
+        msg = str(err.value)
+        assert time.perf_counter() - t0 < 3.0  # fails before building the 0.4B / 1B model
+        assert weights in msg and "HF_HOME" in msg and str(tmp_path) in msg
+        assert "\n" not in msg and msg.endswith(".") and not re.search(r"[.!?]\s+[A-Z]", msg)
+
+
+# -----------------------------------------------------------------------------
+# sample.py
+# Tests for sample.py against references: torchvision save_image / make_grid for the PNG, a direct
+# model.generate + VQ decode for the images, LlamaGen's own left-padding loop (sample_t2i.py) and
+# per-prompt unpadded T5 encodings for encode_prompts, plus the user errors (exit code 2, one line).
+# Uses the tiny LlamaGen fixtures in ../shared/fixtures/llamagen, rewritten as self-describing files.
+
+
+
+
+def _gpt(weights, config):
+    cfg = model.GPTConfig(**json.load(open(os.path.join(FIX, config)))['model_args'])
+    sd, _ = model.read_state_dict(os.path.join(FIX, weights))
+    return model.load_into(model.GPT(cfg), sd, weights).eval()
+
+
+@pytest.fixture(scope='module')
+def ckpts(tmp_path_factory):
+    """Self-describing copies of the tiny fixtures and a tiny random T5 saved with save_pretrained."""
+    from transformers import ByT5Tokenizer, T5Config, T5EncoderModel
+    d = tmp_path_factory.mktemp('ckpts')
+    model.save_gpt(_gpt('c2i_tiny.safetensors', 'c2i_tiny_config.json'), str(d / 'c2i.safetensors'))
+    model.save_gpt(_gpt('t2i_tiny.safetensors', 't2i_tiny_config.json'), str(d / 't2i.safetensors'))  # cls 120
+    vq_args = json.load(open(os.path.join(FIX, 'vq_tiny_config.json')))['model_args']
+    vq = tokenizer.VQModel(tokenizer.VQConfig(**vq_args, ch=32))
+    model.load_into(vq, model.read_state_dict(os.path.join(FIX, 'vq_tiny.pt'))[0], 'vq_tiny.pt')
+    tokenizer.save_vq(vq, str(d / 'vq.safetensors'))
+    tok = ByT5Tokenizer()  # needs no files
+    torch.manual_seed(0)  # d_model = the t2i fixture's caption_dim
+    t5 = T5EncoderModel(T5Config(vocab_size=len(tok), d_model=32, d_kv=8, d_ff=64, num_layers=2, num_heads=4))
+    t5.save_pretrained(str(d / 't5'))
+    tok.save_pretrained(str(d / 't5'))
+    return {k: str(d / v) for k, v in dict(c2i='c2i.safetensors', t2i='t2i.safetensors', vq='vq.safetensors',
+                                              t5='t5').items()}
+
+
+def _run(ckpts, kind, *args, out=None):
+    base = ['--ckpt', ckpts[kind], '--vq_ckpt', ckpts['vq'], '--device', 'cpu', '--t5', ckpts['t5']]
+    return sample.main([*args, *base, '--out', out or ''])
+
+
+# ---------------------------------------------------------------------------- c2i end to end
+
+def test_c2i_png_npz_match_torchvision_and_direct_generate(ckpts, tmp_path):
+    from torchvision.utils import save_image
+    png, npz = tmp_path / 'g.png', tmp_path / 'g.npz'
+    imgs = _run(ckpts, 'c2i', '--class', '3', '7', '--n', '3', '--seed', '5', '--npz', str(npz), out=str(png))
+    assert imgs.shape == (6, 8, 8, 3) and imgs.dtype == np.uint8  # 4x4 tokens, VQ downsamples by 2
+    arr = np.load(npz)['arr_0']
+    assert arr.dtype == np.uint8 and arr.shape == (6, 8, 8, 3) and (arr == imgs).all()
+    # reference: the same generator stream through model.generate and the VQ decoder, saved the
+    # way LlamaGen saves (torchvision save_image, nrow = images per row, value_range (-1, 1))
+    gpt, vq = model.load_gpt(ckpts['c2i']), tokenizer.load_vq(ckpts['vq'])
+    gen = torch.Generator('cpu').manual_seed(5)
+    tokens, _ = model.generate(gpt, torch.tensor([3, 3, 3, 7, 7, 7]), cfg_scale=4.0, top_k=2000, generator=gen)
+    with torch.no_grad():
+        x = vq.decode(tokens.view(6, 4, 4))
+    buf = io.BytesIO()
+    save_image(x, buf, format='png', nrow=3, normalize=True, value_range=(-1, 1))
+    ref = np.asarray(Image.open(buf))
+    got = np.asarray(Image.open(png))
+    assert got.shape == ref.shape == (2 * 10 + 2, 3 * 10 + 2, 3)  # 2-pixel gaps as make_grid
+    assert (got == ref).all()
+
+
+def test_seed_determinism(ckpts):
+    a = _run(ckpts, 'c2i', '--class', '1', '--n', '4', '--seed', '0')
+    b = _run(ckpts, 'c2i', '--class', '1', '--n', '4', '--seed', '0')
+    c = _run(ckpts, 'c2i', '--class', '1', '--n', '4', '--seed', '1')
+    assert (a == b).all()
+    assert (a != c).any()
+
+
+def test_class_by_name_equals_class_id(ckpts):
+    import open_clip
+    name = open_clip.IMAGENET_CLASSNAMES[3]  # 'tiger shark'; the tiny model has classes 0..9
+    by_id = _run(ckpts, 'c2i', '--class', '3', '--n', '2')
+    by_name = _run(ckpts, 'c2i', '--class', f' {name.upper()} ', '--n', '2')
+    assert (by_id == by_name).all()
+    with pytest.raises(UserError, match="did you mean|close matches: 'tiger shark'"):
+        sample.class_ids(['tigr shark'])
+
+
+def test_to_uint8_rounds_like_save_image():
+    from torchvision.utils import save_image
+    torch.manual_seed(0)
+    x = torch.rand(1, 3, 16, 16) * 2.4 - 1.2  # beyond [-1, 1] too
+    x[0, 0, 0, :5] = torch.tensor([-1.0, 1.0, 0.0, 1 / 255 - 1, 0.5 / 127.5 - 1])
+    buf = io.BytesIO()
+    save_image(x, buf, format='png', normalize=True, value_range=(-1, 1))
+    ref = np.asarray(Image.open(buf))
+    assert (to_uint8(x)[0].permute(1, 2, 0).numpy() == ref).all()
+
+# ---------------------------------------------------------------------------- t2i
+
+def _llamagen_left_pad(emb, mask):
+    """LlamaGen sample_t2i.py's loop, written out: rotate each row by its valid count, flip the mask."""
+    new_mask = torch.flip(mask, dims=[-1])
+    rows = []
+    for e, m in zip(emb, mask):
+        k = int(m.sum().item())
+        rows.append(torch.cat([e[k:], e[:k]]))
+    return torch.stack(rows) * new_mask[:, :, None], new_mask
+
+
+def test_encode_prompts_left_padding(ckpts, monkeypatch):
+    monkeypatch.setenv('HF_HUB_OFFLINE', '1')
+    tok, enc = load_t5(ckpts['t5'])  # a save_pretrained directory loads offline
+    prompts = ['A red  Cube', 'two cats on a sofa, photo', 'x' * 200]  # the last one is truncated
+    emb, mask = encode_prompts(prompts, tok, enc, max_length=120)
+    assert emb.shape == (3, 120, 32) and emb.dtype == torch.float32 and mask.dtype == torch.int64
+    lens = [len('a red cube') + 1, len(prompts[1]) + 1, 120]  # ByT5: one token per byte, plus </s>
+    for i, n in enumerate(lens):
+        assert mask[i].tolist() == [0] * (120 - n) + [1] * n  # valid rows at the end
+        assert (emb[i, :120 - n] == 0).all() and (emb[i, 120 - n:].abs().sum(-1) > 0).all()
+    # reference 1: each prompt encoded alone, without padding, gives the valid rows
+    for i, p in enumerate(prompts[:2]):
+        ids = tok(' '.join(p.lower().split()), return_tensors='pt').input_ids
+        with torch.no_grad():
+            alone = enc(input_ids=ids).last_hidden_state[0]
+        torch.testing.assert_close(emb[i, 120 - lens[i]:], alone, atol=1e-5, rtol=1e-5)
+    # reference 2: LlamaGen's loop on the right-padded encoder output
+    b = tok([' '.join(p.lower().split()) for p in prompts], max_length=120, padding='max_length',
+            truncation=True, return_tensors='pt')
+    with torch.no_grad():
+        right = enc(input_ids=b.input_ids, attention_mask=b.attention_mask).last_hidden_state
+    ref_emb, ref_mask = _llamagen_left_pad(right, b.attention_mask)
+    assert torch.equal(mask, ref_mask)
+    torch.testing.assert_close(emb, ref_emb, atol=0, rtol=0)
+
+
+def test_t2i_end_to_end_matches_direct_generate(ckpts, monkeypatch):
+    monkeypatch.setenv('HF_HUB_OFFLINE', '1')
+    prompts = ['a red cube', 'two cats on a sofa']
+    imgs = _run(ckpts, 't2i', '--prompt', *prompts, '--n', '2', '--seed', '3', '--cfg', '3.0')
+    assert imgs.shape == (4, 8, 8, 3)
+    gpt, vq = model.load_gpt(ckpts['t2i']), tokenizer.load_vq(ckpts['vq'])
+    emb, mask = encode_prompts(prompts, *load_t5(ckpts['t5']), max_length=120)
+    tokens, _ = model.generate(gpt, emb.repeat_interleave(2, 0), mask.repeat_interleave(2, 0), cfg_scale=3.0,
+                               top_k=1000, generator=torch.Generator().manual_seed(3))
+    with torch.no_grad():
+        ref = to_uint8(vq.decode(tokens.view(4, 4, 4))).permute(0, 2, 3, 1).numpy()
+    assert (imgs == ref).all()
+
+
+def test_load_t5_offline_is_fast_and_one_sentence(monkeypatch, tmp_path):
+    monkeypatch.setenv('HF_HUB_OFFLINE', '1')
+    monkeypatch.setenv('HF_HOME', str(tmp_path))
+    with pytest.raises(CheckpointError) as e:
+        load_t5('google/flan-t5-xl')
+    msg = str(e.value)
+    assert 'google/flan-t5-xl' in msg and '--t5' in msg and '\n' not in msg
+
+# ---------------------------------------------------------------------------- errors
+
+@pytest.fixture(scope='module')
+def bad_files(ckpts, tmp_path_factory):
+    d = tmp_path_factory.mktemp('bad')
+    data = open(ckpts['c2i'], 'rb').read()
+    (d / 'truncated.safetensors').write_bytes(data[:len(data) // 2])
+    (d / 'corrupt.pt').write_bytes(os.urandom(4096))
+    return {k: str(d / f) for k, f in dict(truncated='truncated.safetensors', corrupt='corrupt.pt').items()}
+
+
+@pytest.mark.parametrize('case', [
+    ['--class', '3', '--prompt', 'x'],  # both conditions
+    ['--class', '3', '--n', '0'],
+    ['--class', '3', '--bogus', '1'],  # unknown flag
+    ['--class', '3', '--model', 'GPT-Q'],  # unknown preset
+    ['--class', 'golden retreiver'],  # unknown name
+    ['--class', '10'],  # out of range: the tiny model has 10 classes (10 is the null class)
+    ['--class', '-1'],
+    ['--prompt', 'a cat'],  # prompt to a c2i model
+    ['--class', '3', 'T2I'],  # class to a t2i model
+    ['--class', '3', '--ckpt', 't2i_XL_stage1_256'],  # known from the release table, before any download
+    ['--class', '3', '--ckpt', 'MISSING'],
+    ['--class', '3', '--ckpt', 'TRUNCATED'],
+    ['--class', '3', '--ckpt', 'CORRUPT'],
+    ['--class', '3', '--ckpt', 'VQ'],  # a VQ file: no GPT keys
+    ['--class', '3', '--model', 'GPT-B'],  # the tiny weights into GPT-B: wrong shapes
+    ['--class', '3', '--vq_ckpt', 'C2I'],  # a GPT file as the VQ
+])
+def test_user_errors_in_process(ckpts, bad_files, tmp_path, case):
+    files = {'MISSING': str(tmp_path / 'nope.pt'), 'TRUNCATED': bad_files['truncated'],
+             'CORRUPT': bad_files['corrupt'], 'VQ': ckpts['vq'], 'C2I': ckpts['c2i']}
+    ckpt = ckpts['t2i'] if case[-1] == 'T2I' else ckpts['c2i']
+    args = [files.get(a, a) for a in case if a != 'T2I']
+    args = ['--ckpt', ckpt, '--vq_ckpt', ckpts['vq'], '--device', 'cpu'] + args  # later flags win
+    out = tmp_path / 'x.png'
+    with pytest.raises((ValueError, CheckpointError)) as e:
+        sample.main(args + ['--out', str(out), '--npz', str(tmp_path / 'x.npz')])
+    assert '\n' not in str(e.value) and str(e.value).strip()
+    assert not out.exists() and not (tmp_path / 'x.npz').exists()
+
+
+def _cli(args, cwd, **env):
+    return subprocess.run([sys.executable, os.path.join(HERE, 'sample.py'), *args], cwd=cwd, capture_output=True,
+                          text=True, env={**os.environ, **env}, timeout=120)
+
+
+def test_cli_bad_class_exits_2_with_one_line(ckpts, tmp_path):
+    r = _cli(['--class', '12', '--ckpt', ckpts['c2i'], '--vq_ckpt', ckpts['vq'], '--device', 'cpu'], tmp_path)
+    assert r.returncode == 2
+    assert r.stderr.count('\n') == 1 and 'Traceback' not in r.stderr and '0..9' in r.stderr
+    assert not os.listdir(tmp_path)  # no samples.png
+
+
+def test_cli_default_release_offline_message(tmp_path):
+    hf_home = tmp_path / 'hf'
+    hf_home.mkdir()
+    work = tmp_path / 'work'
+    work.mkdir()
+    r = _cli([], work, HF_HUB_OFFLINE='1', HF_HOME=str(hf_home))
+    assert r.returncode == 2
+    assert r.stderr.count('\n') == 1 and 'Traceback' not in r.stderr
+    assert 'c2i_B_256.pt' in r.stderr and '--ckpt' in r.stderr
+    assert not os.listdir(work)
+
+# ---------------------------------------------------------------------------- parse_config
+
+
+@dataclass
+class _Toy:
+    preset: Optional[str] = None  # a name in the presets
+    xs: List[int] = field(default_factory=list, metadata=dict(flag='--x'))  # several ints
+    k: Optional[int] = None  # optional int
+    lr: float = 1e-3  # a float
+    flag: bool = False  # a bool
+    on: bool = True  # a bool that defaults to on
+    mode: str = field(default='a', metadata=dict(choices=['a', 'b']))  # a choice
+
+
+def test_parse_config_generic(capsys):
+    presets = {'fast': dict(lr=0.5, k=3)}
+    c = parse_config(_Toy, ['--x', '1', '2', '--flag', '--no-on', '--mode', 'b', '--k=7'], presets=presets)
+    assert c == _Toy(xs=[1, 2], k=7, flag=True, on=False, mode='b')
+    c = parse_config(_Toy, ['--preset', 'fast', '--k', '9'], presets=presets)  # flags beat the preset
+    assert (c.lr, c.k) == (0.5, 9)
+    assert capsys.readouterr().out.count('_Toy: {') == 2  # printed once per call
+    for bad in (['--lr', 'x'], ['--mode', 'c'], ['--xs', '1'], ['--fla'], ['--preset', 'slow']):
+        with pytest.raises(UserError):
+            parse_config(_Toy, bad, presets=presets)
 
 
 # -----------------------------------------------------------------------------
