@@ -611,13 +611,13 @@ def config_for(preset=None, image_size=256, downsample=16, **overrides):
 def load_gpt(ckpt, preset=None, image_size=None, device='cpu', dtype=torch.float32, downsample=16, **overrides):
     """Build and load a GPT from a release name, hf://REPO/FILE or a local file.
 
-    The config comes from, in order: the release table, the checkpoint's own metadata (files written
-    by train.py carry their GPTConfig), or the preset / image_size / overrides given here.
+    The config comes from the file's own metadata when it has one (files written by save_gpt, e.g. by
+    train.py); otherwise from the release table and the preset / image_size / overrides given here.
     """
     rel = RELEASES.get(ckpt, {})
     path = resolve_checkpoint(ckpt)
     sd, meta = read_state_dict(path, 'gpt_model')
-    if 'gpt_config' in meta and preset is None:
+    if 'gpt_config' in meta:  # a file we wrote knows its own config: preset and overrides are not needed
         cfg = GPTConfig(**json.loads(meta['gpt_config']))
     else:
         kw = {k: v for k, v in rel.items() if k in ('model_type', 'cls_token_num')}

@@ -441,6 +441,26 @@ def test_eval_same_seeds(tmp_path):
     assert a == b and set(a) == {'reward', 'colorfulness'}
 
 
+def test_t2i_training_with_prompt_files(ckpts, tmp_path):
+    """Text-to-image GRPO end to end: tiny t2i GPT, tiny T5, a .jsonl prompt file, guided log-probs."""
+    p = tmp_path / 'prompts.jsonl'
+    p.write_text('{"prompt": "a red fox in snow"}\n\n{"prompt": "two blue cups on a table"}\n')
+    args = ['--ckpt', ckpts['t2i'], '--t5', ckpts['t5'], '--cfg_scale', '4.0', '--logprob_mode', 'guided',
+            '--conds_per_rank', '2', '--group_size', '4', '--max_steps', '2']
+    rows = run_train(tmp_path / 'run', *args, '--prompts', str(p), '--grid_every', '1')
+    assert len(rows) == 2 and all(np.isfinite(r['kl']) for r in rows)
+    assert os.path.isfile(tmp_path / 'run' / 'grid_00002.png')
+    (tmp_path / 'p.json').write_text(json.dumps(['a cat', '', 'a dog']))
+    (tmp_path / 'p.txt').write_text('a cat\n\n a dog \n')
+    assert train.read_prompts(str(p)) == ['a red fox in snow', 'two blue cups on a table']
+    assert train.read_prompts(str(tmp_path / 'p.json')) == ['a cat', 'a dog']
+    assert train.read_prompts(str(tmp_path / 'p.txt')) == ['a cat', 'a dog']
+    (tmp_path / 'empty.txt').write_text('\n \n')
+    for bad, msg in [(tmp_path / 'missing.txt', 'does not exist'), (tmp_path / 'empty.txt', 'holds no prompts')]:
+        with pytest.raises(ValueError, match=msg):
+            run_train(tmp_path / 'bad', *args, '--prompts', str(bad))
+
+
 def test_torchrun_two_ranks_stay_in_sync(tmp_path):
     env = {**os.environ, 'OMP_NUM_THREADS': '1'}
     p = subprocess.run([sys.executable, '-m', 'torch.distributed.run', '--nproc_per_node=2', '--master_port=29517',
