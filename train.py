@@ -100,12 +100,13 @@ TRAIN_PRESETS = {
                  rewards='colorfulness=1', conds_per_rank=4, group_size=8, cfg_scale=1.0, lr=3e-3,
                  beta=0.01, max_steps=400, save_every=100, grid_every=100, out_dir='out/demo'),
     # the paper's settings (AR-GRPO scripts): LlamaGen c2i XL at 384 px and t2i XL at 256 px
+    # (compile: CUDA graphs make the rollout ~12-20x faster on an H100 once compiled, in ~30-60 s)
     'c2i_xl': dict(ckpt='c2i_XL_384', image_size=384, vq_ckpt='vq_ds16_c2i', cfg_scale=2.0, beta=0.1,
-                   max_steps=400, out_dir='out/c2i_xl'),
+                   max_steps=400, compile=True, out_dir='out/c2i_xl'),
     'c2i_b': dict(ckpt='c2i_B_256', image_size=256, vq_ckpt='vq_ds16_c2i', cfg_scale=2.0, beta=0.1,
-                  max_steps=400, out_dir='out/c2i_b'),
+                  max_steps=400, compile=True, out_dir='out/c2i_b'),
     't2i_xl': dict(ckpt='t2i_XL_stage1_256', image_size=256, vq_ckpt='vq_ds16_t2i', cfg_scale=4.0, beta=1.0,
-                   max_steps=600, out_dir='out/t2i_xl'),
+                   max_steps=600, compile=True, out_dir='out/t2i_xl'),
 }
 TINY_VQ = dict(codebook_size=64, encoder_ch_mult=[1, 1], decoder_ch_mult=[1, 1], z_channels=32, ch=128)
 RESUME_FREE = {'max_steps', 'resume', 'save_every', 'grid_every', 'eval', 'device', 'compile'}
