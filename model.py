@@ -619,6 +619,10 @@ def load_gpt(ckpt, preset=None, image_size=None, device='cpu', dtype=torch.float
     sd, meta = read_state_dict(path, 'gpt_model')
     if 'gpt_config' in meta:  # a file we wrote knows its own config: preset and overrides are not needed
         cfg = GPTConfig(**json.loads(meta['gpt_config']))
+        shape = dict(n_layer=cfg.n_layer, n_head=cfg.n_head, dim=cfg.dim)
+        if preset is not None and GPT_PRESETS.get(preset) != shape:
+            raise CheckpointError(f"checkpoint {path} holds a {shape} model, not {preset}; drop the preset or "
+                                  f"check --ckpt")
     else:
         kw = {k: v for k, v in rel.items() if k in ('model_type', 'cls_token_num')}
         kw.update(overrides)
