@@ -60,6 +60,8 @@ class SampleConfig:
         self.ckpt = self.ckpt or ('t2i_XL_stage1_256' if t2i else 'c2i_B_256')
         self.vq_ckpt = self.vq_ckpt or ('vq_ds16_t2i' if t2i else 'vq_ds16_c2i')
         self.device = self.device or ('cuda' if torch.cuda.is_available() else 'cpu')
+        if self.device.startswith('cuda') and not torch.cuda.is_available():
+            raise UserError(f"--device {self.device} was asked for but torch sees no GPU here; use --device cpu")
         self.dtype = self.dtype or ('bfloat16' if self.device.startswith('cuda') else 'float32')
 
 

@@ -456,7 +456,9 @@ def test_t2i_training_with_prompt_files(ckpts, tmp_path):
     assert train.read_prompts(str(tmp_path / 'p.json')) == ['a cat', 'a dog']
     assert train.read_prompts(str(tmp_path / 'p.txt')) == ['a cat', 'a dog']
     (tmp_path / 'empty.txt').write_text('\n \n')
-    for bad, msg in [(tmp_path / 'missing.txt', 'does not exist'), (tmp_path / 'empty.txt', 'holds no prompts')]:
+    (tmp_path / 'bad.jsonl').write_text('{"text": "no prompt key"}\n')
+    for bad, msg in [(tmp_path / 'missing.txt', 'does not exist'), (tmp_path / 'empty.txt', 'holds no prompts'),
+                     (tmp_path / 'bad.jsonl', 'is not a .json list')]:
         with pytest.raises(ValueError, match=msg):
             run_train(tmp_path / 'bad', *args, '--prompts', str(bad))
 

@@ -118,6 +118,8 @@ RESUME_FREE = {'max_steps', 'resume', 'save_every', 'grid_every', 'eval', 'devic
 def setup_distributed(cfg):
     """torchrun -> (rank, world, device); plain python -> (0, 1, device)."""
     device = cfg.device if cfg.device != 'auto' else ('cuda' if torch.cuda.is_available() else 'cpu')
+    if device.startswith('cuda') and not torch.cuda.is_available():
+        raise UserError(f"--device {device} was asked for but torch sees no GPU here; use --device cpu")
     if 'RANK' not in os.environ:
         return 0, 1, torch.device(device)
     rank, world, local = (int(os.environ[k]) for k in ('RANK', 'WORLD_SIZE', 'LOCAL_RANK'))
@@ -159,12 +161,16 @@ def read_prompts(path):
     if not path or not os.path.isfile(path):
         raise UserError(f"prompt file {path!r} does not exist; pass --prompts FILE (.txt, .json or .jsonl)")
     text = open(path, encoding='utf-8').read()
-    if path.endswith('.jsonl'):
-        prompts = [json.loads(line)['prompt'] for line in text.splitlines() if line.strip()]
-    elif path.endswith('.json'):
-        prompts = json.loads(text)
-    else:
-        prompts = [line.strip() for line in text.splitlines()]
+    try:
+        if path.endswith('.jsonl'):
+            prompts = [json.loads(line)['prompt'] for line in text.splitlines() if line.strip()]
+        elif path.endswith('.json'):
+            prompts = list(json.loads(text))
+        else:
+            prompts = [line.strip() for line in text.splitlines()]
+    except (ValueError, KeyError, TypeError) as e:
+        raise UserError(f"prompt file {path} is not a .json list of strings or .jsonl of {{\"prompt\": ...}} "
+                        f"objects ({type(e).__name__}: {e})") from None
     prompts = [p for p in prompts if isinstance(p, str) and p.strip()]
     if not prompts:
         raise UserError(f"prompt file {path} holds no prompts")
