@@ -100,9 +100,8 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(dim))
 
     def forward(self, x):
-        # normalise in float32, cast back, then scale (LlamaGen order: the weight multiply is in x's dtype)
-        xf = x.float()
-        return (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)).type_as(x) * self.weight
+        # x * rsqrt(mean(x^2) + eps) in float32, cast back, then the weight (LlamaGen's order, in x's dtype)
+        return F.rms_norm(x.float(), (x.shape[-1],), eps=self.eps).type_as(x) * self.weight
 
 
 class LabelEmbedder(nn.Module):
@@ -175,12 +174,15 @@ def precompute_freqs_cis_2d(grid_size, head_dim, base=10000, cls_token_num=1):
 
 
 def apply_rotary_emb(x, freqs_cis):
-    """Rotate interleaved pairs (x[2i], x[2i+1]). x (B, T, H, hd), freqs_cis (T, hd/2, 2). In float32."""
+    """Rotate interleaved pairs (a, b) = (x[2i], x[2i+1]) to (a cos - b sin, b cos + a sin), in float32.
+
+    x (B, T, H, hd), freqs_cis (T, hd/2, 2) holding [cos, sin]. Real arithmetic rather than complex
+    numbers, which torch.compile's code generator handles less well.
+    """
     xs = x.float().reshape(*x.shape[:-1], -1, 2)  # (B, T, H, hd/2, 2)
     fc = freqs_cis.view(1, xs.size(1), 1, xs.size(3), 2)
-    out = torch.stack([xs[..., 0] * fc[..., 0] - xs[..., 1] * fc[..., 1],
-                       xs[..., 1] * fc[..., 0] + xs[..., 0] * fc[..., 1]], dim=-1)
-    return out.flatten(3).type_as(x)
+    a, b, cos, sin = xs[..., 0], xs[..., 1], fc[..., 0], fc[..., 1]
+    return torch.stack([a * cos - b * sin, b * cos + a * sin], dim=-1).flatten(3).type_as(x)
 
 
 class KVCache:
@@ -217,11 +219,11 @@ class Attention(nn.Module):
 
     def forward(self, x, freqs_cis, mask, kv_cache=None, layer=0, input_pos=None):
         B, T, C = x.shape
-        kv = self.n_kv_head * self.head_dim
-        q, k, v = self.wqkv(x).split([C, kv, kv], dim=-1)
-        q = apply_rotary_emb(q.view(B, T, self.n_head, self.head_dim), freqs_cis).transpose(1, 2)
-        k = apply_rotary_emb(k.view(B, T, self.n_kv_head, self.head_dim), freqs_cis).transpose(1, 2)
-        v = v.view(B, T, self.n_kv_head, self.head_dim).transpose(1, 2)  # (B, n_kv, T, hd)
+        H, Hkv, hd = self.n_head, self.n_kv_head, self.head_dim
+        qkv = self.wqkv(x).view(B, T, H + 2 * Hkv, hd)  # heads in the row order [q | k | v]
+        qk = apply_rotary_emb(qkv[:, :, :H + Hkv], freqs_cis)  # q and k rotated in one go
+        q, k = qk.transpose(1, 2).split([H, Hkv], dim=1)  # (B, H, T, hd), (B, Hkv, T, hd)
+        v = qkv[:, :, H + Hkv:].transpose(1, 2)  # (B, Hkv, T, hd)
         if kv_cache is not None:  # write this step's keys/values, then attend over the whole cache
             kv_cache.k[layer].index_copy_(2, input_pos, k)
             kv_cache.v[layer].index_copy_(2, input_pos, v)
@@ -358,27 +360,29 @@ def attention_mask(query_pos, key_pos, key_valid):
 def sample_logits(logits, temperature=1.0, top_k=0, top_p=1.0, generator=None):
     """Sample one token per row. logits (B, V) float32 -> (token (B,), log-prob (B,)).
 
-    Follows LlamaGen's `sample`: divide by the temperature, top-k then top-p filtering, softmax.
-    temperature 0 means greedy (argmax), with log-prob 0. The log-prob is of the distribution
-    actually sampled from, i.e. after filtering.
+    LlamaGen's `sample`: divide by the temperature, keep the top-k, then the top-p nucleus of those,
+    softmax, draw. With top-k we draw among the k kept logits only (the same distribution, but k random
+    numbers per row instead of V). temperature 0 means greedy. The log-prob is of the distribution
+    actually sampled from, i.e. after filtering (0 for greedy).
     """
     logits = logits / max(temperature, 1e-5)
+    idx = None  # vocabulary ids of the columns of `logits` once they are sorted / cut to the top-k
     if top_k > 0:
-        kth = torch.topk(logits, min(top_k, logits.size(-1)))[0][..., -1, None]
-        logits = logits.masked_fill(logits < kth, float('-inf'))
-    if top_p < 1.0:
-        sorted_logits, idx = torch.sort(logits, descending=True)
-        cum = sorted_logits.softmax(-1).cumsum(-1)
-        drop = cum > top_p
-        drop[..., 1:] = drop[..., :-1].clone()  # keep the first token past the threshold
+        logits, idx = torch.topk(logits, min(top_k, logits.size(-1)))  # (B, k), sorted
+    elif top_p < 1.0:
+        logits, idx = torch.sort(logits, descending=True)
+    if top_p < 1.0:  # drop the tail beyond cumulative probability top_p, keeping the token that crosses it
+        drop = logits.softmax(-1).cumsum(-1) > top_p
+        drop[..., 1:] = drop[..., :-1].clone()
         drop[..., 0] = False
-        logits = logits.masked_fill(drop.scatter(-1, idx, drop), float('-inf'))
+        logits = logits.masked_fill(drop, float('-inf'))
     logp = logits.log_softmax(-1)
     if temperature == 0:
-        token = logits.argmax(-1)
+        pick = logits.argmax(-1, keepdim=True)
     else:
-        token = torch.multinomial(logp.exp(), 1, generator=generator).squeeze(-1)
-    return token, logp.gather(-1, token[:, None]).squeeze(-1)
+        pick = torch.multinomial(logp.exp(), 1, generator=generator)  # (B, 1)
+    token = pick if idx is None else idx.gather(-1, pick)
+    return token.squeeze(-1), logp.gather(-1, pick).squeeze(-1)
 
 
 def _step_logits(model, token, kv_cache, cfg_scale, use_cfg):
