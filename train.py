@@ -5,7 +5,7 @@ Each step: sample G images per condition with the KV cache and CFG -> decode wit
 score with the reward models -> group-relative advantages -> num_iterations passes of the
 clipped loss + beta * KL to the frozen starting model -> AdamW step with gradient clipping.
 
-    python train.py --preset demo                         # CPU, offline, a few minutes: reward rises
+    python train.py --preset demo                         # CPU, offline, ~1 min: the reward rises
     torchrun --nproc_per_node=8 train.py --preset c2i_xl  # the paper's class-to-image run
     torchrun --nproc_per_node=8 train.py --preset t2i_xl --prompts prompts.txt
     python train.py --preset demo --resume                # continue out_dir exactly where it stopped
