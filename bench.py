@@ -9,6 +9,7 @@ Prints one JSON line per measurement (name, value, unit, and for comparisons bas
 table. Timings are medians of --reps runs after one warm-up. All weights are random: speed does not
 depend on them. Never used for assertions: tests only run --quick to show it works.
 """
+import copy
 import json
 import os
 import statistics
@@ -190,7 +191,7 @@ def bench_grpo_step(cfg, device, dtype):
     # float32 master weights (autocast on GPU), as train.py
     policy = build_gpt(cfg, device, torch.float32, vq.config.downsample, vq.config.codebook_size)
     tc.image_size = int(policy.config.block_size ** 0.5) * vq.config.downsample
-    ref = __import__('copy').deepcopy(policy).requires_grad_(False)
+    ref = copy.deepcopy(policy).requires_grad_(False)
     reward = build_reward(tc.rewards, device=device, clip_model=tc.clip_model, clip_pretrained=None)
     opt = torch.optim.AdamW(policy.parameters(), lr=tc.lr)
     ctx = (policy, ref, vq, policy, opt, reward, None, None, 0, 1, device)
