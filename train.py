@@ -424,6 +424,8 @@ def write_grid(path, images, total, conds, group_size, groups=2):
 
 def plot_curve(path, steps, rewards, size=(640, 360), pad=40):
     """A reward-vs-step line chart drawn with PIL (no plotting dependency): raw and smoothed."""
+    keep = [i for i, r in enumerate(rewards) if math.isfinite(r)]  # skipped steps may have logged NaN
+    steps, rewards = [steps[i] for i in keep] or [0], [rewards[i] for i in keep] or [0.0]
     img = Image.new('RGB', size, 'white')
     d = ImageDraw.Draw(img)
     lo, hi = min(rewards), max(rewards)
