@@ -199,11 +199,11 @@ class KVCache:
         self.v = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(cfg.n_layer)]
         self.key_valid = torch.ones(batch_size, max_len, dtype=torch.bool, device=device)
         self.pos = torch.zeros(1, dtype=torch.long, device=device)  # next position to write
-        self.max_len = max_len
+        self.key_pos = torch.arange(max_len, device=device)  # position of every cache slot
 
     def mark_static(self):
         # lets torch.compile's CUDA graphs update these tensors in place
-        for t in self.k + self.v + [self.key_valid, self.pos]:
+        for t in self.k + self.v + [self.key_valid, self.pos, self.key_pos]:
             torch._dynamo.mark_static_address(t)
 
 
@@ -324,8 +324,7 @@ class GPT(nn.Module):
             input_pos = kv_cache.pos + torch.arange(T, device=h.device)
             if cond_mask is not None:  # prefill: remember which caption rows are padding
                 kv_cache.key_valid[:, :C] = cond_mask.bool()
-            key_pos = torch.arange(kv_cache.max_len, device=h.device)
-            mask = attention_mask(input_pos, key_pos, kv_cache.key_valid)
+            mask = attention_mask(input_pos, kv_cache.key_pos, kv_cache.key_valid)
         freqs_cis = self.freqs_cis[input_pos]
         for i, layer in enumerate(self.layers):
             h = layer(h, freqs_cis, mask, kv_cache, i, input_pos)
