@@ -17,7 +17,6 @@ import contextlib
 import json
 import math
 import os
-import re
 from dataclasses import dataclass, asdict, fields
 from typing import Optional
 

@@ -339,7 +339,7 @@ def grpo_step(cfg, ctx, step):
     metrics.update(stats or {})
     metrics['step_time'] = _now(device) - t0
     metrics['images_per_s'] = len(tokens) * world / metrics['step_time']
-    return metrics, (images, total, raw, reward_conds)
+    return metrics, (images, total)
 
 
 def average_metrics(metrics, world, device):
@@ -407,7 +407,7 @@ def load_checkpoint(cfg, policy, opt):
 # logging: metrics.jsonl, image grids with rewards, the reward curve
 
 
-def write_grid(path, images, total, conds, group_size, groups=2):
+def write_grid(path, images, total, group_size, groups=2):
     """The first `groups` groups as rows, each image with its reward written under it."""
     imgs = to_uint8(images[:groups * group_size]).permute(0, 2, 3, 1).cpu().numpy()  # (n, H, W, 3)
     H, W = imgs.shape[1:3]
@@ -475,7 +475,7 @@ def evaluate(cfg, policy, vq, reward_fn, prompts, t5, device):
 # main
 
 
-def train(cfg, argv_printed=True):
+def train(cfg):
     rank, world, device = setup_distributed(cfg)
     os.makedirs(cfg.out_dir, exist_ok=True)
     policy, ref, vq = build_models(cfg, device)
@@ -502,7 +502,7 @@ def train(cfg, argv_printed=True):
     from tqdm import tqdm
     bar = tqdm(range(step, cfg.max_steps), initial=step, total=cfg.max_steps, disable=rank != 0, dynamic_ncols=True)
     for step in bar:
-        metrics, (images, total, raw, conds) = grpo_step(cfg, ctx, step)
+        metrics, (images, total) = grpo_step(cfg, ctx, step)
         metrics = {'step': step + 1, **average_metrics(metrics, world, device)}
         bad = bad + 1 if metrics['skipped'] else 0
         if rank == 0:
@@ -511,7 +511,7 @@ def train(cfg, argv_printed=True):
                 f.write(json.dumps(metrics) + '\n')
             bar.set_postfix(reward=f"{metrics['reward']:.4f}", kl=f"{metrics.get('kl', 0):.4f}")
             if cfg.grid_every and (step + 1) % cfg.grid_every == 0:
-                write_grid(os.path.join(cfg.out_dir, f'grid_{step + 1:05d}.png'), images, total, conds, cfg.group_size)
+                write_grid(os.path.join(cfg.out_dir, f'grid_{step + 1:05d}.png'), images, total, cfg.group_size)
         stop = bad >= cfg.max_bad_steps
         if (step + 1) % cfg.save_every == 0 or step + 1 == cfg.max_steps or stop:
             check_in_sync(policy, world, device)
