@@ -13,13 +13,15 @@ import copy
 import json
 import os
 import statistics
+import sys
 import time
 from dataclasses import dataclass, field
 from typing import List
 
 import torch
 
-from model import GPT, config_for, generate, sample_logits
+from cli import UserError, check_device, check_range, check_writable_file, parse_config, run
+from model import GPT, GPT_PRESETS, config_for, generate, sample_logits
 from tokenizer import VQConfig, VQModel, VQ_PRESETS
 
 
@@ -39,6 +41,23 @@ class BenchConfig:
     only: List[str] = field(default_factory=list)  # run only these sections: kv cfg compile reward step
     out: str = ''  # also append the JSON lines to this file
 
+    def validate(self):
+        """Checked before anything is built or timed (cli.parse_config calls it)."""
+        check_device(self.device)
+        check_range(self, 'batch reps reward_batch', lo=1)
+        check_range(self, 'image_size top_k cfg_scale', lo=0)
+        if self.image_size % 16:
+            raise UserError(f"--image_size must be a multiple of 16 (the VQ-16 grid), got {self.image_size}")
+        if self.model not in GPT_PRESETS:
+            raise UserError(f"--model must be one of {', '.join(GPT_PRESETS)}, got {self.model!r}")
+        unknown = set(self.only) - set(SECTIONS)
+        if unknown:
+            raise UserError(f"--only takes sections among {' '.join(SECTIONS)}, got {' '.join(sorted(unknown))}")
+        if self.out:
+            check_writable_file(self.out, '--out')
+
+
+SECTIONS = ('kv', 'cfg', 'compile', 'reward', 'step')  # what --only can pick
 
 RESULTS = []
 
@@ -209,7 +228,6 @@ def bench_grpo_step(cfg, device, dtype):
 
 
 def main(argv=None):
-    from sample import parse_config
     cfg = parse_config(BenchConfig, argv)
     device = torch.device(cfg.device)
     dtype = torch.bfloat16 if device.type == 'cuda' else torch.float32
@@ -217,7 +235,7 @@ def main(argv=None):
         torch.manual_seed(0)
     if cfg.quick:
         cfg.reps, cfg.batch, cfg.top_k = 1, 2, 16
-    sections = cfg.only or ['kv', 'cfg', 'compile', 'reward', 'step']
+    sections = cfg.only or list(SECTIONS)
     if device.type == 'cuda':
         print(f"device: {torch.cuda.get_device_name()}, torch {torch.__version__}")
     else:
@@ -243,4 +261,4 @@ def main(argv=None):
 
 
 if __name__ == '__main__':
-    main()
+    sys.exit(run(main))

@@ -610,6 +610,24 @@ def config_for(preset=None, image_size=256, downsample=16, **overrides):
     return GPTConfig(**kw)
 
 
+def peek_gpt_config(ckpt):
+    """What can be known of a checkpoint's GPT without reading its weights: a dict with any of model_type,
+    preset, image_size (release table) or the full GPTConfig fields (a self-describing .safetensors header).
+    {} for anything else; never raises. Lets a script reject contradictory flags before loading anything."""
+    if ckpt in RELEASES:
+        rel = RELEASES[ckpt]
+        return dict(model_type=rel.get('model_type', 'c2i'), preset=rel['preset'], image_size=rel['image_size'])
+    if isinstance(ckpt, str) and ckpt.endswith('.safetensors') and os.path.isfile(ckpt):
+        try:
+            from safetensors import safe_open
+            with safe_open(ckpt, 'pt') as f:
+                meta = f.metadata() or {}
+            return json.loads(meta['gpt_config']) if 'gpt_config' in meta else {}
+        except Exception:  # unreadable: load_gpt reports it properly later
+            return {}
+    return {}
+
+
 def load_gpt(ckpt, preset=None, image_size=None, device='cpu', dtype=torch.float32, downsample=16, **overrides):
     """Build and load a GPT from a release name, hf://REPO/FILE or a local file.
 

@@ -10,19 +10,16 @@ sample_t2i.py does, save_image's rounding. The grid has a row of --n images per 
     python sample.py --prompt "a blue Porsche 356 parked in front of a yellow brick wall"
     python sample.py --class 207 --ckpt out/run/model.safetensors --npz samples.npz
 """
-import argparse, difflib, inspect, json, os, re, sys, typing
-from dataclasses import dataclass, field, fields, asdict
+import difflib, os, sys
+from dataclasses import dataclass, field
 from typing import List, Optional
 
 import numpy as np
 import torch
 
+from cli import UserError, parse_config  # noqa: F401 (re-exported: train.py, tests)
 from model import CheckpointError, GPT_PRESETS, RELEASES, cache_only_if_offline, generate, hub_cache_dir, load_gpt
 from tokenizer import load_vq
-
-
-class UserError(ValueError):  # bad input from the command line; the message is one sentence for the user
-    pass
 
 
 @dataclass
@@ -63,43 +60,6 @@ class SampleConfig:
         if self.device.startswith('cuda') and not torch.cuda.is_available():
             raise UserError(f"--device {self.device} was asked for but torch sees no GPU here; use --device cpu")
         self.dtype = self.dtype or ('bfloat16' if self.device.startswith('cuda') else 'float32')
-
-
-class _Parser(argparse.ArgumentParser):
-    def error(self, message):  # raise instead of printing usage and exiting, so callers decide
-        raise UserError(f"{message}; see python {self.prog} --help")
-
-
-def parse_config(cls, argv=None, presets=None):
-    """A `cls` dataclass from argv (None: sys.argv), `--field VALUE` per field: Optional[X] takes an X,
-    bool is --field / --no-field, List[X] one or more values; field metadata may give another `flag`
-    and `choices`. With `presets`, the `preset` field names a dict of defaults that flags override.
-    Bad flags raise UserError. Prints the config once."""
-    p = _Parser(description=inspect.getmodule(cls).__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
-                argument_default=argparse.SUPPRESS, allow_abbrev=False)
-    notes = dict(re.findall(r'^\s+(\w+):[^#\n]*#\s*(.+)$', inspect.getsource(cls), re.M))  # --help text
-    for f in fields(cls):
-        t = typing.get_type_hints(cls)[f.name]  # the real type even under `from __future__ import annotations`
-        if typing.get_origin(t) is typing.Union:  # Optional[X] -> X
-            t = next(a for a in typing.get_args(t) if a is not type(None))
-        kw = dict(dest=f.name, help=notes.get(f.name, '').replace('%', '%%'), choices=f.metadata.get('choices'))
-        if t is bool:
-            kw['action'] = argparse.BooleanOptionalAction
-        elif typing.get_origin(t) is list:
-            kw.update(nargs='+', type=typing.get_args(t)[0])
-        else:
-            kw['type'] = t
-        p.add_argument(f.metadata.get('flag', '--' + f.name), **kw)
-    given = vars(p.parse_args(argv))  # only the flags actually passed
-    if presets is not None:
-        name = given.get('preset', getattr(cls, 'preset', None))
-        if name is not None and name not in presets:
-            raise UserError(f"unknown preset {name!r}; known: {', '.join(presets)}")
-        given = {**presets.get(name, {}), **given}
-    cfg = cls(**given)
-    if int(os.environ.get('RANK', '0')) == 0:  # once, not once per rank
-        print(f"{cls.__name__}: {json.dumps(asdict(cfg))}")
-    return cfg
 
 
 def load_t5(name='google/flan-t5-xl', device='cpu', dtype=torch.float32):

@@ -25,6 +25,7 @@ import sys
 import time
 from contextlib import nullcontext
 from dataclasses import dataclass, field, asdict
+from pathlib import Path
 from typing import List, Optional
 
 import numpy as np
@@ -33,10 +34,11 @@ import torch.distributed as dist
 from PIL import Image, ImageDraw
 
 import grpo
-from model import GPT, CheckpointError, config_for, generate, load_gpt, save_gpt
-from tokenizer import VQConfig, VQModel, load_vq
-from rewards import build_reward, WeightsUnavailable
-from sample import parse_config, load_t5, encode_prompts, to_uint8, UserError
+from model import GPT, CheckpointError, config_for, generate, load_gpt, peek_gpt_config, save_gpt
+from tokenizer import VQ_PRESETS, VQ_RELEASES, VQConfig, VQModel, load_vq
+from rewards import build_reward, parse_spec, WeightsUnavailable
+from cli import UserError, atomic_write, check_device, check_range, check_writable_dir, parse_config, run
+from sample import load_t5, encode_prompts, to_uint8
 
 
 @dataclass
@@ -93,6 +95,56 @@ class TrainConfig:
     eval_conds: int = 8  # conditions to evaluate (first classes / prompts)
     eval_images: int = 4  # images per condition in evaluation
 
+    def validate(self):
+        """Every check that needs no model, run by parse_config before anything is loaded or sampled:
+        ranges, choices, contradictions, input files, the output directory. Raises UserError."""
+        check_range(self, 'group_size', lo=2)  # advantages are relative to the group
+        check_range(self, 'conds_per_rank num_iterations max_steps save_every max_bad_steps eval_conds eval_images '
+                          'image_size', lo=1)
+        check_range(self, 'top_k minibatch_size micro_batch_size grid_every beta weight_decay grad_clip cfg_scale',
+                    lo=0)
+        check_range(self, 'cfg_interval', lo=-1)
+        check_range(self, 'temperature lr', lo=0, lo_open=True)  # log-probs divide by the temperature
+        check_range(self, 'top_p', lo=0, hi=1, lo_open=True)
+        check_range(self, 'eps_low', lo=0, hi=1, hi_open=True)
+        check_range(self, 'eps_high', lo=0)
+        for name, allowed in (('logprob_mode', ('cond', 'guided')), ('dtype', ('bfloat16', 'float16', 'float32'))):
+            if getattr(self, name) not in allowed:
+                raise UserError(f"--{name} must be one of {', '.join(allowed)}, got {getattr(self, name)!r}")
+        check_device(self.device)
+        if any(c < 0 for c in self.classes):
+            raise UserError(f"--classes must be class ids >= 0, got {self.classes}")
+        batch = self.conds_per_rank * self.group_size
+        mb = self.minibatch_size or batch
+        if batch % mb or mb % (self.micro_batch_size or mb):
+            raise UserError(f"--minibatch_size {mb} must divide the batch of conds_per_rank x group_size = {batch} "
+                            f"images, and --micro_batch_size must divide the minibatch")
+        parse_spec(self.rewards)  # unknown reward names fail now, not after the models load
+        self.validate_model_and_conditions()
+        check_writable_dir(self.out_dir, '--out_dir')
+
+    def validate_model_and_conditions(self):
+        """Contradictions visible before loading: a prompt file for a class model (or none for a text model),
+        class ids out of range, an image size that a self-describing checkpoint contradicts."""
+        known = peek_gpt_config(self.ckpt) if self.ckpt else dict(model_type='c2i')
+        kind = known.get('model_type')
+        if kind == 'c2i' and self.prompts:
+            raise UserError(f"--prompts was given but {self.ckpt or 'the random-init model'} is a class-to-image "
+                            f"model; drop --prompts (use --classes) or pass a text-to-image --ckpt")
+        if kind == 't2i' and not self.prompts:
+            raise UserError(f"{self.ckpt} is a text-to-image model; pass --prompts FILE")
+        if self.prompts:
+            read_prompts(self.prompts)  # exists, decodes, holds prompts
+        if kind == 'c2i' and known.get('num_classes', 1000) <= max(self.classes, default=-1):
+            raise UserError(f"--classes must be in 0..{known.get('num_classes', 1000) - 1} for "
+                            f"{self.ckpt or 'this model'}, got {self.classes}")
+        if 'block_size' in known and self.vq_ckpt in VQ_RELEASES:  # both grids known before loading
+            ds = 2 ** (len(VQ_PRESETS[VQ_RELEASES[self.vq_ckpt]['preset']]['encoder_ch_mult']) - 1)
+            side = math.isqrt(known['block_size']) * ds
+            if side != self.image_size:
+                raise UserError(f"--image_size {self.image_size} contradicts {self.ckpt}, a {side}-px model "
+                                f"({known['block_size']} tokens); pass --image_size {side}")
+
 
 TRAIN_PRESETS = {
     # tiny random generator + tiny random VQ + a weight-free reward: runs offline on a CPU
@@ -118,8 +170,6 @@ RESUME_FREE = {'max_steps', 'resume', 'save_every', 'grid_every', 'eval', 'devic
 def setup_distributed(cfg):
     """torchrun -> (rank, world, device); plain python -> (0, 1, device)."""
     device = cfg.device if cfg.device != 'auto' else ('cuda' if torch.cuda.is_available() else 'cpu')
-    if device.startswith('cuda') and not torch.cuda.is_available():
-        raise UserError(f"--device {device} was asked for but torch sees no GPU here; use --device cpu")
     if 'RANK' not in os.environ:
         return 0, 1, torch.device(device)
     rank, world, local = (int(os.environ[k]) for k in ('RANK', 'WORLD_SIZE', 'LOCAL_RANK'))
@@ -160,7 +210,11 @@ def build_models(cfg, device):
 def read_prompts(path):
     if not path or not os.path.isfile(path):
         raise UserError(f"prompt file {path!r} does not exist; pass --prompts FILE (.txt, .json or .jsonl)")
-    text = open(path, encoding='utf-8').read()
+    try:
+        text = open(path, encoding='utf-8').read()
+    except (OSError, UnicodeDecodeError) as e:
+        raise UserError(f"prompt file {path} could not be read as UTF-8 text ({type(e).__name__}); pass a .txt, "
+                        f".json or .jsonl file") from None
     try:
         if path.endswith('.jsonl'):
             prompts = [json.loads(line)['prompt'] for line in text.splitlines() if line.strip()]
@@ -178,17 +232,14 @@ def read_prompts(path):
 
 
 def check_config(cfg, policy):
-    if cfg.group_size < 2:
-        raise UserError(f"group_size must be at least 2 (advantages are relative to the group), got {cfg.group_size}")
-    if cfg.logprob_mode not in ('cond', 'guided'):
-        raise UserError(f"logprob_mode must be 'cond' or 'guided', not {cfg.logprob_mode!r}")
-    n = policy.config.num_classes
-    if policy.config.model_type == 'c2i' and any(not 0 <= c < n for c in cfg.classes):
-        raise UserError(f"class ids must be in 0..{n - 1}, got {cfg.classes}")
-    batch = cfg.conds_per_rank * cfg.group_size
-    mb = cfg.minibatch_size or batch
-    if batch % mb or mb % (cfg.micro_batch_size or mb):
-        raise UserError(f"minibatch_size {mb} must divide the batch {batch} and micro_batch_size must divide it")
+    """The checks that need the loaded generator (a .pt file does not say what it holds)."""
+    c = policy.config
+    if c.model_type == 'c2i' and cfg.prompts:
+        raise UserError(f"--prompts was given but {cfg.ckpt} is a class-to-image model; drop --prompts")
+    if c.model_type == 't2i' and not cfg.prompts:
+        raise UserError(f"{cfg.ckpt} is a text-to-image model; pass --prompts FILE")
+    if c.model_type == 'c2i' and any(not 0 <= k < c.num_classes for k in cfg.classes):
+        raise UserError(f"--classes must be in 0..{c.num_classes - 1} for {cfg.ckpt or 'this model'}, got {cfg.classes}")
 
 # -----------------------------------------------------------------------------
 # one GRPO step
@@ -419,7 +470,7 @@ def write_grid(path, images, total, group_size, groups=2):
         x, y = (i % group_size) * cw, (i // group_size) * ch
         grid.paste(Image.fromarray(im).resize((cw, H * scale), Image.NEAREST), (x, y))
         draw.text((x + 2, y + H * scale + 1), f"{total[i].item():.3f}", fill='black')
-    grid.save(path)
+    atomic_write({path: lambda tmp: grid.save(tmp, format='PNG')})
 
 
 def plot_curve(path, steps, rewards, size=(640, 360), pad=40):
@@ -439,7 +490,7 @@ def plot_curve(path, steps, rewards, size=(640, 360), pad=40):
     d.text((pad, 10), f"mean reward per step (blue: 10-step average)   {lo:.3f} .. {hi:.3f}", fill='black')
     d.text((pad, size[1] - pad + 8), f"step {steps[0]}", fill='black')
     d.text((size[0] - pad - 60, size[1] - pad + 8), f"step {steps[-1]}", fill='black')
-    img.save(path)
+    atomic_write({path: lambda tmp: img.save(tmp, format='PNG')})
 
 
 def read_metrics(path, upto=None):
@@ -477,7 +528,6 @@ def evaluate(cfg, policy, vq, reward_fn, prompts, t5, device):
 
 def train(cfg):
     rank, world, device = setup_distributed(cfg)
-    os.makedirs(cfg.out_dir, exist_ok=True)
     policy, ref, vq = build_models(cfg, device)
     check_config(cfg, policy)
     reward_fn = build_reward(cfg.rewards, device=device, clip_model=cfg.clip_model,
@@ -489,6 +539,8 @@ def train(cfg):
         return evaluate(cfg, policy, vq, reward_fn, prompts, t5, device)
     opt = torch.optim.AdamW(policy.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay, betas=(0.9, 0.999))
     step, bad = load_checkpoint(cfg, policy, opt) if cfg.resume else (0, 0)
+    if step >= cfg.max_steps:
+        raise UserError(f"--resume: {cfg.out_dir} is already at step {step}; raise --max_steps above {step} to go on")
     ddp_model = policy
     if world > 1:
         ddp_model = torch.nn.parallel.DistributedDataParallel(
@@ -496,8 +548,8 @@ def train(cfg):
     log_path = os.path.join(cfg.out_dir, 'metrics.jsonl')
     rows = read_metrics(log_path, upto=step)
     if rank == 0:  # drop lines past the checkpoint: the resumed run writes them again
-        with open(log_path, 'w') as f:
-            f.writelines(json.dumps(r) + '\n' for r in rows)
+        text = ''.join(json.dumps(r) + '\n' for r in rows)
+        atomic_write({log_path: lambda tmp: Path(tmp).write_text(text)})
     ctx = (policy, ref, vq, ddp_model, opt, reward_fn, prompts, t5, rank, world, device)
     from tqdm import tqdm
     bar = tqdm(range(step, cfg.max_steps), initial=step, total=cfg.max_steps, disable=rank != 0, dynamic_ncols=True)
@@ -540,13 +592,7 @@ def main(argv=None):
 
 
 if __name__ == '__main__':
-    try:
-        main()
-    except (UserError, ValueError, CheckpointError, WeightsUnavailable) as e:
-        print(f"error: {e}", file=sys.stderr, flush=True)
-        code = 2
-    else:
-        code = 0
+    code = run(main, errors=(ValueError, CheckpointError, WeightsUnavailable))
     sys.stdout.flush()
     sys.stderr.flush()
     # the gloo backend sometimes aborts in its destructors at interpreter exit; skip them
