@@ -183,7 +183,7 @@ class ClipIQA(ClipScorer):
 
 
 class HPSv2(ClipScore):
-    """Realism / human preference (HPSv2.1): CLIPScore on HPS's ViT-H-14 with its long-side resize + pad."""
+    """Human preference (HPSv2.1): CLIPScore on HPS's ViT-H-14 with its long-side resize + pad."""
 
     def __init__(self, model, tokenizer):
         super().__init__(model, tokenizer, templates=False, resize_mode="longest")
@@ -539,3 +539,8 @@ if __name__ == "__main__":
                           dict(width=16, heads=2, layers=1)), open_clip.get_tokenizer("ViT-B-32")
     print("tiny random-weight CLIP, plumbing only:", {c.__name__: tuple(c(*tiny)(blobs, ids).shape)
                                                      for c in (ClipScore, ClipIQA, HPSv2)})
+    cos = torch.tensor([-0.2, 0.0, 0.29, 0.3, 0.6])
+    print("binned cosines:", dict(zip([round(c, 2) for c in cos.tolist()], binned(cos).tolist())))
+    judge = tiny_judge()  # random weights: the answers mean nothing, the plumbing is real
+    print("tiny random judge (realism, no_artifacts in [0, 1], vlm_quality in [0, 5]):",
+          {n: [round(v, 3) for v in JudgeScore(judge, n)(blobs[:4], ids[:4]).tolist()] for n in JUDGE_QUESTIONS})

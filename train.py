@@ -6,7 +6,7 @@ score with the reward models -> group-relative advantages -> num_iterations pass
 clipped loss + beta * KL to the frozen starting model -> AdamW step with gradient clipping.
 
     python train.py --preset demo                         # CPU, offline, ~1 min: the reward rises
-    torchrun --nproc_per_node=8 train.py --preset c2i_xl  # the paper's class-to-image run
+    torchrun --nproc_per_node=4 train.py --preset c2i_xl  # the paper's class-to-image run (32 images a step)
     torchrun --nproc_per_node=8 train.py --preset t2i_xl --prompts prompts.txt
     python train.py --preset demo --resume                # continue out_dir exactly where it stopped
     python train.py --preset demo --eval --ckpt out/demo/model.safetensors   # rewards on fixed seeds
