@@ -204,9 +204,11 @@ def read_prompts(path):
     return prompts
 
 
-def check_config(cfg, policy):
+def check_config(cfg, policy, world=1):
     if cfg.group_size < 2:
         raise UserError(f"group_size must be at least 2 (advantages are relative to the group), got {cfg.group_size}")
+    if cfg.images_per_step:  # a global batch (validate() checked the split): each rank draws its share of groups
+        cfg.conds_per_rank = cfg.images_per_step // (world * cfg.group_size)
     if cfg.logprob_mode not in ('cond', 'guided'):
         raise UserError(f"logprob_mode must be 'cond' or 'guided', not {cfg.logprob_mode!r}")
     n = policy.config.num_classes
@@ -510,10 +512,8 @@ def evaluate(cfg, policy, vq, reward_fn, prompts, t5, device):
 def train(cfg):
     rank, world, device = setup_distributed(cfg)
     os.makedirs(cfg.out_dir, exist_ok=True)
-    if cfg.images_per_step:  # a global batch: each rank draws its share of the groups
-        cfg.conds_per_rank = cfg.images_per_step // (world * cfg.group_size)
     policy, ref, vq = build_models(cfg, device)
-    check_config(cfg, policy)
+    check_config(cfg, policy, world)
     reward_fn = build_reward(cfg.rewards, device=device, clip_model=cfg.clip_model,
                              clip_pretrained=cfg.clip_pretrained, hps_ckpt=cfg.hps_ckpt, judge=cfg.judge,
                              judge_url=cfg.judge_url, judge_model=cfg.judge_model)
