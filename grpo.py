@@ -38,7 +38,7 @@ def group_advantages(rewards, group_size, scale_std=True, eps=1e-4):
                          f"({rewards.numel()}), got group_size={group_size}")
     r = rewards.float().reshape(-1, group_size)  # (num_groups, G)
     finite = torch.isfinite(r)
-    if not finite.all():  # the rare case; all-finite input keeps the textbook ops below, bit for bit
+    if not finite.all():  # rare (one host sync); all-finite input keeps the textbook ops below, bit for bit
         return _masked_advantages(r, finite, scale_std, eps).view(-1)
     adv = r - r.mean(dim=1, keepdim=True)
     if scale_std:

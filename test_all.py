@@ -1466,6 +1466,22 @@ def test_judge_nonfinite_reward_left_out_of_its_group():
     torch.testing.assert_close(group_advantages(r, 4, scale_std=False)[:4], torch.tensor([1 - m, 2 - m, 0, 4 - m]))
 
 
+def test_judge_one_nonfinite_reward_does_not_skip_the_step(tmp_path, monkeypatch):
+    real = train.build_reward
+
+    def one_nan(*args, **kwargs):  # image 3 of every step fails to score
+        inner = real(*args, **kwargs)
+
+        def reward(images, conds):
+            total, raw = inner(images, conds)
+            return total.index_fill(0, torch.tensor([3]), math.nan), raw
+        return reward
+    monkeypatch.setattr(train, 'build_reward', one_nan)
+    rows = run_train(tmp_path, '--max_steps', '2')
+    assert [(r['skipped'], r['nonfinite']) for r in rows] == [(0, 1), (0, 1)]
+    assert all(np.isfinite(r['reward']) and np.isfinite(r['grad_norm']) for r in rows)
+
+
 def test_judge_prompt_file_formats(tmp_path):
     files = {'t2i.json': json.dumps([{'conversations': [{'from': 'human', 'value': 'a red fox'},
                                                         {'from': 'gpt', 'value': 'ignored'}]},
