@@ -306,10 +306,10 @@ class ServedJudge:
     outside the server's top 20 counts as probability 0 (in-process it gets its exact, tiny probability)."""
 
     def __init__(self, url, model, workers=16, timeout=120.0):
-        self.url, self.model, self.workers, self.timeout = url.rstrip("/"), model, workers, timeout
+        self.url, self.name, self.workers, self.timeout = url.rstrip("/"), model, workers, timeout
 
     def ask(self, image_url, question, answers):  # -> K probabilities, renormalised over the answers
-        body = dict(model=self.model, max_tokens=1, temperature=0.0, logprobs=True, top_logprobs=20,
+        body = dict(model=self.name, max_tokens=1, temperature=0.0, logprobs=True, top_logprobs=20,
                     messages=[{"role": "user", "content": [{"type": "image_url", "image_url": {"url": image_url}},
                                                            {"type": "text", "text": question}]}])
         req = urllib.request.Request(self.url + "/chat/completions", json.dumps(body).encode(),

@@ -102,8 +102,8 @@ class TrainConfig:
         world = int(os.environ.get('WORLD_SIZE', '1'))
         if self.images_per_step < 0 or self.images_per_step % (world * max(self.group_size, 1)):
             raise UserError(f"--images_per_step {self.images_per_step} does not split into groups of {self.group_size} "
-                            f"over {world} rank(s); pass a multiple of {world * self.group_size}, or 0 to use "
-                            f"--conds_per_rank")
+                            f"over {world} rank(s); pass a multiple of {world * self.group_size}, run on fewer "
+                            f"ranks, or pass 0 to use --conds_per_rank")
         if self.judge_url and not self.judge_url.startswith(('http://', 'https://')):
             raise UserError(f"--judge_url {self.judge_url!r} is not an http(s) URL; pass e.g. http://HOST:8000/v1")
         if not self.judge:
