@@ -38,13 +38,15 @@ class BenchConfig:
     reward_batch: int = 32  # images per reward batch
     clip_model: str = ''  # open_clip architecture for the reward benchmark; '' = ViT-L-14 on cuda, ViT-B-32 on cpu
     compile: bool = False  # GRPO-step section: torch.compile the rollout's decode step (train.py --compile)
-    only: List[str] = field(default_factory=list)  # run only these sections: kv cfg compile reward step
+    judge_batch: int = 16  # images per judge batch
+    judge_tokens: int = 20  # the paper-style baseline generates this many answer tokens per image
+    only: List[str] = field(default_factory=list)  # run only these sections: kv cfg compile reward judge step
     out: str = ''  # also append the JSON lines to this file
 
     def validate(self):
         """Checked before anything is built or timed (cli.parse_config calls it)."""
         check_device(self.device)
-        check_range(self, 'batch reps reward_batch', lo=1)
+        check_range(self, 'batch reps reward_batch judge_batch judge_tokens', lo=1)
         check_range(self, 'image_size top_k cfg_scale', lo=0)
         if self.image_size % 16:
             raise UserError(f"--image_size must be a multiple of 16 (the VQ-16 grid), got {self.image_size}")
@@ -57,7 +59,7 @@ class BenchConfig:
             check_writable_file(self.out, '--out')
 
 
-SECTIONS = ('kv', 'cfg', 'compile', 'reward', 'step')  # what --only can pick
+SECTIONS = ('kv', 'cfg', 'compile', 'reward', 'judge', 'step')  # what --only can pick
 
 RESULTS = []
 
@@ -198,6 +200,31 @@ def bench_rewards(cfg, device):
     report('reward_batched_vs_pil_loop', B / batched, 'images_per_s', baseline=B / looped, model=arch, batch=B)
 
 
+def bench_judge(cfg, device):
+    """The judge as rewards.py asks it (one batched forward, answers read from the next-token logits) vs
+    as the paper's code does (one image at a time, generating a short answer at temperature 0.6), on the
+    same random tiny Qwen2.5-VL (rewards.tiny_judge) and the same images."""
+    from rewards import JudgeScore, JUDGE_QUESTIONS, tiny_judge
+    judge = tiny_judge()
+    judge.model.to(device)
+    B, T = (4, 4) if cfg.quick else (cfg.judge_batch, cfg.judge_tokens)
+    images = torch.rand(B, 3, 64, 64, device=device) * 2 - 1  # -> 32 px (max_pixels): 64 patches, 16 tokens
+    conds = torch.randint(0, 1000, (B,)).tolist()
+    scorer = JudgeScore(judge, 'vlm_quality')
+
+    @torch.no_grad()
+    def generate_one_by_one():
+        chat = judge.chat(JUDGE_QUESTIONS['realism'][0])
+        for im in (images + 1) * 127.5:
+            inputs = judge.processor(text=[chat], images=[im], return_tensors='pt').to(device)
+            judge.model.generate(**inputs, max_new_tokens=T, min_new_tokens=T, do_sample=True, temperature=0.6,
+                                 top_k=0, pad_token_id=0)
+    batched = timed(lambda: scorer(images, conds), cfg.reps, device)
+    looped = timed(generate_one_by_one, cfg.reps, device)
+    report('judge_batched_vs_generate_loop', B / batched, 'images_per_s', baseline=B / looped,
+           model='tiny random Qwen2.5-VL', batch=B, generated_tokens=T)
+
+
 def bench_grpo_step(cfg, device, dtype):
     """One GRPO step of train.py, split into its parts (fractions of the step)."""
     import train
@@ -247,6 +274,8 @@ def main(argv=None):
         bench_sampling(cfg, device, dtype, sections)
     if 'reward' in sections:
         bench_rewards(cfg, device)
+    if 'judge' in sections:
+        bench_judge(cfg, device)
     if 'step' in sections:
         bench_grpo_step(cfg, device, dtype)
     if 'compile' in sections:

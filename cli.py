@@ -176,7 +176,26 @@ def run(main, argv=None, errors=(ValueError,)):
         if int(os.environ.get('RANK', '0')) == 0:
             msg = ' '.join(str(e).split()) or type(e).__name__
             print(f"error: {msg}", file=sys.stderr, flush=True)
+        _meet_before_exit()
         return 2
+
+
+def _meet_before_exit(timeout_s=10):
+    """Under torchrun, a config error is found by every rank before any process group exists. If one rank
+    exited first, torchrun would kill the others (rank 0 possibly before it printed); so the ranks meet
+    in a gloo barrier first (at most timeout_s) and then all exit 2 together."""
+    if int(os.environ.get('WORLD_SIZE', '1')) == 1 or 'MASTER_ADDR' not in os.environ:
+        return
+    import datetime
+    import torch.distributed as dist
+    if dist.is_initialized():  # the error came later, maybe on this rank only: a barrier could hang
+        return
+    try:
+        dist.init_process_group('gloo', timeout=datetime.timedelta(seconds=timeout_s))
+        dist.barrier()
+        dist.destroy_process_group()
+    except Exception:  # another rank is gone or never came: exit anyway
+        pass
 
 
 if __name__ == '__main__':

@@ -20,6 +20,8 @@ it lacks, both off by default: num_iterations > 1 updates per rollout (the train
 then rho and the clip really act) and logprob_mode='guided' (log-probs under the CFG mixture
 that drew the tokens: on-policy). Log-probs use the full softmax, ignoring top-k, as TRL does.
 """
+import math
+
 import torch
 
 
@@ -28,17 +30,35 @@ def group_advantages(rewards, group_size, scale_std=True, eps=1e-4):
 
     rewards (N,) group-major: rows g*G .. g*G+G-1 share one condition. std_g is the sample
     (Bessel-corrected) std, torch.std, as in TRL. A flat group gets exactly zero advantages.
+    A non-finite reward (a scorer that failed on one image) gets zero advantage and is left
+    out of its group's mean and std; a group with fewer than two finite rewards gets zeros.
     """
     if group_size < 2 or rewards.numel() % group_size != 0:
         raise ValueError(f"need group_size >= 2 dividing the number of rewards "
                          f"({rewards.numel()}), got group_size={group_size}")
     r = rewards.float().reshape(-1, group_size)  # (num_groups, G)
+    finite = torch.isfinite(r)
+    if not finite.all():  # rare (one host sync); all-finite input keeps the textbook ops below, bit for bit
+        return _masked_advantages(r, finite, scale_std, eps).view(-1)
     adv = r - r.mean(dim=1, keepdim=True)
     if scale_std:
         adv = adv / (r.std(dim=1, keepdim=True) + eps)
     # flat group: its float mean can be off by an ulp (8 x 0.1) and eps=0 gives 0/0, so zero it
     flat = r.amax(dim=1, keepdim=True) == r.amin(dim=1, keepdim=True)  # (num_groups, 1)
     return adv.masked_fill(flat, 0.0).view(-1)  # (N,)
+
+
+def _masked_advantages(r, finite, scale_std, eps):
+    """group_advantages over the finite entries of r (num_groups, G) only; zeros elsewhere."""
+    n = finite.sum(dim=1, keepdim=True)  # (num_groups, 1) finite rewards per group
+    x = torch.where(finite, r, 0.0)
+    dev = torch.where(finite, x - x.sum(dim=1, keepdim=True) / n.clamp(min=1), 0.0)  # r_i - mean_g
+    adv = dev
+    if scale_std:  # sample std over the n finite rewards
+        adv = dev / ((dev ** 2).sum(dim=1, keepdim=True) / (n - 1).clamp(min=1)).sqrt().add(eps)
+    hi = torch.where(finite, r, -math.inf).amax(dim=1, keepdim=True)
+    flat = hi == torch.where(finite, r, math.inf).amin(dim=1, keepdim=True)  # flat among the finite ones
+    return adv.masked_fill(flat | (n < 2) | ~finite, 0.0)
 
 
 def token_logprobs(logits, tokens, temperature=1.0):
@@ -136,6 +156,8 @@ if __name__ == "__main__":
     rewards = torch.tensor([0.2, 0.5, 0.9, 0.4, 0.7, 0.7, 0.7, 0.7])
     adv = group_advantages(rewards, 4)  # (8,)
     print("advantages ", [round(a, 4) for a in adv.tolist()])
+    nan = rewards.clone().index_fill_(0, torch.tensor([2]), float("nan"))  # one failed score in group 1
+    print("one NaN    ", [round(a, 4) for a in group_advantages(nan, 4).tolist()])
     print("no std     ", [round(a, 4) for a in group_advantages(rewards, 4, scale_std=False).tolist()])
     # one loss on random logits: mu = 1 (rho == 1, paper) and a stale logp_old (mu > 1)
     B, T, V = 8, 16, 32

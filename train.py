@@ -6,7 +6,7 @@ score with the reward models -> group-relative advantages -> num_iterations pass
 clipped loss + beta * KL to the frozen starting model -> AdamW step with gradient clipping.
 
     python train.py --preset demo                         # CPU, offline, ~1 min: the reward rises
-    torchrun --nproc_per_node=8 train.py --preset c2i_xl  # the paper's class-to-image run
+    torchrun --nproc_per_node=4 train.py --preset c2i_xl  # the paper's class-to-image run (32 images a step)
     torchrun --nproc_per_node=8 train.py --preset t2i_xl --prompts prompts.txt
     python train.py --preset demo --resume                # continue out_dir exactly where it stopped
     python train.py --preset demo --eval --ckpt out/demo/model.safetensors   # rewards on fixed seeds
@@ -51,21 +51,25 @@ class TrainConfig:
     vq_ckpt: str = 'vq_ds16_c2i'  # VQ release name or file; '' = a tiny random VQ (demo)
     # conditions
     classes: List[int] = field(default_factory=list)  # c2i: class ids to draw from; [] = all classes
-    prompts: str = ''  # t2i: prompt file (.txt one per line, .json list, .jsonl with "prompt")
+    prompts: str = ''  # t2i: prompt file: .txt, .json (list, AR-GRPO conversations, COCO captions), .jsonl
     t5: str = 'google/flan-t5-xl'  # t2i: text encoder (name or local directory)
     # rollouts
     group_size: int = 8  # G images per condition; advantages are relative to the group
     conds_per_rank: int = 2  # conditions per rank per step: conds_per_rank * G images per rank
+    images_per_step: int = 0  # global batch over all ranks (sets conds_per_rank); 0 = use conds_per_rank
     cfg_scale: float = 2.0  # classifier-free guidance while sampling (paper: 2.0 c2i, 4.0 t2i)
     cfg_interval: int = -1  # CFG only for the first cfg_interval + 2 tokens; -1 = every token
     temperature: float = 1.0  # sampling temperature
     top_k: int = 0  # 0 = no top-k filtering (paper)
     top_p: float = 1.0  # 1 = no nucleus filtering (paper)
     # rewards
-    rewards: str = 'clip=1,quality=1,hps=1'  # name=weight list, see rewards.py
+    rewards: str = 'clip=1,quality=1,hps=1'  # name=weight list, or 'paper' (the paper's recipe), see rewards.py
     clip_model: str = 'ViT-L-14'  # open_clip architecture for clip and quality
     clip_pretrained: str = 'openai'  # open_clip tag or local file
     hps_ckpt: Optional[str] = None  # local HPS_v2.1_compressed.pt; None = fetch from the Hub
+    judge: str = 'Qwen/Qwen2.5-VL-3B-Instruct'  # realism/no_artifacts/vlm_quality judge: Hub name or directory
+    judge_url: str = ''  # ask a served judge instead: OpenAI-compatible http://HOST:PORT/v1; '' = in-process
+    judge_model: str = ''  # the model name the judge server knows; '' = --judge
     # GRPO
     beta: float = 0.1  # KL weight (paper: 0.1 c2i, 1.0 t2i); 0 = no reference model at all
     eps_low: float = 0.2  # clip range below 1
@@ -120,6 +124,15 @@ class TrainConfig:
             raise UserError(f"--minibatch_size {mb} must divide the batch of conds_per_rank x group_size = {batch} "
                             f"images, and --micro_batch_size must divide the minibatch")
         parse_spec(self.rewards)  # unknown reward names fail now, not after the models load
+        world = int(os.environ.get('WORLD_SIZE', '1'))
+        if self.images_per_step < 0 or self.images_per_step % (world * max(self.group_size, 1)):
+            raise UserError(f"--images_per_step {self.images_per_step} does not split into groups of {self.group_size} "
+                            f"over {world} rank(s); pass a multiple of {world * self.group_size}, run on fewer "
+                            f"ranks, or pass 0 to use --conds_per_rank")
+        if self.judge_url and not self.judge_url.startswith(('http://', 'https://')):
+            raise UserError(f"--judge_url {self.judge_url!r} is not an http(s) URL; pass e.g. http://HOST:8000/v1")
+        if not self.judge:
+            raise UserError("--judge is empty; pass a Hub name or a save_pretrained directory of the judge")
         self.validate_model_and_conditions()
         check_writable_dir(self.out_dir, '--out_dir')
 
@@ -153,12 +166,13 @@ TRAIN_PRESETS = {
                  beta=0.01, max_steps=400, save_every=100, grid_every=100, out_dir='out/demo'),
     # the paper's settings (AR-GRPO scripts): LlamaGen c2i XL at 384 px and t2i XL at 256 px
     # (compile: CUDA graphs make the rollout ~12-20x faster on an H100 once compiled, in ~30-60 s)
+    # (a global batch of images_per_step = 4 groups of 8 for c2i, 8 for t2i, split over the ranks)
     'c2i_xl': dict(ckpt='c2i_XL_384', image_size=384, vq_ckpt='vq_ds16_c2i', cfg_scale=2.0, beta=0.1,
-                   max_steps=400, compile=True, out_dir='out/c2i_xl'),
+                   max_steps=400, images_per_step=32, rewards='paper', compile=True, out_dir='out/c2i_xl'),
     'c2i_b': dict(ckpt='c2i_B_256', image_size=256, vq_ckpt='vq_ds16_c2i', cfg_scale=2.0, beta=0.1,
-                  max_steps=400, compile=True, out_dir='out/c2i_b'),
+                  max_steps=400, images_per_step=32, rewards='paper', compile=True, out_dir='out/c2i_b'),
     't2i_xl': dict(ckpt='t2i_XL_stage1_256', image_size=256, vq_ckpt='vq_ds16_t2i', cfg_scale=4.0, beta=1.0,
-                   max_steps=600, compile=True, out_dir='out/t2i_xl'),
+                   max_steps=600, images_per_step=64, rewards='paper', compile=True, out_dir='out/t2i_xl'),
 }
 TINY_VQ = dict(codebook_size=64, encoder_ch_mult=[1, 1], decoder_ch_mult=[1, 1], z_channels=32, ch=128)
 RESUME_FREE = {'max_steps', 'resume', 'save_every', 'grid_every', 'eval', 'device', 'compile'}
@@ -208,6 +222,9 @@ def build_models(cfg, device):
 
 
 def read_prompts(path):
+    """Prompts from .txt (one per line), .jsonl (GenEval metadata: "prompt" per line) or .json: a list of
+    strings, AR-GRPO's t2i file (a list of {"conversations": [{"value": caption}, ...]}, the first value
+    taken) or COCO captions ({"annotations": [{"caption": ...}, ...]})."""
     if not path or not os.path.isfile(path):
         raise UserError(f"prompt file {path!r} does not exist; pass --prompts FILE (.txt, .json or .jsonl)")
     try:
@@ -219,21 +236,27 @@ def read_prompts(path):
         if path.endswith('.jsonl'):
             prompts = [json.loads(line)['prompt'] for line in text.splitlines() if line.strip()]
         elif path.endswith('.json'):
-            prompts = list(json.loads(text))
+            data = json.loads(text)
+            if isinstance(data, dict):  # COCO captions
+                prompts = [a['caption'] for a in data['annotations']]
+            else:  # strings, or AR-GRPO's conversations (the first turn is the caption)
+                prompts = [p['conversations'][0]['value'] if isinstance(p, dict) else p for p in data]
         else:
             prompts = [line.strip() for line in text.splitlines()]
-    except (ValueError, KeyError, TypeError) as e:
-        raise UserError(f"prompt file {path} is not a .json list of strings or .jsonl of {{\"prompt\": ...}} "
-                        f"objects ({type(e).__name__}: {e})") from None
-    prompts = [p for p in prompts if isinstance(p, str) and p.strip()]
+    except (ValueError, KeyError, TypeError, IndexError) as e:
+        raise UserError(f"prompt file {path} is not a .json list of strings, of {{\"conversations\": ...}} or COCO "
+                        f"captions, nor a .jsonl of {{\"prompt\": ...}} objects ({type(e).__name__}: {e})") from None
+    prompts = [p.strip() for p in prompts if isinstance(p, str) and p.strip()]
     if not prompts:
         raise UserError(f"prompt file {path} holds no prompts")
     return prompts
 
 
-def check_config(cfg, policy):
+def check_config(cfg, policy, world=1):
     """The checks that need the loaded generator (a .pt file does not say what it holds)."""
     c = policy.config
+    if cfg.images_per_step:  # a global batch (validate() checked the split): each rank draws its share of groups
+        cfg.conds_per_rank = cfg.images_per_step // (world * cfg.group_size)
     if c.model_type == 'c2i' and cfg.prompts:
         raise UserError(f"--prompts was given but {cfg.ckpt} is a class-to-image model; drop --prompts")
     if c.model_type == 't2i' and not cfg.prompts:
@@ -370,12 +393,17 @@ def grpo_step(cfg, ctx, step):
     total, raw = reward_fn(images, reward_conds)
     total = total.float()
     times['time_reward'] = _now(device) - t1
-    metrics = {'reward': total.mean().item(), **times}
-    for k, v in raw.items():
-        metrics[f'{k}_mean'], metrics[f'{k}_std'] = v.float().mean().item(), v.float().std().item()
-    ok = torch.tensor(float(torch.isfinite(total).all()), device=device)
-    if world > 1:  # every rank must skip together, or DDP's all-reduce would hang
-        dist.all_reduce(ok, op=dist.ReduceOp.MIN)
+    finite = torch.isfinite(total)  # a non-finite reward drops out of its group (grpo.group_advantages)
+    metrics = {'reward': total[finite].mean().item(), 'nonfinite': (~finite).sum().item(), **times}
+    weights = getattr(reward_fn, 'weights', {})
+    for k, v in raw.items():  # raw scores, and each term of the sum as it enters the reward
+        v = v.float()[torch.isfinite(v)]
+        metrics[f'{k}_mean'], metrics[f'{k}_std'] = v.mean().item(), v.std().item()
+        if k in weights:
+            metrics[f'term_{k}'] = weights[k] * metrics[f'{k}_mean']
+    ok = finite.any().float()
+    if world > 1:  # skip only when no rank has a finite reward; all ranks together, or DDP would hang
+        dist.all_reduce(ok, op=dist.ReduceOp.MAX)
     t2 = _now(device)
     stats = None
     if ok.item() > 0:
@@ -529,9 +557,10 @@ def evaluate(cfg, policy, vq, reward_fn, prompts, t5, device):
 def train(cfg):
     rank, world, device = setup_distributed(cfg)
     policy, ref, vq = build_models(cfg, device)
-    check_config(cfg, policy)
+    check_config(cfg, policy, world)
     reward_fn = build_reward(cfg.rewards, device=device, clip_model=cfg.clip_model,
-                             clip_pretrained=cfg.clip_pretrained, hps_ckpt=cfg.hps_ckpt)
+                             clip_pretrained=cfg.clip_pretrained, hps_ckpt=cfg.hps_ckpt, judge=cfg.judge,
+                             judge_url=cfg.judge_url, judge_model=cfg.judge_model)
     prompts = read_prompts(cfg.prompts) if policy.config.model_type == 't2i' else None
     t5 = load_t5(cfg.t5, device=device) if prompts else None
     if cfg.eval:
@@ -582,7 +611,7 @@ def train(cfg):
 
 
 def main(argv=None):
-    cfg = parse_config(TrainConfig, argv, presets=TRAIN_PRESETS)
+    cfg = parse_config(TrainConfig, argv, presets=TRAIN_PRESETS)  # runs cfg.validate()
     try:
         return train(cfg)
     finally:
