@@ -33,7 +33,7 @@ import torch.distributed as dist
 from PIL import Image, ImageDraw
 
 import grpo
-from model import GPT, CheckpointError, config_for, generate, load_gpt, save_gpt
+from model import GPT, CheckpointError, RELEASES, config_for, generate, load_gpt, save_gpt
 from tokenizer import VQConfig, VQModel, load_vq
 from rewards import build_reward, WeightsUnavailable
 from sample import parse_config, load_t5, encode_prompts, to_uint8, UserError
@@ -89,9 +89,20 @@ class TrainConfig:
     resume: bool = False  # continue from out_dir's checkpoint
     max_bad_steps: int = 3  # consecutive non-finite steps before saving and stopping
     # evaluation
-    eval: bool = False  # sample eval_conds with fixed seeds, print each reward's mean and std, exit
-    eval_conds: int = 8  # conditions to evaluate (first classes / prompts)
+    eval: bool = False  # sample eval_conds with fixed seeds, report each reward's mean +- s.e. (metrics.py), exit
+    eval_conds: int = 8  # conditions to evaluate (first classes / prompts); 0 = all of them
     eval_images: int = 4  # images per condition in evaluation
+    eval_ckpt: Optional[str] = None  # --eval: a tuned checkpoint compared with --ckpt on the same seeds (paired)
+
+    def validate(self):  # checks of the evaluation flags (before any model is loaded)
+        if self.eval_conds < 0 or self.eval_images < 1:
+            raise UserError(f"--eval_conds must be >= 0 (0 = all) and --eval_images >= 1, got {self.eval_conds} "
+                            f"and {self.eval_images}")
+        if self.eval_ckpt is not None and not self.eval:
+            raise UserError("--eval_ckpt is compared with --ckpt by --eval only; add --eval or drop --eval_ckpt")
+        if self.eval_ckpt is not None and not (self.eval_ckpt in RELEASES or self.eval_ckpt.startswith('hf://')
+                                                or os.path.isfile(self.eval_ckpt)):
+            raise UserError(f"--eval_ckpt {self.eval_ckpt} is not a release, hf://OWNER/REPO/FILE or an existing file")
 
 
 TRAIN_PRESETS = {
@@ -449,29 +460,6 @@ def read_metrics(path, upto=None):
     return [r for r in rows if upto is None or r['step'] <= upto]
 
 # -----------------------------------------------------------------------------
-# evaluation: the same conditions and seeds for any checkpoint, so runs compare side by side
-
-
-@torch.no_grad()
-def evaluate(cfg, policy, vq, reward_fn, prompts, t5, device):
-    pool = prompts if policy.config.model_type == 't2i' else (cfg.classes or list(range(policy.config.num_classes)))
-    conds = pool[:cfg.eval_conds]
-    raws, totals = {}, []
-    for i, c in enumerate(conds):  # one group per condition, seeded by its index only
-        cond, mask = encode_conditions([c], policy, t5, device)
-        gen = torch.Generator(device).manual_seed(cfg.seed + i)
-        _, images, _, _, _ = rollout(cfg, policy, vq, cond, mask, gen, device)
-        total, raw = reward_fn(images, [c] * len(images))
-        totals.append(total.float().cpu())
-        for k, v in raw.items():
-            raws.setdefault(k, []).append(v.float().cpu())
-    result = {'reward': torch.cat(totals)} | {k: torch.cat(v) for k, v in raws.items()}
-    print(f"eval of {cfg.ckpt or 'random init'}: {len(conds)} conditions x {cfg.eval_images} images, seed {cfg.seed}")
-    for k, v in result.items():
-        print(f"  {k:>14}: {v.mean():.4f} +- {v.std():.4f}")
-    return {k: (v.mean().item(), v.std().item()) for k, v in result.items()}
-
-# -----------------------------------------------------------------------------
 # main
 
 
@@ -484,9 +472,9 @@ def train(cfg):
                              clip_pretrained=cfg.clip_pretrained, hps_ckpt=cfg.hps_ckpt)
     prompts = read_prompts(cfg.prompts) if policy.config.model_type == 't2i' else None
     t5 = load_t5(cfg.t5, device=device) if prompts else None
-    if cfg.eval:
-        cfg.group_size = cfg.eval_images
-        return evaluate(cfg, policy, vq, reward_fn, prompts, t5, device)
+    if cfg.eval:  # rewards on fixed seeds, one or two checkpoints: metrics.py
+        import metrics
+        return metrics.reward_eval(cfg, policy, vq, reward_fn, prompts, t5, device, rank, world)
     opt = torch.optim.AdamW(policy.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay, betas=(0.9, 0.999))
     step, bad = load_checkpoint(cfg, policy, opt) if cfg.resume else (0, 0)
     ddp_model = policy
@@ -531,6 +519,7 @@ def train(cfg):
 
 def main(argv=None):
     cfg = parse_config(TrainConfig, argv, presets=TRAIN_PRESETS)
+    cfg.validate()
     try:
         return train(cfg)
     finally:
