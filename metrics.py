@@ -169,7 +169,7 @@ def image_batches(source, batch=64):
             raise ValueError(f"{source}: arr_0 must be uint8 images (N, H, W, 3), got {dtype} {shape}")
         for i in range(0, shape[0], batch):
             n = min(batch, shape[0] - i)
-            yield np.frombuffer(f.read(n * math.prod(shape[1:])), np.uint8).reshape(n, *shape[1:])
+            yield np.frombuffer(bytearray(f.read(n * math.prod(shape[1:]))), np.uint8).reshape(n, *shape[1:])
 
 # -----------------------------------------------------------------------------
 # FID / sFID / IS / precision / recall of a sample set against a reference

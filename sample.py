@@ -466,16 +466,21 @@ def merge_shards(cfg, labels):
     print(f"wrote {shape} uint8 images and their labels to {cfg.npz}")
 
 
+def prepare_shards(cfg, ids):
+    """Rank 0, before sampling: the shard folder, with the settings a resumed run is checked against."""
+    if not cfg.resume:
+        shutil.rmtree(shard_dir(cfg), ignore_errors=True)
+    os.makedirs(shard_dir(cfg), exist_ok=True)
+    write_outputs({os.path.join(shard_dir(cfg), 'settings.json'):
+                   lambda f: f.write(json.dumps(fid_settings(cfg, ids)).encode())})
+
+
 def sample_fid(cfg, gpt, vq, ids, rank, world, device):
     """--per_class images of every class, sharded over ranks; rank 0 merges them into cfg.npz."""
-    ids = ids if ids is not None else list(range(gpt.config.num_classes))
-    labels = np.repeat(np.asarray(ids, dtype=np.int64), cfg.per_class)  # (N,) class-major
-    if rank == 0:  # record the settings, so a resumed run can check it continues the same one
-        if not cfg.resume:
-            shutil.rmtree(shard_dir(cfg), ignore_errors=True)
-        os.makedirs(shard_dir(cfg), exist_ok=True)
-        write_outputs({os.path.join(shard_dir(cfg), 'settings.json'):
-                       lambda f: f.write(json.dumps(fid_settings(cfg, ids if cfg.classes else None)).encode())})
+    labels = np.repeat(np.asarray(ids if ids is not None else range(gpt.config.num_classes), np.int64),
+                       cfg.per_class)  # (N,) class-major
+    if rank == 0:
+        prepare_shards(cfg, ids)
     if world > 1:
         dist.barrier()
     sample_shards(cfg, gpt, vq, labels, rank, world, device)
