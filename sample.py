@@ -92,7 +92,8 @@ class SampleConfig:
     def validate(self):
         """Every check that needs no model, before anything is loaded; returns the class ids (or None).
         Raises UserError with one sentence naming the flag."""
-        _check(self.device.split(':')[0] in ('cpu', 'cuda', 'mps'), f"--device must be cpu, cuda[:N] or mps, got {self.device}")
+        _check(self.device.split(':')[0] in ('cpu', 'cuda', 'mps'),
+               f"--device must be cpu, cuda[:N] or mps, got {self.device}")
         _check(not self.device.startswith('cuda') or torch.cuda.is_available(),
                f"--device {self.device} was asked for but torch sees no GPU here; use --device cpu")
         for flag, ok, want in [('n', self.n >= 1, 'at least 1'), ('batch', self.batch >= 1, 'at least 1'),
@@ -112,9 +113,9 @@ class SampleConfig:
         world = int(os.environ.get('WORLD_SIZE', '1'))
         if self.per_class is not None:
             _check(not self.prompts, "--per_class samples every class for FID (class-to-image); "
-                                                   "drop --prompt or --per_class")
+                                     "drop --prompt or --per_class")
             _check(not self.out, "--out writes a grid of every image, which --per_class does not do; "
-                                           "drop --out (the images go to --npz)")
+                                 "drop --out (the images go to --npz)")
             _check(bool(self.npz), "--per_class needs an --npz file to write the images to")
         _check(world == 1 or self.per_class is not None,
                "under torchrun only --per_class sampling is sharded over ranks; run the grid with plain python")
@@ -140,9 +141,10 @@ class SampleConfig:
         n = gpt.get('num_classes', 1000)
         if ids is not None and any(not 0 <= i < n for i in ids):
             raise UserError(f"class ids must be in 0..{n - 1} for {self.ckpt}, got {ids}")
-        vq = _header(self.vq_ckpt, 'vq_config') or VQ_PRESETS[VQ_RELEASES.get(self.vq_ckpt, {}).get('preset', 'VQ-16')]
-        ds = 2 ** (len(vq['encoder_ch_mult']) - 1)  # VQ downsampling: VQ-16 -> 16
-        if self.image_size and 'block_size' in gpt and (self.image_size // ds) ** 2 != gpt['block_size']:
+        ds = vq_downsample(self.vq_ckpt)
+        if not (self.image_size and ds and 'block_size' in gpt):  # otherwise checked once loaded
+            return
+        if (self.image_size // ds) ** 2 != gpt['block_size']:
             raise UserError(f"--image_size {self.image_size} contradicts {self.ckpt}, which holds a "
                             f"{math.isqrt(gpt['block_size']) * ds}-px model; drop --image_size")
 
@@ -162,6 +164,12 @@ def _header(path, key):
             return json.loads((f.metadata() or {})[key])
     except Exception:  # unreadable or no config: the loader reports it properly
         return None
+
+
+def vq_downsample(spec):
+    """The VQ's downsampling factor (16 for VQ-16) from the release table or the file's header, or None."""
+    vq = _header(spec, 'vq_config') or (VQ_PRESETS[VQ_RELEASES[spec]['preset']] if spec in VQ_RELEASES else None)
+    return 2 ** (len(vq['encoder_ch_mult']) - 1) if vq else None
 
 
 def check_writable(path, flag):
@@ -301,7 +309,7 @@ def load_models(cfg, ids, device):
     """(GPT, VQ) with the checks that need the loaded models (files without a config)."""
     kind = 't2i' if cfg.prompts else 'c2i'
     gpt = load_gpt(cfg.ckpt, preset=cfg.model, image_size=cfg.image_size, device=device,
-                   dtype=getattr(torch, cfg.dtype), model_type=kind)
+                   dtype=getattr(torch, cfg.dtype), downsample=vq_downsample(cfg.vq_ckpt) or 16, model_type=kind)
     if gpt.config.model_type != kind:
         raise UserError(f"{cfg.ckpt} is a {gpt.config.model_type} model; pass "
                         f"{'--prompt' if gpt.config.model_type == 't2i' else '--class'} instead")
