@@ -27,6 +27,7 @@ import json
 import math
 import os
 import sys
+from contextlib import nullcontext
 from dataclasses import dataclass
 from typing import Optional
 
@@ -277,8 +278,8 @@ def sample_condition(cfg, gpt, vq, cond, mask, seed, device):
     cond = cond.repeat_interleave(n, 0)
     mask = None if mask is None else mask.repeat_interleave(n, 0)
     gen = torch.Generator(device).manual_seed(seed)
-    amp = torch.autocast('cuda', dtype=getattr(torch, cfg.dtype)) if device.type == 'cuda' else torch.autocast('cpu', enabled=False)
-    with amp:
+    amp = torch.autocast('cuda', dtype=getattr(torch, cfg.dtype)) if device.type == 'cuda' else nullcontext()
+    with amp:  # as train.py's rollout, so the base model's numbers are those of a training-time evaluation
         tokens, _ = generate(gpt, cond, mask, cfg.cfg_scale, cfg.cfg_interval, cfg.temperature, cfg.top_k, cfg.top_p,
                              generator=gen, compile=cfg.compile)
         return vq.decode(tokens).float()
@@ -318,7 +319,7 @@ def score_conditions(cfg, models, vq, reward_fn, conds, t5, device, rank, world,
         for name, gpt in models.items():
             images = sample_condition(cfg, gpt, vq, cond, mask, cfg.seed + i, device)
             total, raw = reward_fn(images, [c] * len(images))
-            scores[name] = {'reward': total.float().cpu().numpy(), **{k: v.float().cpu().numpy() for k, v in raw.items()}}
+            scores[name] = {k: v.float().cpu().numpy() for k, v in {'reward': total, **raw}.items()}  # (n,) each
             if i < keep_images:
                 pics[name] = to_uint8(images).permute(0, 2, 3, 1).cpu().numpy()
         out.append((i, scores, pics))

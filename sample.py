@@ -454,21 +454,28 @@ def merge_shards(cfg, labels):
                         f"command again to sample them")
     shape = (len(labels), *np.load(paths[0])['images'].shape[1:])  # (N, H, W, 3)
     seen = 0
-    with zipfile.ZipFile(cfg.npz + '.tmp', 'w', allowZip64=True) as z:  # stored, not compressed, as np.savez
-        with z.open('arr_0.npy', 'w', force_zip64=True) as f:
-            np.lib.format.write_array_header_1_0(f, dict(descr='|u1', fortran_order=False, shape=shape))
-            for p in paths:  # one shard in memory at a time
-                shard = np.load(p)
-                n = len(shard['index'])
-                if not (np.array_equal(shard['index'], np.arange(seen, seen + n)) and
-                        np.array_equal(shard['labels'], labels[seen:seen + n]) and shard['images'].shape[1:] == shape[1:]):
-                    raise UserError(f"shard {p} does not hold images {seen}.. of this run; delete {shard_dir(cfg)}")
-                f.write(np.ascontiguousarray(shard['images']).tobytes())
-                seen += n
-        with z.open('arr_1.npy', 'w') as f:
-            np.lib.format.write_array(f, np.asarray(labels, dtype=np.int64))
-    if seen != len(labels):
-        raise UserError(f"the shards hold {seen} images, not {len(labels)}; delete {shard_dir(cfg)} and sample again")
+    try:
+        with zipfile.ZipFile(cfg.npz + '.tmp', 'w', allowZip64=True) as z:  # stored, not compressed, as np.savez
+            with z.open('arr_0.npy', 'w', force_zip64=True) as f:
+                np.lib.format.write_array_header_1_0(f, dict(descr='|u1', fortran_order=False, shape=shape))
+                for p in paths:  # one shard in memory at a time
+                    shard = np.load(p)
+                    n = len(shard['index'])
+                    if not (np.array_equal(shard['index'], np.arange(seen, seen + n)) and seen + n <= len(labels)
+                            and np.array_equal(shard['labels'], labels[seen:seen + n])
+                            and shard['images'].shape[1:] == shape[1:]):
+                        raise UserError(f"shard {p} does not hold images {seen}.. of this run; delete "
+                                        f"{shard_dir(cfg)} and sample again")
+                    f.write(np.ascontiguousarray(shard['images']).tobytes())
+                    seen += n
+            with z.open('arr_1.npy', 'w') as f:
+                np.lib.format.write_array(f, np.asarray(labels, dtype=np.int64))
+        if seen != len(labels):
+            raise UserError(f"the shards hold {seen} images, not {len(labels)}; delete {shard_dir(cfg)} and "
+                            f"sample again")
+    except BaseException:
+        os.remove(cfg.npz + '.tmp')  # all or nothing
+        raise
     os.replace(cfg.npz + '.tmp', cfg.npz)
     shutil.rmtree(shard_dir(cfg))
     print(f"wrote {shape} uint8 images and their labels to {cfg.npz}")
