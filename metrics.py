@@ -125,13 +125,19 @@ def load_inception(path=None, device='cpu'):
         path = os.path.join(torch.hub.get_dir(), 'checkpoints', os.path.basename(INCEPTION_URL))
         if not os.path.isfile(path):
             try:
-                torch.hub.download_url_to_file(INCEPTION_URL, path, progress=False)
+                os.makedirs(os.path.dirname(path), exist_ok=True)
+                torch.hub.download_url_to_file(INCEPTION_URL, path, progress=False)  # temp file, then rename
             except Exception as e:
                 raise WeightsMissing(f"the Inception weights {os.path.basename(INCEPTION_URL)} are not in {path} and "
                                      f"could not be downloaded ({type(e).__name__}); fetch {INCEPTION_URL} where "
                                      f"there is network into that folder, or pass --inception FILE") from None
     elif not os.path.isfile(path):
         raise WeightsMissing(f"--inception {path} does not exist; pass the torch-fidelity Inception .pth file")
+    try:  # torch-fidelity unpickles the file in full: make sure first that it holds tensors only
+        torch.load(path, map_location='cpu', weights_only=True)
+    except Exception as e:
+        raise WeightsMissing(f"{path} is not a plain state_dict of tensors ({type(e).__name__}); use "
+                             f"{os.path.basename(INCEPTION_URL)} from torch-fidelity") from None
     return TFInception(path).to(device).eval()
 
 
@@ -385,16 +391,22 @@ def reward_eval(cfg, policy, vq, reward_fn, prompts, t5, device, rank=0, world=1
 # smoke demo: the metric math on random features (no network, no weights)
 
 
-if __name__ == '__main__' and len(sys.argv) == 1:
+def _demo():
+    """The metric math on random features: no network, no weights."""
     g = np.random.default_rng(0)
     a, b = g.normal(size=(2000, 16)), g.normal(0.3, 1.0, size=(2000, 16))
-    print(f"FID(a, a) = {frechet_distance(*mean_cov(a), *mean_cov(a)):.2e}; FID(a, b shifted by 0.3) = "
+    print(f"FID(a, a) = {abs(frechet_distance(*mean_cov(a), *mean_cov(a))):.1e}; FID(a, b shifted by 0.3) = "
           f"{frechet_distance(*mean_cov(a), *mean_cov(b)):.3f} (about 16 * 0.09 = 1.44)")
     print(f"IS of uniform logits = {inception_score(np.zeros((100, 10))):.3f} (1); of one-hot logits over 10 "
           f"classes = {inception_score(np.repeat(np.eye(10) * 50, 10, 0)):.3f} (10)")
     print("precision, recall of a against itself = (%.2f, %.2f); against b = (%.2f, %.2f)"
           % (*precision_recall(a, a), *precision_recall(a, b)))
-elif __name__ == '__main__':
+
+
+if __name__ == '__main__':
+    if len(sys.argv) == 1:
+        _demo()
+        sys.exit(0)
     from model import CheckpointError
     try:
         main()

@@ -1479,6 +1479,18 @@ def test_evalx_metrics_end_to_end_tiny_extractor(tmp_path):
     assert abs(same['fid']) < 1e-6 and same['precision'] == same['recall'] == 1.0
 
 
+def test_evalx_tf_inception_adapter_shapes(monkeypatch):
+    # torch-fidelity's network with random weights (the real ones cannot be downloaded here): the adapter's
+    # three outputs have the ADM evaluator's sizes, 2048 / 1008 / 17 * 17 * 7 = 2023
+    import torch_fidelity.feature_extractor_inceptionv3 as tfi
+    monkeypatch.setattr(tfi, 'load_state_dict_from_url', lambda *a, **k: {})
+    monkeypatch.setattr(tfi.FeatureExtractorInceptionV3, 'load_state_dict', lambda self, sd: None)
+    net = metrics.TFInception(None).eval()
+    out = net(torch.randint(0, 256, (2, 3, 40, 40), dtype=torch.uint8))
+    assert {k: tuple(v.shape) for k, v in out.items()} == dict(pool=(2, 2048), logits=(2, 1008), spatial=(2, 2023))
+    assert (out['spatial'] >= 0).all() and out['spatial'].dtype == torch.float32  # a ReLU output
+
+
 def test_evalx_inception_offline_and_cli_errors(tmp_path, monkeypatch):
     monkeypatch.setenv('TORCH_HOME', str(tmp_path / 'th'))
 
