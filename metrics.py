@@ -5,7 +5,7 @@ metrics.py -- how good are the images: FID, sFID, Inception Score, precision/rec
     python metrics.py samples.npz VIRTUAL_imagenet256_labeled.npz     # IS, FID, sFID, precision, recall
     python metrics.py samples.npz ref_images/ --out metrics.json       # a folder of reference images
     python metrics.py                                                   # smoke demo: random features, no network
-    python train.py --eval --ckpt BASE --eval_ckpt TUNED --prompts prompts/quick.txt  # reward benchmark
+    python train.py --preset t2i_xl --eval --eval_ckpt TUNED --prompts eval_prompts.jsonl   # reward benchmark
 
 Image metrics follow the OpenAI/ADM evaluator (guided-diffusion evaluations/evaluator.py), which the paper and
 LlamaGen report: InceptionV3 pool features (2048) for FID and precision/recall, the first 7 channels of the
@@ -27,6 +27,7 @@ import json
 import math
 import os
 import sys
+import zipfile
 from contextlib import nullcontext
 from dataclasses import dataclass
 from typing import Optional
@@ -34,6 +35,10 @@ from typing import Optional
 import numpy as np
 import torch
 import torch.distributed as dist
+from PIL import Image
+
+from model import CheckpointError, generate, load_gpt
+from sample import UserError, check_writable, encode_prompts, image_grid, parse_config, to_uint8, write_outputs
 
 # -----------------------------------------------------------------------------
 # the metric math, on features (independent of the network, tested on random numbers)
@@ -155,7 +160,6 @@ def extract(extractor, batches, device='cpu'):
 def image_batches(source, batch=64):
     """uint8 NHWC batches from an .npz (`arr_0`) or a folder of images (same-size runs batched together)."""
     if os.path.isdir(source):
-        from PIL import Image
         names = sorted(f for f in os.listdir(source) if f.lower().endswith(('.png', '.jpg', '.jpeg', '.webp')))
         run = []
         for f in names:
@@ -167,7 +171,6 @@ def image_batches(source, batch=64):
         if run:
             yield np.stack(run)
         return
-    import zipfile
     with zipfile.ZipFile(source) as z, z.open('arr_0.npy') as f:  # streamed: 50k images need not fit in memory
         version = np.lib.format.read_magic(f)
         read_header = np.lib.format.read_array_header_1_0 if version == (1, 0) else np.lib.format.read_array_header_2_0
@@ -226,7 +229,6 @@ class MetricsConfig:
     out: str = ''  # also write the numbers as JSON here; '' = print only
 
     def validate(self):
-        from sample import UserError, check_writable
         for flag, path in (('samples', self.samples), ('ref', self.ref)):
             if not path or not os.path.exists(path):
                 raise UserError(f"{flag} {path!r} does not exist; usage: python metrics.py SAMPLES.npz REF.npz|DIR")
@@ -239,7 +241,6 @@ class MetricsConfig:
 
 
 def main(argv=None):
-    from sample import parse_config
     argv = list(sys.argv[1:] if argv is None else argv)
     pos = [a for a in argv[:2] if not a.startswith('--')]  # SAMPLES REF may come first, without flags
     argv = [x for k, v in zip(('--samples', '--ref'), pos) for x in (k, v)] + argv[len(pos):]
@@ -251,7 +252,6 @@ def main(argv=None):
     for k, v in out.items():
         print(f"{k}: {v}")
     if cfg.out:
-        from sample import write_outputs
         write_outputs({cfg.out: lambda f: f.write(json.dumps(out, indent=1).encode())})
     return out
 
@@ -279,7 +279,6 @@ def paired(base, tuned):
 def sample_condition(cfg, gpt, vq, cond, mask, seed, device):
     """eval_images samples of one condition from a generator seeded by `seed` (the same for every
     checkpoint): images (n, 3, H, W) float in about [-1, 1]."""
-    from model import generate
     n = cfg.eval_images
     cond = cond.repeat_interleave(n, 0)
     mask = None if mask is None else mask.repeat_interleave(n, 0)
@@ -293,8 +292,6 @@ def sample_condition(cfg, gpt, vq, cond, mask, seed, device):
 
 def eval_models(cfg, policy, vq, device):
     """{'base': policy} plus {'tuned': eval_ckpt} loaded to fit it (same vocabulary, grid and condition)."""
-    from model import load_gpt
-    from sample import UserError
     models = {'base': policy}
     if cfg.eval_ckpt:
         tuned = load_gpt(cfg.eval_ckpt, preset=cfg.model, image_size=cfg.image_size, device=device,
@@ -312,7 +309,6 @@ def eval_models(cfg, policy, vq, device):
 def score_conditions(cfg, models, vq, reward_fn, conds, t5, device, rank, world, keep_images=8):
     """This rank's share of the conditions (i = rank, rank + world, ...) -> [(i, {model: {reward: (n,)}},
     {model: uint8 images (n, H, W, 3)} for the first keep_images conditions)]."""
-    from sample import encode_prompts, to_uint8
     out = []
     for i in range(rank, len(conds), world):
         c = conds[i]
@@ -334,8 +330,6 @@ def score_conditions(cfg, models, vq, reward_fn, conds, t5, device, rank, world,
 
 def side_by_side(rows, path, max_images=8, gap=8):
     """rows: [(base (n, H, W, 3), tuned (n, H, W, 3))] -> one PNG: a row per condition, base left, tuned right."""
-    from PIL import Image
-    from sample import image_grid
     n = min(max_images, len(rows[0][0]))
     left = image_grid(np.concatenate([b[:n] for b, _ in rows]), n)
     right = image_grid(np.concatenate([t[:n] for _, t in rows]), n)
@@ -366,7 +360,6 @@ def summarize(cfg, conds, results):
 def reward_eval(cfg, policy, vq, reward_fn, prompts, t5, device, rank=0, world=1):
     """train.py --eval: sample, score, gather on rank 0, print; write eval.json (and eval_side_by_side.png
     with --eval_ckpt) into out_dir. Returns the summary dict (on every rank)."""
-    from sample import write_outputs
     pool = prompts if policy.config.model_type == 't2i' else (cfg.classes or list(range(policy.config.num_classes)))
     conds = pool[:cfg.eval_conds] if cfg.eval_conds else list(pool)
     models = eval_models(cfg, policy, vq, device)
@@ -407,7 +400,6 @@ if __name__ == '__main__':
     if len(sys.argv) == 1:
         _demo()
         sys.exit(0)
-    from model import CheckpointError
     try:
         main()
     except (ValueError, CheckpointError, WeightsMissing) as e:  # errors a user can cause: one line

@@ -49,7 +49,7 @@ class SampleConfig:
     preset: Optional[str] = field(default=None, metadata=dict(choices=list(SAMPLE_PRESETS)))  # sampling settings
     classes: List[str] = field(default_factory=list, metadata=dict(flag='--class'))  # c2i: ids or ImageNet names
     prompts: List[str] = field(default_factory=list, metadata=dict(flag='--prompt'))  # t2i: one or more prompts
-    n: int = 4  # images per class / prompt (one grid row each)
+    n: Optional[int] = None  # images per class / prompt (one grid row each); None = 4
     seed: int = 0  # seeds the sampling generator: same seed, same images
     cfg: Optional[float] = None  # classifier-free guidance scale; None = 4.0 (c2i) or 7.5 (t2i); <= 1 = off
     cfg_interval: int = -1  # CFG for the first cfg_interval + 2 tokens only; -1 = every token
@@ -68,9 +68,10 @@ class SampleConfig:
     npz: Optional[str] = None  # images as uint8 NHWC `arr_0` (+ labels `arr_1`), the ADM FID evaluator's format
     # FID sampling: --per_class images of every class (or of the --class list), seeded per image
     per_class: Optional[int] = None  # images per class into --npz (default samples.npz); torchrun shards them
-    batch: int = 32  # images per generate call (and per shard on disk) with --per_class
-    eval_size: int = 256  # --per_class images resized (bicubic) to this many pixels, as LlamaGen's FID; 0 = native
-    resume: bool = True  # --per_class: keep the finished shards of an interrupted run; --no-resume starts afresh
+    batch: Optional[int] = None  # images per generate call (and per shard on disk); None = 32
+    eval_size: Optional[int] = None  # images resized (bicubic) to this many pixels, as LlamaGen's FID; None = 256,
+    # 0 = the native size
+    resume: Optional[bool] = None  # keep the finished shards of an interrupted run (None = yes); --no-resume: afresh
 
     def __post_init__(self):  # defaults that depend on the condition, so the printed config is final
         t2i = bool(self.prompts)
@@ -88,37 +89,16 @@ class SampleConfig:
             self.npz += '.npz'
         if self.out is None:
             self.out = '' if self.per_class is not None else 'samples.png'
+        fid = self.per_class is not None  # the FID-only flags get their defaults only there (see validate)
+        self.n = 4 if self.n is None and not fid else self.n
+        for k, default in (('batch', 32), ('eval_size', 256), ('resume', True)):
+            setattr(self, k, default if getattr(self, k) is None and fid else getattr(self, k))
 
     def validate(self):
-        """Every check that needs no model, before anything is loaded; returns the class ids (or None).
-        Raises UserError with one sentence naming the flag."""
-        _check(self.device.split(':')[0] in ('cpu', 'cuda', 'mps'),
-               f"--device must be cpu, cuda[:N] or mps, got {self.device}")
-        _check(not self.device.startswith('cuda') or torch.cuda.is_available(),
-               f"--device {self.device} was asked for but torch sees no GPU here; use --device cpu")
-        for flag, ok, want in [('n', self.n >= 1, 'at least 1'), ('batch', self.batch >= 1, 'at least 1'),
-                               ('per_class', self.per_class is None or self.per_class >= 1, 'at least 1'),
-                               ('seed', 0 <= self.seed < 2 ** 31, 'in 0 .. 2**31 - 1'),
-                               ('temperature', math.isfinite(self.temperature) and self.temperature >= 0,
-                                '>= 0 (0 = greedy)'),
-                               ('top_p', 0 < self.top_p <= 1, 'in (0, 1] (1 = off)'),
-                               ('top_k', self.top_k >= 0, '>= 0 (0 = off)'),
-                               ('cfg', math.isfinite(self.cfg) and self.cfg >= 0, 'a number >= 0 (<= 1 = off)'),
-                               ('cfg_interval', self.cfg_interval >= -1, '>= -1 (-1 = every token)'),
-                               ('eval_size', self.eval_size >= 0, '>= 0 (0 = native size)'),
-                               ('image_size', self.image_size is None or self.image_size >= 1, 'positive')]:
-            _check(ok, f"--{flag} must be {want}, got {getattr(self, flag)}")
-        if self.classes and self.prompts:
-            raise UserError("give either --class (class-to-image) or --prompt (text-to-image), not both")
-        world = int(os.environ.get('WORLD_SIZE', '1'))
-        if self.per_class is not None:
-            _check(not self.prompts, "--per_class samples every class for FID (class-to-image); "
-                                     "drop --prompt or --per_class")
-            _check(not self.out, "--out writes a grid of every image, which --per_class does not do; "
-                                 "drop --out (the images go to --npz)")
-            _check(bool(self.npz), "--per_class needs an --npz file to write the images to")
-        _check(world == 1 or self.per_class is not None,
-               "under torchrun only --per_class sampling is sharded over ranks; run the grid with plain python")
+        """Every check that needs no model, before anything is loaded: ranges, combinations, the checkpoint's
+        header, writable outputs. Returns the class ids (or None); raises UserError naming the flag."""
+        self._check_ranges()
+        self._check_combinations()
         ids = class_ids(self.classes) if self.classes else None  # bad names fail here
         self._check_against_checkpoint(ids)
         for path in filter(None, (self.out, self.npz)):
@@ -126,6 +106,43 @@ class SampleConfig:
         if self.per_class is not None:
             check_shards(self, ids)
         return ids
+
+    def _check_ranges(self):
+        fid = self.per_class is not None
+        for flag, ok, want in [('n', fid or self.n >= 1, 'at least 1'),
+                               ('per_class', not fid or self.per_class >= 1, 'at least 1'),
+                               ('batch', not fid or self.batch >= 1, 'at least 1'),
+                               ('eval_size', not fid or self.eval_size >= 0, '>= 0 (0 = native size)'),
+                               ('seed', 0 <= self.seed < 2 ** 31, 'in 0 .. 2**31 - 1'),
+                               ('temperature', math.isfinite(self.temperature) and self.temperature >= 0,
+                                '>= 0 (0 = greedy)'),
+                               ('top_p', 0 < self.top_p <= 1, 'in (0, 1] (1 = off)'),
+                               ('top_k', self.top_k >= 0, '>= 0 (0 = off)'),
+                               ('cfg', math.isfinite(self.cfg) and self.cfg >= 0, 'a number >= 0 (<= 1 = off)'),
+                               ('cfg_interval', self.cfg_interval >= -1, '>= -1 (-1 = every token)'),
+                               ('image_size', self.image_size is None or self.image_size >= 1, 'positive')]:
+            _check(ok, f"--{flag} must be {want}, got {getattr(self, flag)}")
+        _check(self.device.split(':')[0] in ('cpu', 'cuda', 'mps'),
+               f"--device must be cpu, cuda[:N] or mps, got {self.device}")
+        _check(not self.device.startswith('cuda') or torch.cuda.is_available(),
+               f"--device {self.device} was asked for but torch sees no GPU here; use --device cpu")
+
+    def _check_combinations(self):
+        _check(not (self.classes and self.prompts),
+               "give either --class (class-to-image) or --prompt (text-to-image), not both")
+        if self.per_class is None:  # a grid: the FID flags would be silently ignored
+            given = [k for k in ('batch', 'eval_size', 'resume') if getattr(self, k) is not None]
+            _check(not given, f"--{(given or [''])[0]} applies to --per_class (FID) sampling only; drop it or "
+                              f"add --per_class N")
+            _check(int(os.environ.get('WORLD_SIZE', '1')) == 1, "under torchrun only --per_class sampling is "
+                                                                 "sharded over ranks; run the grid with plain python")
+            return
+        _check(self.n is None, "--n is the grid's images per condition; --per_class sets the FID images per class")
+        _check(not self.prompts, "--per_class samples every class for FID (class-to-image); drop --prompt or "
+                                 "--per_class")
+        _check(not self.out, "--out writes a grid of every image, which --per_class does not do; drop --out (the "
+                             "images go to --npz)")
+        _check(bool(self.npz), "--per_class needs an --npz file to write the images to")
 
     def _check_against_checkpoint(self, ids):
         """What the release table or a self-describing file's header tells before loading: the kind of

@@ -1558,6 +1558,8 @@ def _bad_rows(ckpts, tmp):
             (['--per_class', '1', '--eval_size', '-1'], '--eval_size must be'),
             (['--per_class', '1', '--prompt', 'a cat', '--class'], '--per_class samples every class'),
             (['--per_class', '1', '--out', str(tmp / 'g.png')], '--out writes a grid'),
+            (['--per_class', '1', '--npz', ''], 'needs an --npz'), (['--per_class', '1', '--n', '2'], '--n is the grid'),
+            (['--batch', '4'], '--batch applies to --per_class'), (['--no-resume'], '--resume applies to --per_class'),
             (['--prompt', 'a cat', '--class'], 'is a c2i model'),  # a self-describing c2i file given a prompt
             (['--image_size', '64'], 'contradicts'),  # the file holds an 8-px model
             (['--class', '10'], '0..9'),  # read from the file's header, before loading
