@@ -337,7 +337,7 @@ def side_by_side(rows, path, max_images=8, gap=8):
     Image.fromarray(np.concatenate([left, white, right], 1)).save(path, format='PNG')
 
 
-def summarize(cfg, conds, results):
+def summarize(cfg, conds, results, verbose=True):
     """Gathered per-condition results -> the JSON summary (and the printed table)."""
     names = list(results[0][1])
     rewards = list(results[0][1]['base'])
@@ -347,6 +347,8 @@ def summarize(cfg, conds, results):
                    **{m: {r: dict(zip(('mean', 'se'), mean_se(scores[m][r]))) for r in rewards} for m in names})
     if 'tuned' in names:
         summary['paired'] = {r: paired(scores['base'][r], scores['tuned'][r]) for r in rewards}
+    if not verbose:
+        return summary
     print(f"eval: {len(conds)} conditions x {cfg.eval_images} images, seeds {cfg.seed} + condition index")
     for r in rewards:
         line = '  '.join(f"{m} {summary[m][r]['mean']:.4f} +- {summary[m][r]['se']:.4f}" for m in names)
@@ -370,7 +372,7 @@ def reward_eval(cfg, policy, vq, reward_fn, prompts, t5, device, rank=0, world=1
     else:
         everything = [mine]
     results = sorted((r for part in everything for r in part), key=lambda r: r[0])
-    summary = summarize(cfg, conds, results)
+    summary = summarize(cfg, conds, results, verbose=rank == 0)
     if rank == 0:
         outputs = {os.path.join(cfg.out_dir, 'eval.json'): lambda f: f.write(json.dumps(summary, indent=1).encode())}
         if 'tuned' in models:

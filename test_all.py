@@ -1530,6 +1530,22 @@ def test_evalx_paired_eval_of_a_checkpoint_against_itself_is_zero(tmp_path):
         assert p['diff'] == pytest.approx(both['tuned'][r]['mean'] - both['base'][r]['mean'], abs=1e-12)
 
 
+def test_evalx_reward_eval_shards_are_the_whole(tmp_path):
+    # conditions i = rank, rank + world, ...: two ranks' shares together are the one-rank result, exactly
+    cfg = parse_config(train.TrainConfig, ['--preset', 'demo', '--image_size', '8', '--eval', '--eval_images', '2'],
+                       presets=train.TRAIN_PRESETS)
+    policy, _, vq = train.build_models(cfg, torch.device('cpu'))
+    reward_fn = build_reward(cfg.rewards)
+    models, conds = {'base': policy}, list(range(5))
+    run = lambda rank, world: metrics.score_conditions(cfg, models, vq, reward_fn, conds, None, torch.device('cpu'),
+                                                       rank, world)
+    one, two = run(0, 1), sorted(run(0, 2) + run(1, 2), key=lambda r: r[0])
+    assert [r[0] for r in one] == [r[0] for r in two] == conds
+    for (_, s1, p1), (_, s2, p2) in zip(one, two):
+        assert all(np.array_equal(s1['base'][k], s2['base'][k]) for k in s1['base'])
+        assert np.array_equal(p1['base'], p2['base'])
+
+
 def test_evalx_mean_se_and_paired_by_hand():
     x = np.array([[1.0, 3.0], [2.0, 2.0], [6.0, 4.0]])  # condition means 2, 2, 5
     m, se = metrics.mean_se(x)
