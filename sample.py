@@ -413,7 +413,8 @@ def shard_path(cfg, s):
 
 
 def check_shards(cfg, ids):
-    """Before loading: the shards of an interrupted run are reused only if made with the same settings."""
+    """Before loading: the shards of an interrupted run are reused only if made with the same settings.
+    (They live beside --npz, whose folder validate() has found writable.)"""
     path = os.path.join(shard_dir(cfg), 'settings.json')
     if cfg.resume and os.path.isfile(path):
         old, new = json.load(open(path)), fid_settings(cfg, ids)
@@ -422,7 +423,6 @@ def check_shards(cfg, ids):
             raise UserError(f"{shard_dir(cfg)} holds shards of an interrupted run made with other settings "
                             f"({diff[0]}={old.get(diff[0])!r} there); use the same settings, or --no-resume to "
                             f"start afresh")
-    check_writable(path, '--npz')
 
 
 def image_seed(seed, g):
