@@ -157,10 +157,13 @@ def extract(extractor, batches, device='cpu'):
     return {k: torch.cat(v).numpy() for k, v in out.items()}
 
 
+IMAGE_EXTENSIONS = ('.png', '.jpg', '.jpeg', '.webp')
+
+
 def image_batches(source, batch=64):
     """uint8 NHWC batches from an .npz (`arr_0`) or a folder of images (same-size runs batched together)."""
     if os.path.isdir(source):
-        names = sorted(f for f in os.listdir(source) if f.lower().endswith(('.png', '.jpg', '.jpeg', '.webp')))
+        names = sorted(f for f in os.listdir(source) if f.lower().endswith(IMAGE_EXTENSIONS))
         run = []
         for f in names:
             im = np.asarray(Image.open(os.path.join(source, f)).convert('RGB'))
@@ -232,6 +235,17 @@ class MetricsConfig:
         for flag, path in (('samples', self.samples), ('ref', self.ref)):
             if not path or not os.path.exists(path):
                 raise UserError(f"{flag} {path!r} does not exist; usage: python metrics.py SAMPLES.npz REF.npz|DIR")
+            if os.path.isdir(path):
+                if flag == 'samples':
+                    raise UserError(f"samples {path} is a folder; pass the .npz that sample.py --per_class wrote")
+                if not any(f.lower().endswith(IMAGE_EXTENSIONS) for f in os.listdir(path)):
+                    raise UserError(f"ref {path} holds no .png/.jpg/.webp images; pass a folder of images or an .npz")
+                continue
+            names = zipfile.ZipFile(path).namelist() if zipfile.is_zipfile(path) else []
+            if 'arr_0.npy' not in names and not (flag == 'ref' and 'mu.npy' in names):
+                raise UserError(f"{flag} {path} is not an .npz with images `arr_0`" +
+                                (" or ADM statistics `mu`/`sigma`" if flag == 'ref' else "") +
+                                "; write one with sample.py --per_class (or np.savez)")
         if self.batch < 1 or self.split_size < 1:
             raise UserError(f"--batch and --split_size must be at least 1, got {self.batch} and {self.split_size}")
         if self.device and self.device.startswith('cuda') and not torch.cuda.is_available():

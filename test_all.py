@@ -1501,7 +1501,14 @@ def test_evalx_inception_offline_and_cli_errors(tmp_path, monkeypatch):
         metrics.load_inception()
     assert '\n' not in str(e.value) and '--inception' in str(e.value) and 'weights-inception' in str(e.value)
     np.savez(tmp_path / 's.npz', arr_0=np.zeros((2, 8, 8, 3), np.uint8))
+    (tmp_path / 'junk.npz').write_bytes(b'not a zip')
+    (tmp_path / 'empty').mkdir()
+    np.savez(tmp_path / 'other.npz', x=np.zeros(3))
     for argv, msg in [([str(tmp_path / 's.npz'), str(tmp_path / 'nope.npz')], 'does not exist'),
+                      ([str(tmp_path / 'junk.npz'), str(tmp_path / 's.npz')], 'is not an .npz with images'),
+                      ([str(tmp_path / 's.npz'), str(tmp_path / 'other.npz')], 'or ADM statistics'),
+                      ([str(tmp_path / 's.npz'), str(tmp_path / 'empty')], 'holds no .png'),
+                      ([str(tmp_path / 'empty'), str(tmp_path / 's.npz')], 'is a folder'),
                       ([str(tmp_path / 's.npz'), str(tmp_path / 's.npz'), '--batch', '0'], '--batch'),
                       ([str(tmp_path / 's.npz'), str(tmp_path / 's.npz'), '--inception', 'x.pth'], '--inception')]:
         with pytest.raises((UserError, metrics.WeightsMissing), match=msg):
