@@ -69,8 +69,7 @@ class SampleConfig:
     # FID sampling: --per_class images of every class (or of the --class list), seeded per image
     per_class: Optional[int] = None  # images per class into --npz (default samples.npz); torchrun shards them
     batch: Optional[int] = None  # images per generate call (and per shard on disk); None = 32
-    eval_size: Optional[int] = None  # images resized (bicubic) to this many pixels, as LlamaGen's FID; None = 256,
-    # 0 = the native size
+    eval_size: Optional[int] = None  # pixels, bicubic resize as LlamaGen's FID; None = 256, 0 = native size
     resume: Optional[bool] = None  # keep the finished shards of an interrupted run (None = yes); --no-resume: afresh
 
     def __post_init__(self):  # defaults that depend on the condition, so the printed config is final
