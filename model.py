@@ -355,13 +355,15 @@ def attention_mask(query_pos, key_pos, key_valid):
 # sampling
 
 
-def sample_logits(logits, temperature=1.0, top_k=0, top_p=1.0, generator=None):
+def sample_logits(logits, temperature=1.0, top_k=0, top_p=1.0, generator=None, uniform=None):
     """Sample one token per row. logits (B, V) float32 -> (token (B,), log-prob (B,)).
 
     LlamaGen's `sample`: divide by the temperature, keep the top-k, then the top-p nucleus of those,
     softmax, draw. With top-k we draw among the k kept logits only (the same distribution, but k random
     numbers per row instead of V). temperature 0 means greedy. The log-prob is of the distribution
-    actually sampled from, i.e. after filtering (0 for greedy).
+    actually sampled from, i.e. after filtering (0 for greedy). `uniform` (B,) in [0, 1) replaces the
+    generator: each row then draws by inverse CDF from its own number, so an image can be reproduced
+    from its own seed whatever batch it is sampled in (sample.py --per_class).
     """
     logits = logits / max(temperature, 1e-5)
     idx = None  # vocabulary ids of the columns of `logits` once they are sorted / cut to the top-k
@@ -377,6 +379,9 @@ def sample_logits(logits, temperature=1.0, top_k=0, top_p=1.0, generator=None):
     logp = logits.log_softmax(-1)
     if temperature == 0:
         pick = logits.argmax(-1, keepdim=True)
+    elif uniform is not None:  # inverse CDF: row i's token depends on uniform[i] alone, not on its batch
+        cdf = logp.double().exp().cumsum(-1)  # (B, K); float64, so u * total < total and p = 0 is never hit
+        pick = torch.searchsorted(cdf, uniform.double()[:, None] * cdf[:, -1:], right=True)  # (B, 1)
     else:
         pick = torch.multinomial(logp.exp(), 1, generator=generator)  # (B, 1)
     token = pick if idx is None else idx.gather(-1, pick)

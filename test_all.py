@@ -439,7 +439,7 @@ def test_train_user_errors(tmp_path):
 def test_eval_same_seeds(tmp_path):
     a = run_train(tmp_path, '--eval', '--eval_conds', '3', '--eval_images', '2')
     b = run_train(tmp_path, '--eval', '--eval_conds', '3', '--eval_images', '2')
-    assert a == b and set(a) == {'reward', 'colorfulness'}
+    assert a == b and set(a['base']) == {'reward', 'colorfulness'}
 
 
 def test_t2i_training_with_prompt_files(ckpts, tmp_path):
@@ -1657,3 +1657,364 @@ def test_judge_offline_is_fast_and_one_sentence(monkeypatch, tmp_path):
     msg = str(err.value)
     assert time.perf_counter() - t0 < 3.0 and 'Qwen/Qwen2.5-VL-3B-Instruct' in msg and 'HF_HOME' in msg
     assert '\n' not in msg and msg.endswith('.') and not re.search(r'[.!?]\s+[A-Z]', msg)
+
+# ----------------------------------------------------------------------------- evalx (issue 11)
+# Evaluation at the paper's scale: sharded FID sampling (sample.py --per_class), the metric math and plumbing
+# (metrics.py, against numpy written here and toy sets with known answers), the paired reward benchmark
+# (train.py --eval --eval_ckpt), and sample.py's bad-input battery (issue 13, sample.py part).
+
+import metrics
+
+
+def _fid_args(ckpts, npz, *more):
+    """FID sampling of the tiny fixtures: 4 classes x 2 images, 8x8 px, batch 3 -> shards of 3, 3, 2."""
+    return ['--ckpt', ckpts['c2i'], '--vq_ckpt', ckpts['vq'], '--device', 'cpu', '--class', '0', '1', '2', '3',
+            '--per_class', '2', '--batch', '3', '--eval_size', '0', '--npz', str(npz), *more]
+
+
+@pytest.fixture(scope='module')
+def fid_single(ckpts, tmp_path_factory):
+    """The reference: one process, images and labels of the merged npz."""
+    npz = tmp_path_factory.mktemp('fid') / 'single.npz'
+    sample.main(_fid_args(ckpts, npz))
+    z = np.load(npz)
+    return z['arr_0'], z['arr_1']
+
+
+def test_evalx_sample_logits_uniform_is_the_filtered_distribution():
+    # stratified uniforms u = (m + 0.5) / M hit every token about M * p times: within one of it
+    torch.manual_seed(0)
+    logits = torch.randn(3, 40) * 2
+    M = 2000
+    for temperature, top_k, top_p in [(1.0, 0, 1.0), (0.7, 10, 1.0), (1.3, 0, 0.8), (1.0, 12, 0.9)]:
+        x = logits.numpy() / temperature
+        for row in range(3):
+            ref = np.exp(x[row] - x[row].max())
+            ref[np.argsort(-x[row])[top_k:] if top_k else []] = 0  # top-k, then the nucleus of what is left
+            ref /= ref.sum()
+            order = np.argsort(-ref)
+            keep = np.cumsum(ref[order]) - ref[order] <= top_p  # kept if the mass before it is <= top_p
+            ref[order[~keep]] = 0
+            ref /= ref.sum()
+            u = (torch.arange(M, dtype=torch.float64) + 0.5) / M
+            tok, logp = model.sample_logits(logits[row].expand(M, -1), temperature, top_k, top_p, uniform=u)
+            counts = np.bincount(tok.numpy(), minlength=40)
+            assert np.abs(counts - M * ref).max() <= 1 + 1e-9, (temperature, top_k, top_p)
+            np.testing.assert_allclose(logp.exp().numpy(), ref[tok.numpy()], rtol=1e-5)
+
+
+def test_evalx_fid_sharding_every_pair_once_for_1_2_3_ranks(ckpts, fid_single, tmp_path, monkeypatch):
+    single, labels = fid_single
+    assert single.shape == (8, 8, 8, 3) and labels.tolist() == [0, 0, 1, 1, 2, 2, 3, 3]
+    written = []
+    real_write = sample.write_shard
+    monkeypatch.setattr(sample, 'write_shard', lambda p, im, lab, idx: (written.append(idx.tolist()),
+                                                                         real_write(p, im, lab, idx)))
+    for world in (1, 2, 3):  # every rank's share in turn, in this process, then rank 0's merge
+        npz = tmp_path / f'w{world}.npz'
+        cfg = parse_config(sample.SampleConfig, _fid_args(ckpts, npz))
+        ids = cfg.validate()
+        gpt, vq = sample.load_models(cfg, ids, 'cpu')
+        sample.prepare_shards(cfg, ids)
+        per_rank = []
+        for rank in range(world):
+            written.clear()
+            sample.sample_shards(cfg, gpt, vq, np.repeat(ids, 2), rank, world, 'cpu')
+            per_rank.append(sorted(i for idx in written for i in idx))
+        assert sorted(i for r in per_rank for i in r) == list(range(8))  # each (class, index) exactly once
+        assert all(per_rank)  # 3 shards: every rank had work
+        sample.merge_shards(cfg, np.repeat(ids, 2))
+        z = np.load(npz)
+        assert np.array_equal(z['arr_0'], single) and np.array_equal(z['arr_1'], labels)
+        assert not os.path.exists(str(npz) + '.shards')  # merged, then removed
+        # read back the way the ADM evaluator streams it (npy header in the zip, then raw batches)
+        assert np.array_equal(np.concatenate(list(metrics.image_batches(str(npz), 5))), single)
+
+
+def test_evalx_batch_size_does_not_change_the_images(ckpts, fid_single, tmp_path):
+    single, _ = fid_single
+    for batch in ('1', '8'):
+        npz = tmp_path / f'b{batch}.npz'
+        sample.main(_fid_args(ckpts, npz, '--batch', batch))
+        assert np.array_equal(np.load(npz)['arr_0'], single)
+    # resized for FID as LlamaGen: bicubic to eval_size, then rounded
+    sample.main(_fid_args(ckpts, tmp_path / 'r.npz', '--eval_size', '12', '--class', '0', '--per_class', '1'))
+    assert np.load(tmp_path / 'r.npz')['arr_0'].shape == (1, 12, 12, 3)
+
+
+def test_evalx_killed_run_resumes_without_duplicates_or_gaps(ckpts, fid_single, tmp_path, monkeypatch):
+    single, _ = fid_single
+    npz = tmp_path / 'k.npz'
+    calls = []
+    real_write = sample.write_shard
+
+    def killed_after_two(path, *a):
+        if len(calls) == 2:
+            raise KeyboardInterrupt  # the run dies after 2 of its 3 shards
+        calls.append(path)
+        real_write(path, *a)
+    monkeypatch.setattr(sample, 'write_shard', killed_after_two)
+    with pytest.raises(KeyboardInterrupt):
+        sample.main(_fid_args(ckpts, npz))
+    assert not npz.exists() and len(os.listdir(str(npz) + '.shards')) == 3  # 2 shards + settings.json
+    # another seed with the shards still there: refused before anything loads
+    with pytest.raises(UserError, match='other settings'):
+        sample.main(_fid_args(ckpts, npz, '--seed', '1'))
+    monkeypatch.setattr(sample, 'write_shard', lambda path, *a: (calls.append(path), real_write(path, *a)))
+    sample.main(_fid_args(ckpts, npz))  # continues: only the missing shard is sampled
+    assert len(calls) == 3 and len(set(calls)) == 3
+    z = np.load(npz)
+    assert np.array_equal(z['arr_0'], single)
+
+
+def test_evalx_torchrun_two_ranks_match_one_process(ckpts, fid_single, tmp_path):
+    single, labels = fid_single
+    npz = tmp_path / 't.npz'
+    p = subprocess.run([sys.executable, '-m', 'torch.distributed.run', '--nproc_per_node=2', '--standalone',
+                        'sample.py', *_fid_args(ckpts, npz)], cwd=HERE, capture_output=True, text=True,
+                       env={**os.environ, 'OMP_NUM_THREADS': '1'}, timeout=300)
+    assert p.returncode == 0, p.stderr[-2000:]
+    z = np.load(npz)
+    assert np.array_equal(z['arr_0'], single) and np.array_equal(z['arr_1'], labels)
+
+# ---------------------------------------------------------------------------- metric math
+
+
+def _np_sqrtm_psd(a):
+    w, v = np.linalg.eigh(a)
+    return (v * np.sqrt(np.clip(w, 0, None))) @ v.T
+
+
+def test_evalx_frechet_distance_matches_numpy():
+    g = np.random.default_rng(0)
+    a, b = g.normal(size=(300, 20)), g.normal(0.2, 1.3, size=(300, 20)) @ g.normal(size=(20, 20)) * 0.3
+    mu1, s1, mu2, s2 = a.mean(0), np.cov(a, rowvar=False), b.mean(0), np.cov(b, rowvar=False)
+    for m, s in ((mu1, s1), (mu2, s2)):
+        got_m, got_s = metrics.mean_cov(a if m is mu1 else b)
+        np.testing.assert_allclose(got_m, m, rtol=1e-12)
+        np.testing.assert_allclose(got_s, s, rtol=1e-10, atol=1e-12)
+    r1 = _np_sqrtm_psd(s1)  # tr sqrt(s1 s2) = tr sqrt(s1^1/2 s2 s1^1/2), a symmetric PSD matrix
+    ref = ((mu1 - mu2) ** 2).sum() + np.trace(s1) + np.trace(s2) - 2 * np.trace(_np_sqrtm_psd(r1 @ s2 @ r1))
+    assert metrics.frechet_distance(mu1, s1, mu2, s2) == pytest.approx(ref, rel=1e-9)
+    assert abs(metrics.frechet_distance(mu1, s1, mu1, s1)) < 1e-9
+
+
+def test_evalx_inception_score_matches_numpy():
+    g = np.random.default_rng(1)
+    logits = g.normal(size=(120, 7)) * 3
+    p = np.exp(logits - logits.max(1, keepdims=True))
+    p /= p.sum(1, keepdims=True)
+    scores = []
+    for part in (p[:50], p[50:100], p[100:]):  # split_size 50: 50, 50, 20
+        py = part.mean(0)
+        scores.append(np.exp(np.mean([np.sum(q * np.log(q / py)) for q in part])))
+    assert metrics.inception_score(logits, split_size=50) == pytest.approx(np.mean(scores), rel=1e-10)
+    assert metrics.inception_score(np.repeat(np.eye(5) * 60, 4, 0)) == pytest.approx(5, rel=1e-6)  # 5 sure classes
+
+
+def test_evalx_precision_recall_toy_set():
+    # 1-D, k = 3. Reference points 0..9: the k-th neighbour (self = 0th) is 2 away inside, 3 at the ends.
+    # Samples: five near the reference at 0.1 .. 4.1 and five far away at 100 .. 104.
+    ref = np.arange(10.0)[:, None]
+    samples = np.concatenate([np.arange(5) + 0.1, np.arange(5) + 100.0])[:, None]
+    precision, recall = metrics.precision_recall(ref, samples)
+    assert precision == 0.5  # exactly the five near samples lie in some reference ball
+    # the sample at 4.1 has radius 3 (to 1.1), reaching 7.1: references 0..7 are covered, 8 and 9 are not
+    assert recall == 0.8
+    assert metrics.precision_recall(ref, ref) == (1.0, 1.0)
+
+
+class _TinyExtractor(torch.nn.Module):
+    """A random-weight stand-in for TFInception: the same input (uint8) and output keys, no download."""
+
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.conv = torch.nn.Conv2d(3, 6, 3, stride=2)
+        self.fc = torch.nn.Linear(6, 5)
+
+    def forward(self, x):
+        h = self.conv((x.float() - 128) / 128).relu()  # (B, 6, h, w)
+        pool = h.mean((2, 3))
+        return dict(pool=pool, logits=self.fc(pool), spatial=h[:, :2, :3, :3].flatten(1))
+
+
+def test_evalx_metrics_end_to_end_tiny_extractor(tmp_path):
+    g = np.random.default_rng(0)
+    fake = g.integers(0, 256, size=(40, 16, 16, 3), dtype=np.uint8)
+    real = np.clip(g.normal(128, 40, size=(30, 16, 16, 3)), 0, 255).astype(np.uint8)
+    np.savez(tmp_path / 'fake.npz', arr_0=fake)
+    np.savez(tmp_path / 'real_images.npz', arr_0=real)
+    (tmp_path / 'real').mkdir()
+    for i, im in enumerate(real):
+        Image.fromarray(im).save(tmp_path / 'real' / f'{i:03d}.png')
+    ex = _TinyExtractor().eval()
+    f = metrics.extract(ex, [fake[:25], fake[25:]])
+    r = metrics.extract(ex, [real])
+    mu_s, sig_s = metrics.mean_cov(r['spatial'])
+    np.savez(tmp_path / 'adm_ref.npz', arr_0=real, mu=r['pool'].mean(0), sigma=np.cov(r['pool'], rowvar=False),
+             mu_s=mu_s, sigma_s=sig_s)  # an ADM-style reference batch: statistics plus images
+    expect = dict(fid=metrics.frechet_distance(*metrics.mean_cov(f['pool']), *metrics.mean_cov(r['pool'])),
+                  sfid=metrics.frechet_distance(*metrics.mean_cov(f['spatial']), mu_s, sig_s),
+                  inception_score=metrics.inception_score(f['logits']),
+                  precision=metrics.precision_recall(r['pool'], f['pool'])[0])
+    for ref in ('real_images.npz', 'real', 'adm_ref.npz'):  # images in an npz, a folder, precomputed statistics
+        got = metrics.compute_metrics(str(tmp_path / 'fake.npz'), str(tmp_path / ref), ex, batch=7)
+        assert got['n_samples'] == 40 and got['n_reference'] == 30
+        for k, v in expect.items():
+            assert got[k] == pytest.approx(v, rel=1e-6, abs=1e-9), (ref, k)
+    same = metrics.compute_metrics(str(tmp_path / 'fake.npz'), str(tmp_path / 'fake.npz'), ex)
+    assert abs(same['fid']) < 1e-6 and same['precision'] == same['recall'] == 1.0
+
+
+def test_evalx_tf_inception_adapter_shapes(monkeypatch):
+    # torch-fidelity's network with random weights (the real ones cannot be downloaded here): the adapter's
+    # three outputs have the ADM evaluator's sizes, 2048 / 1008 / 17 * 17 * 7 = 2023
+    import torch_fidelity.feature_extractor_inceptionv3 as tfi
+    monkeypatch.setattr(tfi, 'load_state_dict_from_url', lambda *a, **k: {})
+    monkeypatch.setattr(tfi.FeatureExtractorInceptionV3, 'load_state_dict', lambda self, sd: None)
+    net = metrics.TFInception(None).eval()
+    out = net(torch.randint(0, 256, (2, 3, 40, 40), dtype=torch.uint8))
+    assert {k: tuple(v.shape) for k, v in out.items()} == dict(pool=(2, 2048), logits=(2, 1008), spatial=(2, 2023))
+    assert (out['spatial'] >= 0).all() and out['spatial'].dtype == torch.float32  # a ReLU output
+
+
+def test_evalx_inception_offline_and_cli_errors(tmp_path, monkeypatch):
+    monkeypatch.setenv('TORCH_HOME', str(tmp_path / 'th'))
+
+    def offline(*a, **k):
+        raise OSError('no network')
+    monkeypatch.setattr(torch.hub, 'download_url_to_file', offline)
+    with pytest.raises(metrics.WeightsMissing) as e:
+        metrics.load_inception()
+    assert '\n' not in str(e.value) and '--inception' in str(e.value) and 'weights-inception' in str(e.value)
+    np.savez(tmp_path / 's.npz', arr_0=np.zeros((2, 8, 8, 3), np.uint8))
+    (tmp_path / 'junk.npz').write_bytes(b'not a zip')
+    (tmp_path / 'empty').mkdir()
+    np.savez(tmp_path / 'other.npz', x=np.zeros(3))
+    for argv, msg in [([str(tmp_path / 's.npz'), str(tmp_path / 'nope.npz')], 'does not exist'),
+                      ([str(tmp_path / 'junk.npz'), str(tmp_path / 's.npz')], 'is not an .npz with images'),
+                      ([str(tmp_path / 's.npz'), str(tmp_path / 'other.npz')], 'or ADM statistics'),
+                      ([str(tmp_path / 's.npz'), str(tmp_path / 'empty')], 'holds no .png'),
+                      ([str(tmp_path / 'empty'), str(tmp_path / 's.npz')], 'is a folder'),
+                      ([str(tmp_path / 's.npz'), str(tmp_path / 's.npz'), '--batch', '0'], '--batch'),
+                      ([str(tmp_path / 's.npz'), str(tmp_path / 's.npz'), '--inception', 'x.pth'], '--inception')]:
+        with pytest.raises((UserError, metrics.WeightsMissing), match=msg):
+            metrics.main(argv)
+
+# ---------------------------------------------------------------------------- reward benchmark
+
+
+def test_evalx_paired_eval_of_a_checkpoint_against_itself_is_zero(tmp_path):
+    run_train(tmp_path / 'run', '--max_steps', '1', '--beta', '0')  # a checkpoint to compare
+    ck = str(tmp_path / 'run' / 'model.safetensors')
+    common = ['--eval', '--eval_conds', '3', '--eval_images', '2', '--beta', '0']
+    s = run_train(tmp_path / 'self', '--ckpt', ck, '--eval_ckpt', ck, *common)
+    for r, p in s['paired'].items():
+        assert p == dict(diff=0.0, se=0.0, win_rate=0.5), r
+        assert s['base'][r] == s['tuned'][r]
+    grid = np.asarray(Image.open(tmp_path / 'self' / 'eval_side_by_side.png'))
+    half = (grid.shape[1] - 8) // 2
+    assert np.array_equal(grid[:, :half], grid[:, -half:])  # same seeds: the two sides are the same images
+    assert json.load(open(tmp_path / 'self' / 'eval.json'))['paired']['reward']['win_rate'] == 0.5
+    # random init against the trained step: the base side equals a single-model evaluation on the same seeds
+    both = run_train(tmp_path / 'both', '--eval_ckpt', ck, *common)
+    alone = run_train(tmp_path / 'alone', *common)
+    assert both['base'] == alone['base'] and 'paired' not in alone
+    for r, p in both['paired'].items():
+        assert p['diff'] == pytest.approx(both['tuned'][r]['mean'] - both['base'][r]['mean'], abs=1e-12)
+
+
+def test_evalx_reward_eval_shards_are_the_whole(tmp_path):
+    # conditions i = rank, rank + world, ...: two ranks' shares together are the one-rank result, exactly
+    cfg = parse_config(train.TrainConfig, ['--preset', 'demo', '--image_size', '8', '--eval', '--eval_images', '2'],
+                       presets=train.TRAIN_PRESETS)
+    policy, _, vq = train.build_models(cfg, torch.device('cpu'))
+    reward_fn = build_reward(cfg.rewards)
+    models, conds = {'base': policy}, list(range(5))
+    run = lambda rank, world: metrics.score_conditions(cfg, models, vq, reward_fn, conds, None, torch.device('cpu'),
+                                                       rank, world)
+    one, two = run(0, 1), sorted(run(0, 2) + run(1, 2), key=lambda r: r[0])
+    assert [r[0] for r in one] == [r[0] for r in two] == conds
+    for (_, s1, p1), (_, s2, p2) in zip(one, two):
+        assert all(np.array_equal(s1['base'][k], s2['base'][k]) for k in s1['base'])
+        assert np.array_equal(p1['base'], p2['base'])
+
+
+def test_evalx_mean_se_and_paired_by_hand():
+    x = np.array([[1.0, 3.0], [2.0, 2.0], [6.0, 4.0]])  # condition means 2, 2, 5
+    m, se = metrics.mean_se(x)
+    assert m == pytest.approx(3.0) and se == pytest.approx(np.std([2, 2, 5], ddof=1) / np.sqrt(3))
+    p = metrics.paired(x, x + np.array([[1.0, -1.0], [0.0, 2.0], [0.5, 0.5]]))
+    assert p['win_rate'] == pytest.approx((1 + 0 + 0.5 + 1 + 1 + 1) / 6)
+    assert p['diff'] == pytest.approx(np.mean([0, 1, 0.5]))
+
+# ---------------------------------------------------------------------------- sample.py bad inputs (issue 13)
+
+
+def _bad_rows(ckpts, tmp):
+    """(argv, phrase of the one-sentence message). Every row must fail before any sample is drawn."""
+    a_file = tmp / 'a_file'
+    a_file.write_text('x')
+    (tmp / 'dir.npz').mkdir(exist_ok=True)
+    stale = tmp / 'stale.npz.shards'
+    stale.mkdir(exist_ok=True)
+    (stale / 'settings.json').write_text(json.dumps({'seed': 99}))
+    rows = [(['--temperature', '-1'], '--temperature must be'), (['--temperature', 'nan'], '--temperature must be'),
+            (['--top_p', '0'], '--top_p must be'), (['--top_p', '2'], '--top_p must be'),
+            (['--top_k', '-1'], '--top_k must be'), (['--n', '0'], '--n must be'),
+            (['--cfg', 'inf'], '--cfg must be'), (['--cfg_interval', '-2'], '--cfg_interval must be'),
+            (['--seed', '-1'], '--seed must be'), (['--image_size', '0'], '--image_size must be'),
+            (['--per_class', '0'], '--per_class must be'), (['--per_class', '1', '--batch', '0'], '--batch must be'),
+            (['--per_class', '1', '--eval_size', '-1'], '--eval_size must be'),
+            (['--per_class', '1', '--prompt', 'a cat', '--class'], '--per_class samples every class'),
+            (['--per_class', '1', '--out', str(tmp / 'g.png')], '--out writes a grid'),
+            (['--per_class', '1', '--npz', ''], 'needs an --npz'), (['--per_class', '1', '--n', '2'], '--n is the grid'),
+            (['--batch', '4'], '--batch applies to --per_class'), (['--no-resume'], '--resume applies to --per_class'),
+            (['--prompt', 'a cat', '--class'], 'is a c2i model'),  # a self-describing c2i file given a prompt
+            (['--image_size', '64'], 'contradicts'),  # the file holds an 8-px model
+            (['--class', '10'], '0..9'),  # read from the file's header, before loading
+            (['--class', '1000', '--ckpt', 'c2i_B_256'], '0..999'),  # before the release is fetched
+            (['--preset', 'fast'], 'invalid choice'),
+            (['--out', str(a_file / 'g.png')], 'cannot write --out'),  # a folder that is a file
+            (['--npz', str(tmp / 'dir.npz')], 'cannot write --npz'),  # a directory
+            (['--per_class', '1', '--npz', str(tmp / 'stale.npz')], 'other settings')]
+    if not torch.cuda.is_available():
+        rows.append((['--device', 'cuda'], 'no GPU'))
+    return rows
+
+
+def test_evalx_sample_bad_inputs_in_process(ckpts, tmp_path, monkeypatch):
+    from model import CheckpointError
+    calls = []
+    monkeypatch.setattr(sample, 'load_models', lambda *a: calls.append(a))  # nothing may get that far
+    out, npz = tmp_path / 'o.png', tmp_path / 'o.npz'
+    for argv, phrase in _bad_rows(ckpts, tmp_path):
+        args = ['--ckpt', ckpts['c2i'], '--vq_ckpt', ckpts['vq'], '--device', 'cpu', '--npz', str(npz)]
+        args += [] if '--per_class' in argv else ['--out', str(out)]  # --per_class writes the npz only
+        args += argv[:-1] if argv[-1] == '--class' else ['--class', '3', *argv]  # '--class' last: no class
+        with pytest.raises((ValueError, CheckpointError)) as e:  # the CLI's exit-2 errors
+            sample.main(args)
+        msg = str(e.value)
+        assert phrase in msg and '\n' not in msg, (argv, msg)
+        assert not out.exists() and not npz.exists() and not os.path.exists(str(npz) + '.shards'), argv
+    assert not calls
+    monkeypatch.setenv('WORLD_SIZE', '2')  # a grid under torchrun
+    with pytest.raises(UserError, match='only --per_class'):
+        sample.main(['--ckpt', ckpts['c2i'], '--vq_ckpt', ckpts['vq'], '--device', 'cpu', '--class', '3'])
+
+
+def test_evalx_sample_bad_input_cli_and_torchrun(ckpts, tmp_path):
+    args = ['--ckpt', ckpts['c2i'], '--vq_ckpt', ckpts['vq'], '--device', 'cpu', '--per_class', '1',
+            '--top_p', '2', '--npz', str(tmp_path / 'x.npz')]
+    r = _cli(args, tmp_path)
+    assert r.returncode == 2 and r.stderr.count('\n') == 1 and 'Traceback' not in r.stderr and '--top_p' in r.stderr
+    p = subprocess.run([sys.executable, '-m', 'torch.distributed.run', '--nproc_per_node=2', '--standalone',
+                        os.path.join(HERE, 'sample.py'), *args], cwd=tmp_path, capture_output=True, text=True,
+                       env={**os.environ, 'OMP_NUM_THREADS': '1'}, timeout=300)
+    both = p.stdout + p.stderr
+    # the sentence once (rank 0), the rank's exit code 2 in torchrun's own report (which torchrun prints)
+    assert p.returncode != 0 and both.count('error: --top_p must be') == 1, both[-3000:]
+    assert re.search(r'exitcode\s*:\s*2', both)
+    assert not any(line.startswith('  File "' + HERE) for line in both.splitlines())  # no traceback of ours
+    assert os.listdir(tmp_path) == []

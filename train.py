@@ -34,7 +34,7 @@ import torch.distributed as dist
 from PIL import Image, ImageDraw
 
 import grpo
-from model import GPT, CheckpointError, config_for, generate, load_gpt, peek_gpt_config, save_gpt
+from model import GPT, CheckpointError, config_for, generate, load_gpt, peek_gpt_config, RELEASES, save_gpt
 from tokenizer import VQ_PRESETS, VQ_RELEASES, VQConfig, VQModel, load_vq
 from rewards import build_reward, parse_spec, WeightsUnavailable
 from cli import UserError, atomic_write, check_device, check_range, check_writable_dir, parse_config, run
@@ -95,18 +95,19 @@ class TrainConfig:
     resume: bool = False  # continue from out_dir's checkpoint
     max_bad_steps: int = 3  # consecutive non-finite steps before saving and stopping
     # evaluation
-    eval: bool = False  # sample eval_conds with fixed seeds, print each reward's mean and std, exit
-    eval_conds: int = 8  # conditions to evaluate (first classes / prompts)
+    eval: bool = False  # sample eval_conds with fixed seeds, report each reward's mean +- s.e. (metrics.py), exit
+    eval_conds: int = 8  # conditions to evaluate (first classes / prompts); 0 = all of them
     eval_images: int = 4  # images per condition in evaluation
+    eval_ckpt: Optional[str] = None  # --eval: a tuned checkpoint compared with --ckpt on the same seeds (paired)
 
     def validate(self):
         """Every check that needs no model, run by parse_config before anything is loaded or sampled:
         ranges, choices, contradictions, input files, the output directory. Raises UserError."""
         check_range(self, 'group_size', lo=2)  # advantages are relative to the group
-        check_range(self, 'conds_per_rank num_iterations max_steps save_every max_bad_steps eval_conds eval_images '
-                          'image_size', lo=1)
-        check_range(self, 'top_k minibatch_size micro_batch_size grid_every beta weight_decay grad_clip cfg_scale',
-                    lo=0)
+        check_range(self, 'conds_per_rank num_iterations max_steps save_every max_bad_steps eval_images image_size',
+                    lo=1)
+        check_range(self, 'top_k minibatch_size micro_batch_size grid_every beta weight_decay grad_clip cfg_scale '
+                          'eval_conds', lo=0)
         check_range(self, 'cfg_interval', lo=-1)
         check_range(self, 'temperature lr', lo=0, lo_open=True)  # log-probs divide by the temperature
         check_range(self, 'top_p', lo=0, hi=1, lo_open=True)
@@ -133,6 +134,11 @@ class TrainConfig:
             raise UserError(f"--judge_url {self.judge_url!r} is not an http(s) URL; pass e.g. http://HOST:8000/v1")
         if not self.judge:
             raise UserError("--judge is empty; pass a Hub name or a save_pretrained directory of the judge")
+        if self.eval_ckpt is not None and not self.eval:
+            raise UserError("--eval_ckpt is compared with --ckpt by --eval only; add --eval or drop --eval_ckpt")
+        if self.eval_ckpt is not None and not (self.eval_ckpt in RELEASES or self.eval_ckpt.startswith('hf://')
+                                                or os.path.isfile(self.eval_ckpt)):
+            raise UserError(f"--eval_ckpt {self.eval_ckpt} is not a release, hf://OWNER/REPO/FILE or an existing file")
         self.validate_model_and_conditions()
         check_writable_dir(self.out_dir, '--out_dir')
 
@@ -528,29 +534,6 @@ def read_metrics(path, upto=None):
     return [r for r in rows if upto is None or r['step'] <= upto]
 
 # -----------------------------------------------------------------------------
-# evaluation: the same conditions and seeds for any checkpoint, so runs compare side by side
-
-
-@torch.no_grad()
-def evaluate(cfg, policy, vq, reward_fn, prompts, t5, device):
-    pool = prompts if policy.config.model_type == 't2i' else (cfg.classes or list(range(policy.config.num_classes)))
-    conds = pool[:cfg.eval_conds]
-    raws, totals = {}, []
-    for i, c in enumerate(conds):  # one group per condition, seeded by its index only
-        cond, mask = encode_conditions([c], policy, t5, device)
-        gen = torch.Generator(device).manual_seed(cfg.seed + i)
-        _, images, _, _, _ = rollout(cfg, policy, vq, cond, mask, gen, device)
-        total, raw = reward_fn(images, [c] * len(images))
-        totals.append(total.float().cpu())
-        for k, v in raw.items():
-            raws.setdefault(k, []).append(v.float().cpu())
-    result = {'reward': torch.cat(totals)} | {k: torch.cat(v) for k, v in raws.items()}
-    print(f"eval of {cfg.ckpt or 'random init'}: {len(conds)} conditions x {cfg.eval_images} images, seed {cfg.seed}")
-    for k, v in result.items():
-        print(f"  {k:>14}: {v.mean():.4f} +- {v.std():.4f}")
-    return {k: (v.mean().item(), v.std().item()) for k, v in result.items()}
-
-# -----------------------------------------------------------------------------
 # main
 
 
@@ -563,9 +546,9 @@ def train(cfg):
                              judge_url=cfg.judge_url, judge_model=cfg.judge_model)
     prompts = read_prompts(cfg.prompts) if policy.config.model_type == 't2i' else None
     t5 = load_t5(cfg.t5, device=device) if prompts else None
-    if cfg.eval:
-        cfg.group_size = cfg.eval_images
-        return evaluate(cfg, policy, vq, reward_fn, prompts, t5, device)
+    if cfg.eval:  # rewards on fixed seeds, one or two checkpoints: metrics.py
+        import metrics
+        return metrics.reward_eval(cfg, policy, vq, reward_fn, prompts, t5, device, rank, world)
     opt = torch.optim.AdamW(policy.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay, betas=(0.9, 0.999))
     step, bad = load_checkpoint(cfg, policy, opt) if cfg.resume else (0, 0)
     if step >= cfg.max_steps:

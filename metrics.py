@@ -1,0 +1,423 @@
+"""
+metrics.py -- how good are the images: FID, sFID, Inception Score, precision/recall against a reference set
+(class-to-image, the paper's table), and a paired reward benchmark of two checkpoints (text-to-image).
+
+    python metrics.py samples.npz VIRTUAL_imagenet256_labeled.npz     # IS, FID, sFID, precision, recall
+    python metrics.py samples.npz ref_images/ --out metrics.json       # a folder of reference images
+    python metrics.py                                                   # smoke demo: random features, no network
+    python train.py --preset t2i_xl --eval --eval_ckpt TUNED --prompts eval_prompts.jsonl   # reward benchmark
+
+Image metrics follow the OpenAI/ADM evaluator (guided-diffusion evaluations/evaluator.py), which the paper and
+LlamaGen report: InceptionV3 pool features (2048) for FID and precision/recall, the first 7 channels of the
+17x17 `mixed_6/conv` map (2023 numbers) for sFID, softmax of the bias-free logits over splits of 5000 for IS,
+k = 3 nearest-neighbour balls on squared distances for precision/recall (Kynkaanniemi et al. 2019), and the
+reference batch's own `mu`/`sigma` (`mu_s`/`sigma_s`) when the .npz has them. The network is torch-fidelity's
+port of the TF-Inception graph (bilinear resize to 299 as TF 1.x, (x - 128) / 128). How it departs: PyTorch
+instead of TensorFlow, so numbers match the ADM evaluator closely but not to the last digit; the square root in
+the Frechet distance comes from the eigenvalues of sigma1 @ sigma2 (as torchmetrics) instead of scipy's sqrtm;
+distances for precision/recall are float32 (ADM tries float16 first). For paper-identical numbers run the ADM
+evaluator on the same npz (see the README).
+
+The reward benchmark samples `eval_images` images per condition (class or prompt) with a seed per condition,
+shards the conditions over ranks, and reports every reward's mean +- standard error over conditions; with a
+second checkpoint, both see the same seeds and it reports paired differences, their standard errors and the
+tuned model's win rate, and writes a side-by-side grid (base left, tuned right) and a JSON summary.
+"""
+import json
+import math
+import os
+import sys
+import zipfile
+from contextlib import nullcontext
+from dataclasses import dataclass
+from typing import Optional
+
+import numpy as np
+import torch
+import torch.distributed as dist
+from PIL import Image
+
+from model import CheckpointError, generate, load_gpt
+from sample import UserError, check_writable, encode_prompts, image_grid, parse_config, to_uint8, write_outputs
+
+# -----------------------------------------------------------------------------
+# the metric math, on features (independent of the network, tested on random numbers)
+
+
+def frechet_distance(mu1, sigma1, mu2, sigma2):
+    """|mu1 - mu2|^2 + tr(sigma1 + sigma2 - 2 (sigma1 sigma2)^(1/2)) in float64.
+    tr((sigma1 sigma2)^(1/2)) = sum of the square roots of the eigenvalues of sigma1 sigma2 (real and >= 0:
+    the product is similar to sigma1^(1/2) sigma2 sigma1^(1/2)); round-off may leave tiny imaginary parts."""
+    mu1, mu2, s1, s2 = (torch.as_tensor(np.asarray(a), dtype=torch.float64) for a in (mu1, mu2, sigma1, sigma2))
+    tr_covmean = torch.linalg.eigvals(s1 @ s2).sqrt().real.sum()
+    return float((mu1 - mu2).square().sum() + s1.trace() + s2.trace() - 2 * tr_covmean)
+
+
+def mean_cov(features):
+    """(N, D) -> mean (D,) and the unbiased covariance (D, D), float64, as np.mean / np.cov(rowvar=False)."""
+    x = torch.as_tensor(np.asarray(features), dtype=torch.float64)
+    return x.mean(0).numpy(), torch.cov(x.T).numpy()
+
+
+def inception_score(logits, split_size=5000):
+    """exp(E_x KL(p(y|x) || p(y))) per consecutive split of `split_size` images, averaged over the splits
+    (the ADM evaluator's splits; the original improved-GAN code used 10 splits). logits (N, K)."""
+    p = torch.as_tensor(np.asarray(logits), dtype=torch.float64).softmax(-1)  # (N, K)
+    scores = []
+    for part in p.split(split_size):
+        kl = (part * (part.log() - part.mean(0, keepdim=True).log())).sum(-1).mean()
+        scores.append(kl.exp().item())
+    return float(np.mean(scores))
+
+
+def _sq_distances(a, b):
+    """Squared Euclidean distances (len(a), len(b)) as the ADM evaluator: max(|a|^2 - 2 a.b + |b|^2, 0)."""
+    return (a.square().sum(1)[:, None] - 2 * a @ b.T + b.square().sum(1)[None, :]).clamp_min(0)
+
+
+def knn_radii(features, k=3, block=4096):
+    """Squared distance of every point to its k-th nearest neighbour (the point itself is the 0-th)."""
+    x = torch.as_tensor(np.asarray(features), dtype=torch.float32)
+    return torch.cat([_sq_distances(x[i:i + block], x).kthvalue(k + 1, dim=1).values for i in range(0, len(x), block)])
+
+
+def precision_recall(ref, samples, k=3, block=4096):
+    """Precision: the fraction of samples inside some reference point's k-NN ball; recall: the fraction of
+    reference points inside some sample's ball (Kynkaanniemi et al. 2019, as the ADM evaluator). (N, D) each."""
+    r, s = (torch.as_tensor(np.asarray(a), dtype=torch.float32) for a in (ref, samples))
+    r_rad, s_rad = knn_radii(r, k, block), knn_radii(s, k, block)
+
+    def covered(points, centres, radii):  # (len(points),) bool: inside any ball
+        return torch.cat([(_sq_distances(points[i:i + block], centres) <= radii[None]).any(1)
+                          for i in range(0, len(points), block)])
+    return covered(s, r, r_rad).double().mean().item(), covered(r, s, s_rad).double().mean().item()
+
+# -----------------------------------------------------------------------------
+# features: torch-fidelity's TF-Inception port, weights from the torch hub cache
+
+
+INCEPTION_URL = ('https://github.com/toshas/torch-fidelity/releases/download/v0.2.0/'
+                 'weights-inception-2015-12-05-6726825d.pth')
+
+
+class WeightsMissing(RuntimeError):
+    """Inception weights that cannot be found or fetched; the message is one sentence for the user."""
+
+
+class TFInception(torch.nn.Module):
+    """uint8 images (B, 3, H, W) -> dict(pool (B, 2048), logits (B, 1008), spatial (B, 2023)) float32.
+    `spatial` is the ReLU output of Mixed_6d's 1x1 branch (TF: mixed_6/conv), channels 0..6, flattened in
+    TF's (h, w, c) order so that ADM reference batches' `mu_s`/`sigma_s` line up."""
+
+    def __init__(self, weights_path):
+        super().__init__()
+        from torch_fidelity.feature_extractor_inceptionv3 import FeatureExtractorInceptionV3
+        self.net = FeatureExtractorInceptionV3('inception-v3-compat', ['2048', 'logits_unbiased'],
+                                               feature_extractor_weights_path=weights_path)
+        self._spatial = None
+        self.net.Mixed_6d.branch1x1.register_forward_hook(lambda m, i, out: setattr(self, '_spatial', out))
+
+    @torch.no_grad()
+    def forward(self, x):
+        pool, logits = self.net(x)
+        spatial = self._spatial[:, :7].permute(0, 2, 3, 1).flatten(1).float()  # (B, 17 * 17 * 7)
+        return dict(pool=pool, logits=logits, spatial=spatial)
+
+
+def load_inception(path=None, device='cpu'):
+    """TFInception from `path`, or the torch hub cache, or a download; offline and not cached: one sentence."""
+    if path is None:
+        path = os.path.join(torch.hub.get_dir(), 'checkpoints', os.path.basename(INCEPTION_URL))
+        if not os.path.isfile(path):
+            try:
+                os.makedirs(os.path.dirname(path), exist_ok=True)
+                torch.hub.download_url_to_file(INCEPTION_URL, path, progress=False)  # temp file, then rename
+            except Exception as e:
+                raise WeightsMissing(f"the Inception weights {os.path.basename(INCEPTION_URL)} are not in {path} and "
+                                     f"could not be downloaded ({type(e).__name__}); fetch {INCEPTION_URL} where "
+                                     f"there is network into that folder, or pass --inception FILE") from None
+    elif not os.path.isfile(path):
+        raise WeightsMissing(f"--inception {path} does not exist; pass the torch-fidelity Inception .pth file")
+    try:  # torch-fidelity unpickles the file in full: make sure first that it holds tensors only
+        torch.load(path, map_location='cpu', weights_only=True)
+    except Exception as e:
+        raise WeightsMissing(f"{path} is not a plain state_dict of tensors ({type(e).__name__}); use "
+                             f"{os.path.basename(INCEPTION_URL)} from torch-fidelity") from None
+    return TFInception(path).to(device).eval()
+
+
+@torch.no_grad()
+def extract(extractor, batches, device='cpu'):
+    """uint8 NHWC batches -> dict of (N, D) float64 numpy features, one batch on the device at a time."""
+    out = {}
+    for b in batches:
+        x = torch.as_tensor(np.ascontiguousarray(b)).to(device).permute(0, 3, 1, 2)  # (B, 3, H, W) uint8
+        for k, v in extractor(x).items():
+            out.setdefault(k, []).append(v.double().cpu())
+    return {k: torch.cat(v).numpy() for k, v in out.items()}
+
+
+IMAGE_EXTENSIONS = ('.png', '.jpg', '.jpeg', '.webp')
+
+
+def image_batches(source, batch=64):
+    """uint8 NHWC batches from an .npz (`arr_0`) or a folder of images (same-size runs batched together)."""
+    if os.path.isdir(source):
+        names = sorted(f for f in os.listdir(source) if f.lower().endswith(IMAGE_EXTENSIONS))
+        run = []
+        for f in names:
+            im = np.asarray(Image.open(os.path.join(source, f)).convert('RGB'))
+            if run and (len(run) == batch or im.shape != run[0].shape):
+                yield np.stack(run)
+                run = []
+            run.append(im)
+        if run:
+            yield np.stack(run)
+        return
+    with zipfile.ZipFile(source) as z, z.open('arr_0.npy') as f:  # streamed: 50k images need not fit in memory
+        version = np.lib.format.read_magic(f)
+        read_header = np.lib.format.read_array_header_1_0 if version == (1, 0) else np.lib.format.read_array_header_2_0
+        shape, fortran, dtype = read_header(f)
+        if fortran or dtype != np.uint8 or len(shape) != 4 or shape[-1] != 3:
+            raise ValueError(f"{source}: arr_0 must be uint8 images (N, H, W, 3), got {dtype} {shape}")
+        for i in range(0, shape[0], batch):
+            n = min(batch, shape[0] - i)
+            yield np.frombuffer(bytearray(f.read(n * math.prod(shape[1:]))), np.uint8).reshape(n, *shape[1:])
+
+# -----------------------------------------------------------------------------
+# FID / sFID / IS / precision / recall of a sample set against a reference
+
+
+def reference_stats(ref, extractor, device, batch):
+    """(features or None, {'pool': (mu, sigma), 'spatial': (mu, sigma)}) of a reference .npz or folder.
+    An ADM reference batch carries its statistics (`mu`, `sigma`, `mu_s`, `sigma_s`) and 10k images."""
+    stats, feats = {}, None
+    if not os.path.isdir(ref):
+        z = np.load(ref)
+        if 'mu' in z:
+            stats['pool'] = (z['mu'], z['sigma'])
+        if 'mu_s' in z:
+            stats['spatial'] = (z['mu_s'], z['sigma_s'])
+        if 'arr_0' not in z:
+            return None, stats
+    feats = extract(extractor, image_batches(ref, batch), device)
+    for k in ('pool', 'spatial'):
+        if k not in stats and k in feats:
+            stats[k] = mean_cov(feats[k])
+    return feats, stats
+
+
+def compute_metrics(samples, ref, extractor, device='cpu', batch=64, split_size=5000):
+    """All the ADM evaluator's numbers for an .npz of samples against a reference (.npz or folder)."""
+    ref_feats, ref_stats = reference_stats(ref, extractor, device, batch)
+    f = extract(extractor, image_batches(samples, batch), device)
+    out = dict(n_samples=len(f['pool']), inception_score=inception_score(f['logits'], split_size),
+               fid=frechet_distance(*mean_cov(f['pool']), *ref_stats['pool']))
+    if 'spatial' in f and 'spatial' in ref_stats:
+        out['sfid'] = frechet_distance(*mean_cov(f['spatial']), *ref_stats['spatial'])
+    if ref_feats is not None:  # precision / recall need the reference's features, not only its statistics
+        out['precision'], out['recall'] = precision_recall(ref_feats['pool'], f['pool'])
+        out['n_reference'] = len(ref_feats['pool'])
+    return out
+
+
+@dataclass
+class MetricsConfig:
+    samples: str = ''  # .npz of generated images (uint8 NHWC `arr_0`), e.g. from sample.py --per_class
+    ref: str = ''  # reference: an ADM reference batch .npz (mu/sigma + images) or a folder of images
+    inception: Optional[str] = None  # torch-fidelity Inception weights (.pth); None = torch hub cache / download
+    device: Optional[str] = None  # None = cuda if available, else cpu
+    batch: int = 64  # images per Inception forward
+    split_size: int = 5000  # Inception Score split size (ADM: 5000)
+    out: str = ''  # also write the numbers as JSON here; '' = print only
+
+    def validate(self):
+        for flag, path in (('samples', self.samples), ('ref', self.ref)):
+            if not path or not os.path.exists(path):
+                raise UserError(f"{flag} {path!r} does not exist; usage: python metrics.py SAMPLES.npz REF.npz|DIR")
+            if os.path.isdir(path):
+                if flag == 'samples':
+                    raise UserError(f"samples {path} is a folder; pass the .npz that sample.py --per_class wrote")
+                if not any(f.lower().endswith(IMAGE_EXTENSIONS) for f in os.listdir(path)):
+                    raise UserError(f"ref {path} holds no .png/.jpg/.webp images; pass a folder of images or an .npz")
+                continue
+            names = zipfile.ZipFile(path).namelist() if zipfile.is_zipfile(path) else []
+            if 'arr_0.npy' not in names and not (flag == 'ref' and 'mu.npy' in names):
+                raise UserError(f"{flag} {path} is not an .npz with images `arr_0`" +
+                                (" or ADM statistics `mu`/`sigma`" if flag == 'ref' else "") +
+                                "; write one with sample.py --per_class (or np.savez)")
+        if self.batch < 1 or self.split_size < 1:
+            raise UserError(f"--batch and --split_size must be at least 1, got {self.batch} and {self.split_size}")
+        if self.device and self.device.startswith('cuda') and not torch.cuda.is_available():
+            raise UserError(f"--device {self.device} was asked for but torch sees no GPU here; use --device cpu")
+        if self.out:
+            check_writable(self.out, '--out')
+
+
+def main(argv=None):
+    argv = list(sys.argv[1:] if argv is None else argv)
+    pos = [a for a in argv[:2] if not a.startswith('--')]  # SAMPLES REF may come first, without flags
+    argv = [x for k, v in zip(('--samples', '--ref'), pos) for x in (k, v)] + argv[len(pos):]
+    cfg = parse_config(MetricsConfig, argv)
+    cfg.validate()
+    device = cfg.device or ('cuda' if torch.cuda.is_available() else 'cpu')
+    out = compute_metrics(cfg.samples, cfg.ref, load_inception(cfg.inception, device), device, cfg.batch,
+                          cfg.split_size)
+    for k, v in out.items():
+        print(f"{k}: {v}")
+    if cfg.out:
+        write_outputs({cfg.out: lambda f: f.write(json.dumps(out, indent=1).encode())})
+    return out
+
+# -----------------------------------------------------------------------------
+# reward benchmark: every configured reward on fixed conditions and seeds, one or two checkpoints
+
+
+def mean_se(per_cond):
+    """(C, n) scores, n images for each of C conditions -> (mean, standard error). The error is over the
+    condition means (images of one prompt are not independent); with one condition, over the images."""
+    x = np.asarray(per_cond, dtype=np.float64)
+    m = x.mean(1) if len(x) > 1 else x.ravel()
+    return float(x.mean()), float(m.std(ddof=1) / math.sqrt(len(m))) if len(m) > 1 else 0.0
+
+
+def paired(base, tuned):
+    """Paired comparison of (C, n) scores drawn on the same seeds: mean and standard error of tuned - base,
+    and the tuned model's win rate over image pairs (a tie counts half)."""
+    d = np.asarray(tuned, np.float64) - np.asarray(base, np.float64)
+    diff, se = mean_se(d)
+    return dict(diff=diff, se=se, win_rate=float(((d > 0) + 0.5 * (d == 0)).mean()))
+
+
+@torch.no_grad()
+def sample_condition(cfg, gpt, vq, cond, mask, seed, device):
+    """eval_images samples of one condition from a generator seeded by `seed` (the same for every
+    checkpoint): images (n, 3, H, W) float in about [-1, 1]."""
+    n = cfg.eval_images
+    cond = cond.repeat_interleave(n, 0)
+    mask = None if mask is None else mask.repeat_interleave(n, 0)
+    gen = torch.Generator(device).manual_seed(seed)
+    amp = torch.autocast('cuda', dtype=getattr(torch, cfg.dtype)) if device.type == 'cuda' else nullcontext()
+    with amp:  # as train.py's rollout, so the base model's numbers are those of a training-time evaluation
+        tokens, _ = generate(gpt, cond, mask, cfg.cfg_scale, cfg.cfg_interval, cfg.temperature, cfg.top_k, cfg.top_p,
+                             generator=gen, compile=cfg.compile)
+        return vq.decode(tokens).float()
+
+
+def eval_models(cfg, policy, vq, device):
+    """{'base': policy} plus {'tuned': eval_ckpt} loaded to fit it (same vocabulary, grid and condition)."""
+    models = {'base': policy}
+    if cfg.eval_ckpt:
+        tuned = load_gpt(cfg.eval_ckpt, preset=cfg.model, image_size=cfg.image_size, device=device,
+                         downsample=vq.config.downsample, model_type=policy.config.model_type).eval()
+        keys = ('model_type', 'vocab_size', 'block_size', 'cls_token_num', 'num_classes')
+        bad = [k for k in keys if getattr(tuned.config, k) != getattr(policy.config, k)]
+        if bad:
+            raise UserError(f"--eval_ckpt {cfg.eval_ckpt} does not fit --ckpt {cfg.ckpt or 'random init'} "
+                            f"({bad[0]} {getattr(tuned.config, bad[0])} vs {getattr(policy.config, bad[0])}); "
+                            f"compare checkpoints of the same model")
+        models['tuned'] = tuned
+    return models
+
+
+def score_conditions(cfg, models, vq, reward_fn, conds, t5, device, rank, world, keep_images=8):
+    """This rank's share of the conditions (i = rank, rank + world, ...) -> [(i, {model: {reward: (n,)}},
+    {model: uint8 images (n, H, W, 3)} for the first keep_images conditions)]."""
+    out = []
+    for i in range(rank, len(conds), world):
+        c = conds[i]
+        if isinstance(c, str):
+            emb, mask = encode_prompts([c], *t5, max_length=models['base'].config.cls_token_num)
+            cond, mask = emb.to(device), mask.to(device)
+        else:
+            cond, mask = torch.tensor([c], device=device), None
+        scores, pics = {}, {}
+        for name, gpt in models.items():
+            images = sample_condition(cfg, gpt, vq, cond, mask, cfg.seed + i, device)
+            total, raw = reward_fn(images, [c] * len(images))
+            scores[name] = {k: v.float().cpu().numpy() for k, v in {'reward': total, **raw}.items()}  # (n,) each
+            if i < keep_images:
+                pics[name] = to_uint8(images).permute(0, 2, 3, 1).cpu().numpy()
+        out.append((i, scores, pics))
+    return out
+
+
+def side_by_side(rows, path, max_images=8, gap=8):
+    """rows: [(base (n, H, W, 3), tuned (n, H, W, 3))] -> one PNG: a row per condition, base left, tuned right."""
+    n = min(max_images, len(rows[0][0]))
+    left = image_grid(np.concatenate([b[:n] for b, _ in rows]), n)
+    right = image_grid(np.concatenate([t[:n] for _, t in rows]), n)
+    white = np.full((left.shape[0], gap, 3), 255, np.uint8)
+    Image.fromarray(np.concatenate([left, white, right], 1)).save(path, format='PNG')
+
+
+def summarize(cfg, conds, results, verbose=True):
+    """Gathered per-condition results -> the JSON summary (and the printed table)."""
+    names = list(results[0][1])
+    rewards = list(results[0][1]['base'])
+    scores = {m: {r: np.stack([s[m][r] for _, s, _ in results]) for r in rewards} for m in names}  # (C, n)
+    summary = dict(ckpt=cfg.ckpt or 'random init', eval_ckpt=cfg.eval_ckpt, conditions=len(conds),
+                   images_per_condition=cfg.eval_images, seed=cfg.seed, seeds='seed + condition index',
+                   **{m: {r: dict(zip(('mean', 'se'), mean_se(scores[m][r]))) for r in rewards} for m in names})
+    if 'tuned' in names:
+        summary['paired'] = {r: paired(scores['base'][r], scores['tuned'][r]) for r in rewards}
+    if not verbose:
+        return summary
+    print(f"eval: {len(conds)} conditions x {cfg.eval_images} images, seeds {cfg.seed} + condition index")
+    for r in rewards:
+        line = '  '.join(f"{m} {summary[m][r]['mean']:.4f} +- {summary[m][r]['se']:.4f}" for m in names)
+        if 'tuned' in names:
+            p = summary['paired'][r]
+            line += f"  tuned - base {p['diff']:+.4f} +- {p['se']:.4f}  win rate {p['win_rate']:.3f}"
+        print(f"  {r:>14}: {line}")
+    return summary
+
+
+def reward_eval(cfg, policy, vq, reward_fn, prompts, t5, device, rank=0, world=1):
+    """train.py --eval: sample, score, gather on rank 0, print; write eval.json (and eval_side_by_side.png
+    with --eval_ckpt) into out_dir. Returns the summary dict (on every rank)."""
+    pool = prompts if policy.config.model_type == 't2i' else (cfg.classes or list(range(policy.config.num_classes)))
+    conds = pool[:cfg.eval_conds] if cfg.eval_conds else list(pool)
+    models = eval_models(cfg, policy, vq, device)
+    mine = score_conditions(cfg, models, vq, reward_fn, conds, t5, device, rank, world)
+    everything = [None] * world
+    if world > 1:
+        dist.all_gather_object(everything, mine)
+    else:
+        everything = [mine]
+    results = sorted((r for part in everything for r in part), key=lambda r: r[0])
+    summary = summarize(cfg, conds, results, verbose=rank == 0)
+    if rank == 0:
+        outputs = {os.path.join(cfg.out_dir, 'eval.json'): lambda f: f.write(json.dumps(summary, indent=1).encode())}
+        if 'tuned' in models:
+            rows = [(p['base'], p['tuned']) for _, _, p in results if p]
+            outputs[os.path.join(cfg.out_dir, 'eval_side_by_side.png')] = lambda f: side_by_side(rows, f)
+        write_outputs(outputs)
+        print(f"wrote {', '.join(outputs)}")
+    return summary
+
+# -----------------------------------------------------------------------------
+# smoke demo: the metric math on random features (no network, no weights)
+
+
+def _demo():
+    """The metric math on random features: no network, no weights."""
+    g = np.random.default_rng(0)
+    a, b = g.normal(size=(2000, 16)), g.normal(0.3, 1.0, size=(2000, 16))
+    print(f"FID(a, a) = {abs(frechet_distance(*mean_cov(a), *mean_cov(a))):.1e}; FID(a, b shifted by 0.3) = "
+          f"{frechet_distance(*mean_cov(a), *mean_cov(b)):.3f} (about 16 * 0.09 = 1.44)")
+    print(f"IS of uniform logits = {inception_score(np.zeros((100, 10))):.3f} (1); of one-hot logits over 10 "
+          f"classes = {inception_score(np.repeat(np.eye(10) * 50, 10, 0)):.3f} (10)")
+    print("precision, recall of a against itself = (%.2f, %.2f); against b = (%.2f, %.2f)"
+          % (*precision_recall(a, a), *precision_recall(a, b)))
+
+
+if __name__ == '__main__':
+    if len(sys.argv) == 1:
+        _demo()
+        sys.exit(0)
+    try:
+        main()
+    except (ValueError, CheckpointError, WeightsMissing) as e:  # errors a user can cause: one line
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
