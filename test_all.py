@@ -389,7 +389,7 @@ def test_resume_is_exact(tmp_path):
     run_train(tmp_path / 'a', '--max_steps', '6', *common)
     run_train(tmp_path / 'b', '--max_steps', '3', *common)
     run_train(tmp_path / 'b', '--max_steps', '6', '--resume', *common)
-    a, b = load_file(str(tmp_path / 'a' / 'model.safetensors')), load_file(str(tmp_path / 'b' / 'model.safetensors'))
+    a, b = (load_file(str(tmp_path / r / 'latest' / 'model.safetensors')) for r in 'ab')
     assert all(torch.equal(a[k], b[k]) for k in a)
     ra = [json.loads(x) for x in open(tmp_path / 'a' / 'metrics.jsonl')]
     rb = [json.loads(x) for x in open(tmp_path / 'b' / 'metrics.jsonl')]
@@ -416,8 +416,8 @@ def test_nonfinite_rewards_skip_then_stop(tmp_path, monkeypatch):
     monkeypatch.setattr(train, 'build_reward', flaky)
     rows = run_train(tmp_path, '--max_steps', '10', '--save_every', '100')
     assert [r['skipped'] for r in rows] == [0, 1, 0, 1, 1, 1]  # step 2 skipped, steps 4-6: three in a row
-    assert os.path.isfile(tmp_path / 'model.safetensors')  # saved before stopping
-    state = torch.load(tmp_path / 'state.pt', weights_only=True)
+    assert os.path.isfile(tmp_path / 'latest' / 'model.safetensors')  # saved before stopping
+    state = torch.load(tmp_path / 'latest' / 'state.pt', weights_only=True)
     assert state['step'] == 6
 
 
