@@ -4,10 +4,14 @@ bench.py -- measured speed of sampling, rewards and a GRPO step, each against a 
     python bench.py                  # CPU: GPT-B shape at 128 px (64 tokens; the recompute baseline is O(N^2))
     python bench.py --device cuda    # GPU: GPT-B at 256 px (256 tokens), LlamaGen's sampling settings, bf16
     python bench.py --quick          # tiny shapes, seconds: shows that everything runs
+    python bench.py --only memory    # bytes per rank of one GRPO update: GPT-B / GPT-XL x {DDP, grad_ckpt,
+                                     # LoRA r=16, FSDP 2 ranks} (scale.memory_plan), next to a measured peak
 
 Prints one JSON line per measurement (name, value, unit, and for comparisons baseline and ratio), then a
 table. Timings are medians of --reps runs after one warm-up. All weights are random: speed does not
-depend on them. Never used for assertions: tests only run --quick to show it works.
+depend on them. Never used for assertions: tests only run --quick to show it works. The memory section
+measures the peak of one forward/backward (torch.cuda.max_memory_allocated on a GPU; on a CPU the profiler's
+allocation events of a tiny model) and prints it next to scale.py's estimate of the same thing.
 """
 import copy
 import json
@@ -36,7 +40,7 @@ class BenchConfig:
     reward_batch: int = 32  # images per reward batch
     clip_model: str = ''  # open_clip architecture for the reward benchmark; '' = ViT-L-14 on cuda, ViT-B-32 on cpu
     compile: bool = False  # GRPO-step section: torch.compile the rollout's decode step (train.py --compile)
-    only: List[str] = field(default_factory=list)  # run only these sections: kv cfg compile reward step
+    only: List[str] = field(default_factory=list)  # run only these sections: kv cfg compile reward step memory
     out: str = ''  # also append the JSON lines to this file
 
 
@@ -208,6 +212,68 @@ def bench_grpo_step(cfg, device, dtype):
     report('grpo_overhead_beyond_rollout', 1 - med['time_rollout'] / med['step_time'], 'fraction', target='<= 0.5')
 
 
+def peak_bytes(fn, device):
+    """Peak bytes allocated while fn() runs, above what was allocated before: the CUDA allocator's counter on
+    a GPU, else the CPU allocation events recorded by the profiler (summed in time order)."""
+    if device.type == 'cuda':
+        torch.cuda.synchronize()
+        base = torch.cuda.memory_allocated()
+        torch.cuda.reset_peak_memory_stats()
+        fn()
+        torch.cuda.synchronize()
+        return torch.cuda.max_memory_allocated() - base
+    from torch.profiler import ProfilerActivity, profile
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        fn()
+    live = peak = 0
+    for _, n in sorted((e.start_ns(), e.nbytes()) for e in prof.profiler.kineto_results.events() if e.name() == '[memory]'):
+        live += n
+        peak = max(peak, live)
+    return peak
+
+
+def bench_memory(cfg, device):
+    """The memory plan of one GRPO step (train.py defaults: 2 conditions x G=8 per rank, CFG, one micro-batch
+    of 16) for GPT-B at 256 px and GPT-XL at 384 px under each option, and a measured activation peak of one
+    teacher-forced forward/backward against scale.activation_bytes for the same shape."""
+    import scale, train
+    from model import GPT
+    options = {'ddp': {}, 'grad_ckpt': dict(grad_ckpt=True), 'lora16': dict(lora_rank=16),
+               'fsdp2': dict(fsdp=True), 'lora16+grad_ckpt': dict(lora_rank=16, grad_ckpt=True),
+               'fsdp2+grad_ckpt': dict(fsdp=True, grad_ckpt=True)}
+    for name, size in (('GPT-B', 256), ('GPT-XL', 384), ('GPT-XXL', 384), ('GPT-3B', 384)):
+        gc = config_for(name, size)
+        for opt, kw in options.items():
+            plan = scale.memory_plan(gc, world=2 if kw.get('fsdp') else 1, micro_batch=16, rollout_batch=16, **kw)
+            report('memory_plan', plan['peak'] / 2**30, 'GiB', model=name, image_size=size, option=opt,
+                   **{k: round(plan[k] / 2**30, 2) for k in ('weights', 'grads', 'optimizer', 'reference',
+                                                               'activations', 'kv_cache', 'gathered')})
+    # measured: one forward/backward of the training log-prob path on a small shape, estimate alongside
+    small = dict(cuda=('GPT-B', 256, 16384, 4), cpu=('GPT-tiny', 128, 1024, 4))[device.type]
+    name, size, vocab, B = ('GPT-tiny', 32, 64, 2) if cfg.quick else small
+    gc = config_for(name, size, 4 if device.type == 'cpu' else 16, vocab_size=vocab)
+    tc = train.TrainConfig(cfg_scale=1.0)
+    for opt, kw in (('ddp', {}), ('grad_ckpt', dict(grad_ckpt=True)), ('lora16', dict(lora_rank=16))):
+        torch.manual_seed(0)
+        model = GPT(gc).to(device).eval()
+        model.grad_ckpt = kw.get('grad_ckpt', False)
+        if kw.get('lora_rank'):
+            scale.add_lora(model, 16, 32)
+        grads = 4 * sum(p.numel() for p in model.parameters() if p.requires_grad)
+        x = torch.randint(vocab, (B, gc.block_size), device=device)
+        y = torch.randint(10, (B,), device=device)
+
+        def step():
+            with torch.autocast('cuda', dtype=torch.bfloat16, enabled=device.type == 'cuda'):
+                train.sequence_logprobs(tc, model, x, y, None)[0].mean().backward()
+        step()  # warm-up, then measure with the gradients already allocated
+        measured = peak_bytes(step, device)
+        est = scale.activation_bytes(gc, B, kw.get('grad_ckpt', False), bf16=device.type == 'cuda')
+        report('activation_peak', measured / 2**20, 'MiB', estimate=round(est / 2**20, 2), option=opt,
+               shape=f"{name} B={B} N={gc.block_size} V={vocab}", grads_MiB=round(grads / 2**20, 2),
+               measured_on=device.type)
+
+
 def main(argv=None):
     from sample import parse_config
     cfg = parse_config(BenchConfig, argv)
@@ -233,9 +299,12 @@ def main(argv=None):
         bench_grpo_step(cfg, device, dtype)
     if 'compile' in sections:
         bench_compile(cfg, device, dtype)
+    if 'memory' in sections:
+        bench_memory(cfg, device)
     print(f"\n{'measurement':34s} {'value':>12s} {'unit':14s} {'baseline':>10s} {'ratio':>7s}")
     for r in RESULTS:
-        print(f"{r['name']:34s} {r['value']:12.4g} {r['unit']:14s} {r.get('baseline', ''):>10} {r.get('ratio', ''):>7}")
+        label = r['name'] + ''.join(f" {r[k]}" for k in ('model', 'option') if k in r)
+        print(f"{label:34s} {r['value']:12.4g} {r['unit']:14s} {r.get('baseline', ''):>10} {r.get('ratio', ''):>7}")
     if cfg.out:
         with open(cfg.out, 'a') as f:
             f.writelines(json.dumps(r) + '\n' for r in RESULTS)

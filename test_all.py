@@ -1268,3 +1268,89 @@ def test_gpu_bf16_compile_close_to_eager():
 def test_gpu_train_steps(tmp_path):
     rows = run_train(tmp_path, '--max_steps', '3', '--device', 'cuda', '--cfg_scale', '2.0', '--compile')
     assert len(rows) == 3 and all(np.isfinite(r['reward']) and np.isfinite(r['grad_norm']) for r in rows)
+
+# ----------------------------------------------------------------------------- scale (issue 12)
+# Memory options (scale.py, train.py --grad_ckpt / --fsdp / --lora_rank) and step-directory checkpoints.
+# Multi-rank runs fork this process (torchrun's environment by hand, gloo on CPU): no interpreter start-up
+# and no re-import per rank, which keeps these tests within seconds.
+import random
+import shutil
+import signal
+import socket
+import traceback
+from scale import AdaptersOff, LoRALinear, add_lora, adapters_off, merge_lora
+
+SCALE_ARGS = ['--preset', 'demo', '--image_size', '8', '--grid_every', '0', '--device', 'cpu', '--conds_per_rank', '2',
+              '--group_size', '4', '--beta', '0.1', '--cfg_scale', '2.0', '--logprob_mode', 'guided']
+
+
+def _free_port():
+    with socket.socket() as s:
+        s.bind(('127.0.0.1', 0))
+        return s.getsockname()[1]
+
+
+def fork_ranks(world, fn, timeout=120):
+    """Run fn() on `world` forked ranks with torchrun's environment; returns their exit codes."""
+    port, pids = _free_port(), []
+    for r in range(world):
+        pid = os.fork()
+        if pid == 0:  # child: never returns into pytest
+            code = 1
+            try:
+                if world > 1 or fn.__name__ == 'fsdp1':
+                    os.environ.update(RANK=str(r), WORLD_SIZE=str(world), LOCAL_RANK=str(r),
+                                      MASTER_ADDR='127.0.0.1', MASTER_PORT=str(port))
+                torch.set_num_threads(1)
+                fn()
+                code = 0
+            except BaseException:
+                traceback.print_exc()
+            finally:
+                if torch.distributed.is_initialized():
+                    torch.distributed.destroy_process_group()
+                os._exit(code)
+        pids.append(pid)
+    t0, codes = time.time(), {}
+    while len(codes) < world:
+        for p in pids:
+            if p not in codes and os.waitpid(p, os.WNOHANG)[0]:
+                codes[p] = 0  # exit status read below
+        if time.time() - t0 > timeout:
+            for p in pids:
+                os.kill(p, signal.SIGKILL)
+            raise TimeoutError
+        time.sleep(0.02)
+    return codes
+
+
+def run_ranks(world, out_dir, *args):
+    codes = []
+
+    def fn():
+        train.main([*SCALE_ARGS, '--out_dir', str(out_dir), *args])
+    fn.__name__ = 'fsdp1' if world == 1 and '--fsdp' in args else 'run'
+    ok = _wait_all(world, fn)
+    assert ok, f"a rank failed in {out_dir}"
+
+
+def _wait_all(world, fn, timeout=120):
+    port, pids = _free_port(), []
+    for r in range(world):
+        pid = os.fork()
+        if pid == 0:
+            code = 1
+            try:
+                if world > 1 or fn.__name__ == 'fsdp1':
+                    os.environ.update(RANK=str(r), WORLD_SIZE=str(world), LOCAL_RANK=str(r),
+                                      MASTER_ADDR='127.0.0.1', MASTER_PORT=str(port))
+                torch.set_num_threads(1)
+                fn()
+                code = 0
+            except BaseException:
+                traceback.print_exc()
+            finally:
+                sys.stdout.flush()
+                os._exit(code)
+        pids.append(pid)
+    return all(os.waitpid(p, 0)[1] == 0 for p in pids)
