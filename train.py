@@ -511,12 +511,13 @@ def load_checkpoint(cfg, policy, opt):
     if diff:
         raise UserError(f"--resume: the config differs from the checkpoint's in {', '.join(diff)} "
                         f"(e.g. {diff[0]}={saved[diff[0]]!r} there); use the same settings")
+    from torch.distributed.checkpoint.api import CheckpointException  # a BaseException, not an Exception
     target = _dcp_state(cfg, policy, opt)  # the layout to load into: this run's sharding and world size
     try:
         with warnings.catch_warnings():
             warnings.filterwarnings('ignore', message='torch.distributed is disabled')
             dcp.load(target, checkpoint_id=os.path.join(d, 'dcp'), no_dist=not dist.is_initialized())
-    except Exception as e:
+    except (Exception, CheckpointException) as e:
         raise UserError(f"--resume: the sharded state in {os.path.join(d, 'dcp')} is truncated, corrupt or "
                         f"from another model ({type(e).__name__}); delete {d} to resume from an older save") from None
     set_state_dict(policy, opt, model_state_dict=target['model'], optim_state_dict=target['optim'],
