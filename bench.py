@@ -6,6 +6,7 @@ bench.py -- measured speed of sampling, rewards and a GRPO step, each against a 
     python bench.py --quick          # tiny shapes, seconds: shows that everything runs
     python bench.py --only memory    # bytes per rank of one GRPO update: GPT-B / GPT-XL x {DDP, grad_ckpt,
                                      # LoRA r=16, FSDP 2 ranks} (scale.memory_plan), next to a measured peak
+    torchrun --nproc_per_node 2 bench.py --only gather   # FSDP rollout: per-block all-gathers vs gathered once
 
 Prints one JSON line per measurement (name, value, unit, and for comparisons baseline and ratio), then a
 table. Timings are medians of --reps runs after one warm-up. All weights are random: speed does not
@@ -40,7 +41,7 @@ class BenchConfig:
     reward_batch: int = 32  # images per reward batch
     clip_model: str = ''  # open_clip architecture for the reward benchmark; '' = ViT-L-14 on cuda, ViT-B-32 on cpu
     compile: bool = False  # GRPO-step section: torch.compile the rollout's decode step (train.py --compile)
-    only: List[str] = field(default_factory=list)  # run only these sections: kv cfg compile reward step memory
+    only: List[str] = field(default_factory=list)  # sections: kv cfg compile reward step memory gather
     out: str = ''  # also append the JSON lines to this file
 
 
@@ -248,6 +249,19 @@ def bench_memory(cfg, device):
             report('memory_plan', plan['peak'] / 2**30, 'GiB', model=name, image_size=size, option=opt,
                    **{k: round(plan[k] / 2**30, 2) for k in ('weights', 'grads', 'optimizer', 'reference',
                                                                'activations', 'kv_cache', 'gathered')})
+    # what to run on one 24 GB / one 80 GB card (or 8 of them), counting the paper's c2i reward models
+    # (CLIP ViT-L/14 + HPS ViT-H/14 in float32: ~5.3 GiB) on top of the plan
+    rewards = (427.6e6 + 986.1e6) * 4
+    for name, size, kw in (('GPT-B', 256, {}), ('GPT-L', 384, {}), ('GPT-XL', 384, {}), ('GPT-XXL', 384, {}),
+                           ('GPT-3B', 384, {}), ('GPT-XL', 256, dict(model_type='t2i'))):
+        gc = config_for(name, size, **kw)
+        for gpu in (24, 80):
+            for world in (1, 8):
+                fits = scale.fitting_options(gc, gpu * 1e9 - rewards, world, micro_batch=16, rollout_batch=16)
+                if fits or world == 8:
+                    report('fits', float(bool(fits)), 'bool', model=f"{name} {gc.model_type} {size}px", gpu=f"{gpu}GB",
+                           gpus=world, option=fits[0] if fits else 'does not fit', also=fits[1:3])
+                    break
     # measured: one forward/backward of the training log-prob path on a small shape, estimate alongside
     small = dict(cuda=('GPT-B', 256, 16384, 4), cpu=('GPT-tiny', 128, 1024, 4))[device.type]
     name, size, vocab, B = ('GPT-tiny', 32, 64, 2) if cfg.quick else small
@@ -272,6 +286,31 @@ def bench_memory(cfg, device):
         report('activation_peak', measured / 2**20, 'MiB', estimate=round(est / 2**20, 2), option=opt,
                shape=f"{name} B={B} N={gc.block_size} V={vocab}", grads_MiB=round(grads / 2**20, 2),
                measured_on=device.type)
+
+
+def bench_gather(cfg, device, dtype):
+    """Sampling from an FSDP2-sharded policy (needs torchrun): FSDP's default, an all-gather of every block
+    at every decode step, against scale.gathered (every block gathered once for the whole decode)."""
+    import contextlib
+    import torch.distributed as dist
+    import scale
+    if not dist.is_initialized():
+        dist.init_process_group('nccl' if device.type == 'cuda' else 'gloo')
+    model = build_gpt(cfg, device, torch.float32)
+    scale.shard(model, device)
+    cond = torch.randint(0, 1000, (cfg.batch,), generator=torch.Generator().manual_seed(0)).to(device)
+
+    def sample(once):
+        with scale.gathered(model) if once else contextlib.nullcontext():
+            return generate(model, cond, cfg_scale=cfg.cfg_scale, top_k=cfg.top_k,
+                            generator=torch.Generator(device).manual_seed(0))[0]
+    same = torch.equal(sample(True), sample(False))
+    per_block = timed(lambda: sample(False), max(1, cfg.reps // 3), device)
+    once = timed(lambda: sample(True), max(1, cfg.reps // 3), device)
+    N = model.config.block_size
+    report('fsdp_rollout_gather_once_vs_per_block', cfg.batch * N / once, 'tokens_per_s',
+           baseline=cfg.batch * N / per_block, ranks=dist.get_world_size(), same_tokens=same,
+           shape=f"{cfg.model if not cfg.quick else 'GPT-tiny'} B={cfg.batch} N={N}")
 
 
 def main(argv=None):
@@ -301,6 +340,8 @@ def main(argv=None):
         bench_compile(cfg, device, dtype)
     if 'memory' in sections:
         bench_memory(cfg, device)
+    if 'gather' in sections:
+        bench_gather(cfg, device, dtype)
     print(f"\n{'measurement':34s} {'value':>12s} {'unit':14s} {'baseline':>10s} {'ratio':>7s}")
     for r in RESULTS:
         label = r['name'] + ''.join(f" {r[k]}" for k in ('model', 'option') if k in r)

@@ -225,7 +225,9 @@ def memory_plan(gpt_config, world=1, fsdp=False, grad_ckpt=False, lora_rank=0, l
     float32 grads (4), AdamW moments (8) and, with beta > 0, a frozen float32 reference (4); LoRA trains only
     the adapters and its reference is the base itself; FSDP divides all of it by the world size and adds the
     bf16 weights gathered for the rollout. The peak is the larger of the rollout (weights, reference, gathered
-    copy, KV cache) and the update (weights, grads, AdamW, reference, activations). Reward models not counted."""
+    copy, KV cache), the forward/backward (weights, grads, AdamW, reference, activations) and the AdamW step
+    (foreach AdamW allocates a temporary the size of its state's sqrt(v): 4 B per trained param). Not counted:
+    the reward models, the VQ decode's transients, the CUDA context and fragmentation (keep ~10% spare)."""
     P, L = count_params(gpt_config, lora_rank, lora_targets)
     trained = L if lora_rank else P
     div = world if fsdp else 1
@@ -238,8 +240,8 @@ def memory_plan(gpt_config, world=1, fsdp=False, grad_ckpt=False, lora_rank=0, l
                 kv_cache=2 * c.n_layer * rollout_batch * (2 if cfg else 1) * (c.cls_token_num + c.block_size)
                 * c.dim * (2 if bf16 else 4))
     rollout = plan['weights'] + plan['reference'] + plan['gathered'] + plan['kv_cache']
-    update = plan['weights'] + plan['grads'] + plan['optimizer'] + plan['reference'] + plan['activations']
-    plan['peak'] = max(rollout, update)
+    held = plan['weights'] + plan['grads'] + plan['optimizer'] + plan['reference']
+    plan['peak'] = max(rollout, held + plan['activations'], held + 4 * trained / div)
     return plan
 
 
@@ -252,18 +254,18 @@ def format_plan(plan, options):
 
 
 def fitting_options(gpt_config, limit, world, **base):
-    """Which of the memory options (alone or combined, and smaller micro-batches) bring the peak under
-    `limit` bytes: a list of flag strings, cheapest change first."""
-    tries = [('--grad_ckpt', dict(grad_ckpt=True)), ('--lora_rank 16', dict(lora_rank=16)),
+    """Which memory options (alone or combined, then with smaller micro-batches) bring the peak under 90% of
+    `limit` bytes (the 10% the plan does not count): flag strings, least intrusive first ('' = as it is). Without sharding first; FSDP when world > 1."""
+    tries = [('', {}), ('--grad_ckpt', dict(grad_ckpt=True)), ('--lora_rank 16', dict(lora_rank=16)),
              ('--grad_ckpt --lora_rank 16', dict(grad_ckpt=True, lora_rank=16))]
     if world > 1:
         tries += [('--fsdp', dict(fsdp=True)), ('--fsdp --grad_ckpt', dict(fsdp=True, grad_ckpt=True))]
     out = []
     for flags, kw in tries:
-        for mb in (base['micro_batch'], 4, 1):
+        for mb in sorted({base['micro_batch'], 4, 1}, reverse=True):
             opts = {**base, **kw, 'micro_batch': mb}
-            if mb <= base['micro_batch'] and memory_plan(gpt_config, world, **opts)['peak'] < limit:
-                out.append(flags + ('' if mb == base['micro_batch'] else f' --micro_batch_size {mb}'))
+            if mb <= base['micro_batch'] and memory_plan(gpt_config, world, **opts)['peak'] < 0.9 * limit:
+                out.append((flags + ('' if mb == base['micro_batch'] else f' --micro_batch_size {mb}')).strip())
                 break
     return out
 

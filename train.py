@@ -669,8 +669,8 @@ def print_memory_plan(cfg, gpt_config, world, device, rank):
     if device.type == 'cuda':
         free, _ = torch.cuda.mem_get_info(device)
         limit = free + torch.cuda.memory_allocated(device)  # what this process may use, counting what it holds
-        if plan['peak'] > limit:
-            fits = scale.fitting_options(gpt_config, limit, world, **opts)
+        if plan['peak'] > 0.9 * limit:  # 10% for what the plan does not count (rewards, VQ decode, context)
+            fits = [f for f in scale.fitting_options(gpt_config, limit, world, **opts) if f]
             print0(f"warning: the plan ({plan['peak'] / 2**30:.1f} GiB) exceeds this GPU's {limit / 2**30:.1f} GiB; "
                    f"options that fit: {'; '.join(fits) or 'none on this many GPUs, add GPUs and use --fsdp'}",
                    rank=rank)
