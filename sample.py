@@ -8,7 +8,7 @@ sample_t2i.py does, save_image's rounding. The grid has a row of --n images per 
     python sample.py                          # LlamaGen's 8 demo classes with c2i_B_256 + vq_ds16_c2i
     python sample.py --class 207 "golden retriever" --n 4 --seed 0
     python sample.py --prompt "a blue Porsche 356 parked in front of a yellow brick wall"
-    python sample.py --class 207 --ckpt out/run/model.safetensors --npz samples.npz
+    python sample.py --class 207 --ckpt out/run/latest/model.safetensors --npz samples.npz
 """
 import argparse, difflib, inspect, json, os, re, sys, typing
 from dataclasses import dataclass, field, fields, asdict

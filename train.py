@@ -9,13 +9,17 @@ clipped loss + beta * KL to the frozen starting model -> AdamW step with gradien
     torchrun --nproc_per_node=8 train.py --preset c2i_xl  # the paper's class-to-image run
     torchrun --nproc_per_node=8 train.py --preset t2i_xl --prompts prompts.txt
     python train.py --preset demo --resume                # continue out_dir exactly where it stopped
-    python train.py --preset demo --eval --ckpt out/demo/model.safetensors   # rewards on fixed seeds
+    python train.py --preset demo --eval --ckpt out/demo/latest/model.safetensors   # rewards on fixed seeds
+    torchrun --nproc_per_node=8 train.py --preset c2i_xl --fsdp --grad_ckpt   # big models: see scale.py
+    python train.py --preset c2i_xl --lora_rank 16 --micro_batch_size 4       # XL on one 24 GB card
 
 How this departs from the paper's code (see grpo.py for the loss): a group never spans ranks;
 rewards are scored batched on the device; optional num_iterations > 1 (PPO-style reuse, the
 ratio and clipping then act) and logprob_mode='guided' (log-probs under the CFG mixture that
 drew the tokens). Dropout is off throughout (the policy stays in eval mode) so that sampling
 and scoring see the same network, which is what makes the ratio exactly 1 at the first pass.
+Memory options (--grad_ckpt, --fsdp, --lora_rank) live in scale.py; a save is one step directory with a
+`latest` pointer switched last (see the checkpoints section), loadable at any world size.
 """
 import copy
 import json
