@@ -1482,7 +1482,11 @@ def test_scale_kill_9_then_resume_is_bitwise(tmp_path):
     assert not [d for d in os.listdir(run) if d.startswith('.tmp_')]
 
 
-def test_scale_bad_inputs(tmp_path):
+def test_scale_bad_inputs(tmp_path, monkeypatch):
+    with monkeypatch.context() as m:  # as under torchrun: then --compile is the complaint
+        m.setenv('RANK', '0')
+        with pytest.raises(UserError, match='--fsdp does not support --compile'):
+            run_train(tmp_path / 'x', '--fsdp', '--compile')
     (tmp_path / 'file').write_text('x')
     rows = [(['--lora_rank', '-1'], '--lora_rank must be'), (['--lora_rank', '4', '--lora_alpha', '0'], '--lora_alpha'),
             (['--lora_targets', 'wq'], '--lora_targets must name'), (['--fsdp'], 'launch with torchrun'),

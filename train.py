@@ -10,7 +10,7 @@ clipped loss + beta * KL to the frozen starting model -> AdamW step with gradien
     torchrun --nproc_per_node=8 train.py --preset t2i_xl --prompts prompts.txt
     python train.py --preset demo --resume                # continue out_dir exactly where it stopped
     python train.py --preset demo --eval --ckpt out/demo/latest/model.safetensors   # rewards on fixed seeds
-    torchrun --nproc_per_node=8 train.py --preset c2i_xl --fsdp --grad_ckpt   # big models: see scale.py
+    torchrun --nproc_per_node=8 train.py --preset c2i_xl --fsdp --no-compile # big models: see scale.py
     python train.py --preset c2i_xl --lora_rank 16 --micro_batch_size 4       # XL on one 24 GB card
 
 How this departs from the paper's code (see grpo.py for the loss): a group never spans ranks;
@@ -118,6 +118,9 @@ class TrainConfig:
             raise UserError(f"--lora_targets must name some of {' '.join(scale.LORA_TARGETS)}, got {bad or 'none'}")
         if self.fsdp and 'RANK' not in os.environ:
             raise UserError("--fsdp shards over the ranks torchrun starts; launch with torchrun --nproc_per_node N")
+        if self.fsdp and self.compile:  # FSDP's per-module hooks do not fit a CUDA-graphed full-graph decode step
+            raise UserError("--fsdp does not support --compile of the decode step (the c2i/t2i presets turn it "
+                            "on); add --no-compile")
         if os.path.exists(self.out_dir) and not os.path.isdir(self.out_dir):
             raise UserError(f"--out_dir {self.out_dir} is a file; pass a directory (it is created if missing)")
         try:  # create it, then prove it is writable, before any compute is spent
@@ -274,9 +277,10 @@ def rollout(cfg, policy, vq, cond, cond_mask, gen, device):
     G, t0 = cfg.group_size, _now(device)
     cond = cond.repeat_interleave(G, 0)
     mask = None if cond_mask is None else cond_mask.repeat_interleave(G, 0)
-    with autocast(cfg, device), scale.gathered(policy):  # FSDP: gather once for the whole decode
-        tokens, _ = generate(policy, cond, mask, cfg.cfg_scale, cfg.cfg_interval, cfg.temperature, cfg.top_k,
-                             cfg.top_p, generator=gen, compile=cfg.compile)
+    with autocast(cfg, device):
+        with scale.gathered(policy):  # FSDP: every block gathered once for the whole decode, then resharded
+            tokens, _ = generate(policy, cond, mask, cfg.cfg_scale, cfg.cfg_interval, cfg.temperature, cfg.top_k,
+                                 cfg.top_p, generator=gen, compile=cfg.compile)
         t1 = _now(device)
         images = vq.decode(tokens).float()
     return tokens, images, cond, mask, dict(time_rollout=t1 - t0, time_decode=_now(device) - t1)
