@@ -226,8 +226,9 @@ def peak_bytes(fn, device):
     from torch.profiler import ProfilerActivity, profile
     with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
         fn()
+    events = sorted((e.start_ns(), e.nbytes()) for e in prof.profiler.kineto_results.events() if e.name() == '[memory]')
     live = peak = 0
-    for _, n in sorted((e.start_ns(), e.nbytes()) for e in prof.profiler.kineto_results.events() if e.name() == '[memory]'):
+    for _, n in events:  # +bytes at each allocation, -bytes at each free, in time order
         live += n
         peak = max(peak, live)
     return peak

@@ -156,10 +156,10 @@ def gathered(model):
         yield
     finally:
         for m in model.modules():
-            if m is not model and is_sharded(m):
+            if is_sharded(m):
                 m.reshard()
-        model.reshard()
-        model.set_reshard_after_forward(True)
+        model.set_reshard_after_forward(True)  # FSDP's defaults again: blocks reshard after forward,
+        model.set_reshard_after_forward(False, recurse=False)  # the root stays gathered for the backward
 
 
 def no_sync(model):
@@ -249,13 +249,14 @@ def format_plan(plan, options):
     gb = lambda b: f"{b / 2**30:.2f} GiB"
     parts = [f"{k} {gb(plan[k])}" for k in ('weights', 'grads', 'optimizer', 'reference', 'gathered',
                                               'activations', 'kv_cache') if plan[k]]
-    return (f"memory plan per rank ({options}): {plan['params'] / 1e6:.4g}M params, {plan['trained_params'] / 1e6:.4g}M "
-            f"trained; " + ', '.join(parts) + f"; peak ~{gb(plan['peak'])}")
+    return (f"memory plan per rank ({options}): {plan['params'] / 1e6:.4g}M params, "
+            f"{plan['trained_params'] / 1e6:.4g}M trained; " + ', '.join(parts) + f"; peak ~{gb(plan['peak'])}")
 
 
 def fitting_options(gpt_config, limit, world, **base):
     """Which memory options (alone or combined, then with smaller micro-batches) bring the peak under 90% of
-    `limit` bytes (the 10% the plan does not count): flag strings, least intrusive first ('' = as it is). Without sharding first; FSDP when world > 1."""
+    `limit` bytes (the 10% the plan does not count): flag strings, least intrusive first ('' = as it is);
+    the FSDP options only when world > 1."""
     tries = [('', {}), ('--grad_ckpt', dict(grad_ckpt=True)), ('--lora_rank 16', dict(lora_rank=16)),
              ('--grad_ckpt --lora_rank 16', dict(grad_ckpt=True, lora_rank=16))]
     if world > 1:

@@ -1389,6 +1389,12 @@ def test_scale_lora_zero_kl_and_merged_checkpoint(tmp_path):
     with torch.no_grad():
         assert torch.allclose(merged(x, y), policy(x, y), atol=1e-5, rtol=0)
         assert not torch.allclose(ref(x, y), policy(x, y), atol=1e-5)  # the reference is the base
+    # resume restores the adapters and their AdamW state exactly (the frozen base comes from --ckpt again)
+    run_train(tmp_path / 'half', '--max_steps', '2', '--save_every', '1', '--beta', '0.1', '--lr', '3e-2', *lora)
+    run_train(tmp_path / 'half', '--max_steps', '3', '--save_every', '3', '--beta', '0.1', '--lr', '3e-2', '--resume',
+              *lora)
+    a, b = latest_weights(tmp_path), latest_weights(tmp_path / 'half')
+    assert all(torch.equal(a[k], b[k]) for k in a)
 
 
 def test_scale_fsdp_equals_ddp(tmp_path):

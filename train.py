@@ -528,8 +528,11 @@ def load_checkpoint(cfg, policy, opt):
     except (Exception, CheckpointException) as e:
         raise UserError(f"--resume: the sharded state in {os.path.join(d, 'dcp')} is truncated, corrupt or "
                         f"from another model ({type(e).__name__}); delete {d} to resume from an older save") from None
+    # LoRA: the dict holds the adapters only (dcp.load above already failed if any was absent); the frozen base
+    # keys are not in it by design, hence strict=False there
+    lora = bool(cfg.lora_rank)
     set_state_dict(policy, opt, model_state_dict=target['model'], optim_state_dict=target['optim'],
-                   options=StateDictOptions(ignore_frozen_params=bool(cfg.lora_rank)))
+                   options=StateDictOptions(ignore_frozen_params=lora, strict=not lora))
     torch.set_rng_state(state['rng_cpu'])
     if state['rng_cuda'] and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state['rng_cuda'])
