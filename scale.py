@@ -16,8 +16,9 @@ installs accelerate, psutil and pyyaml with it; the adapter is still saved in PE
 (adapter_model.safetensors with PEFT's key names + adapter_config.json), so PEFT and other tools read it.
 The rollout on a sharded policy gathers every block once and keeps it gathered for the whole decode
 (`gathered`), instead of one all-gather per block per token: a decode of N tokens runs the network N + 1
-times, so per-block gathering would move the whole model N + 1 times per rollout (measured in bench.py
---only memory; the price is the unsharded bf16 weights, 2 bytes/param, for the rollout's duration).
+times, so per-block gathering would move the whole model N + 1 times per rollout (5x slower on 2 CPU ranks
+for 16 tokens: `torchrun --nproc_per_node 2 bench.py --only gather`; the price of gathering once is the
+unsharded bf16 weights, 2 bytes/param, held for the rollout).
 """
 import json
 import math
