@@ -4,10 +4,15 @@ bench.py -- measured speed of sampling, rewards and a GRPO step, each against a 
     python bench.py                  # CPU: GPT-B shape at 128 px (64 tokens; the recompute baseline is O(N^2))
     python bench.py --device cuda    # GPU: GPT-B at 256 px (256 tokens), LlamaGen's sampling settings, bf16
     python bench.py --quick          # tiny shapes, seconds: shows that everything runs
+    python bench.py --only memory    # bytes per rank of one GRPO update: GPT-B / GPT-XL x {DDP, grad_ckpt,
+                                     # LoRA r=16, FSDP 2 ranks} (scale.memory_plan), next to a measured peak
+    torchrun --nproc_per_node 2 bench.py --only gather   # FSDP rollout: per-block all-gathers vs gathered once
 
 Prints one JSON line per measurement (name, value, unit, and for comparisons baseline and ratio), then a
 table. Timings are medians of --reps runs after one warm-up. All weights are random: speed does not
-depend on them. Never used for assertions: tests only run --quick to show it works.
+depend on them. Never used for assertions: tests only run --quick to show it works. The memory section
+measures the peak of one forward/backward (torch.cuda.max_memory_allocated on a GPU; on a CPU the profiler's
+allocation events of a tiny model) and prints it next to scale.py's estimate of the same thing.
 """
 import copy
 import json
@@ -40,7 +45,7 @@ class BenchConfig:
     compile: bool = False  # GRPO-step section: torch.compile the rollout's decode step (train.py --compile)
     judge_batch: int = 16  # images per judge batch
     judge_tokens: int = 20  # the paper-style baseline generates this many answer tokens per image
-    only: List[str] = field(default_factory=list)  # run only these sections: kv cfg compile reward judge step
+    only: List[str] = field(default_factory=list)  # run only these sections (SECTIONS); [] = DEFAULT_SECTIONS
     out: str = ''  # also append the JSON lines to this file
 
     def validate(self):
@@ -59,7 +64,8 @@ class BenchConfig:
             check_writable_file(self.out, '--out')
 
 
-SECTIONS = ('kv', 'cfg', 'compile', 'reward', 'judge', 'step')  # what --only can pick
+DEFAULT_SECTIONS = ('kv', 'cfg', 'compile', 'reward', 'judge', 'step')  # what a plain run measures
+SECTIONS = DEFAULT_SECTIONS + ('memory', 'gather')  # what --only can pick (gather: under torchrun)
 
 RESULTS = []
 
@@ -254,6 +260,107 @@ def bench_grpo_step(cfg, device, dtype):
     report('grpo_overhead_beyond_rollout', 1 - med['time_rollout'] / med['step_time'], 'fraction', target='<= 0.5')
 
 
+def peak_bytes(fn, device):
+    """Peak bytes allocated while fn() runs, above what was allocated before: the CUDA allocator's counter on
+    a GPU, else the CPU allocation events recorded by the profiler (summed in time order)."""
+    if device.type == 'cuda':
+        torch.cuda.synchronize()
+        base = torch.cuda.memory_allocated()
+        torch.cuda.reset_peak_memory_stats()
+        fn()
+        torch.cuda.synchronize()
+        return torch.cuda.max_memory_allocated() - base
+    from torch.profiler import ProfilerActivity, profile
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        fn()
+    events = sorted((e.start_ns(), e.nbytes()) for e in prof.profiler.kineto_results.events() if e.name() == '[memory]')
+    live = peak = 0
+    for _, n in events:  # +bytes at each allocation, -bytes at each free, in time order
+        live += n
+        peak = max(peak, live)
+    return peak
+
+
+def bench_memory(cfg, device):
+    """The memory plan of one GRPO step (train.py defaults: 2 conditions x G=8 per rank, CFG, one micro-batch
+    of 16) for GPT-B at 256 px and GPT-XL at 384 px under each option, and a measured activation peak of one
+    teacher-forced forward/backward against scale.activation_bytes for the same shape."""
+    import scale, train
+    from model import GPT
+    options = {'ddp': {}, 'grad_ckpt': dict(grad_ckpt=True), 'lora16': dict(lora_rank=16),
+               'fsdp2': dict(fsdp=True), 'lora16+grad_ckpt': dict(lora_rank=16, grad_ckpt=True),
+               'fsdp2+grad_ckpt': dict(fsdp=True, grad_ckpt=True)}
+    for name, size in (('GPT-B', 256), ('GPT-XL', 384), ('GPT-XXL', 384), ('GPT-3B', 384)):
+        gc = config_for(name, size)
+        for opt, kw in options.items():
+            plan = scale.memory_plan(gc, world=2 if kw.get('fsdp') else 1, micro_batch=16, rollout_batch=16, **kw)
+            report('memory_plan', plan['peak'] / 2**30, 'GiB', model=name, image_size=size, option=opt,
+                   **{k: round(plan[k] / 2**30, 2) for k in ('weights', 'grads', 'optimizer', 'reference',
+                                                               'activations', 'kv_cache', 'gathered')})
+    # what to run on one 24 GB / one 80 GB card (or 8 of them), counting the paper's c2i reward models
+    # (CLIP ViT-L/14 + HPS ViT-H/14 in float32: ~5.3 GiB) on top of the plan
+    rewards = (427.6e6 + 986.1e6) * 4
+    for name, size, kw in (('GPT-B', 256, {}), ('GPT-L', 384, {}), ('GPT-XL', 384, {}), ('GPT-XXL', 384, {}),
+                           ('GPT-3B', 384, {}), ('GPT-XL', 256, dict(model_type='t2i'))):
+        gc = config_for(name, size, **kw)
+        for gpu in (24, 80):
+            for world in (1, 8):
+                fits = scale.fitting_options(gc, gpu * 1e9 - rewards, world, micro_batch=16, rollout_batch=16)
+                if fits or world == 8:
+                    report('fits', float(bool(fits)), 'bool', model=f"{name} {gc.model_type} {size}px", gpu=f"{gpu}GB",
+                           gpus=world, option=fits[0] if fits else 'does not fit', also=fits[1:3])
+                    break
+    # measured: one forward/backward of the training log-prob path on a small shape, estimate alongside
+    small = dict(cuda=('GPT-B', 256, 16384, 4), cpu=('GPT-tiny', 128, 1024, 4))[device.type]
+    name, size, vocab, B = ('GPT-tiny', 32, 64, 2) if cfg.quick else small
+    gc = config_for(name, size, 4 if device.type == 'cpu' else 16, vocab_size=vocab)
+    tc = train.TrainConfig(cfg_scale=1.0)
+    for opt, kw in (('ddp', {}), ('grad_ckpt', dict(grad_ckpt=True)), ('lora16', dict(lora_rank=16))):
+        torch.manual_seed(0)
+        model = GPT(gc).to(device).eval()
+        model.grad_ckpt = kw.get('grad_ckpt', False)
+        if kw.get('lora_rank'):
+            scale.add_lora(model, 16, 32)
+        grads = 4 * sum(p.numel() for p in model.parameters() if p.requires_grad)
+        x = torch.randint(vocab, (B, gc.block_size), device=device)
+        y = torch.randint(10, (B,), device=device)
+
+        def step():
+            with torch.autocast('cuda', dtype=torch.bfloat16, enabled=device.type == 'cuda'):
+                train.sequence_logprobs(tc, model, x, y, None)[0].mean().backward()
+        step()  # warm-up, then measure with the gradients already allocated
+        measured = peak_bytes(step, device)
+        est = scale.activation_bytes(gc, B, kw.get('grad_ckpt', False), bf16=device.type == 'cuda')
+        report('activation_peak', measured / 2**20, 'MiB', estimate=round(est / 2**20, 2), option=opt,
+               shape=f"{name} B={B} N={gc.block_size} V={vocab}", grads_MiB=round(grads / 2**20, 2),
+               measured_on=device.type)
+
+
+def bench_gather(cfg, device, dtype):
+    """Sampling from an FSDP2-sharded policy (needs torchrun): FSDP's default, an all-gather of every block
+    at every decode step, against scale.gathered (every block gathered once for the whole decode)."""
+    import contextlib
+    import torch.distributed as dist
+    import scale
+    if not dist.is_initialized():
+        dist.init_process_group('nccl' if device.type == 'cuda' else 'gloo')
+    model = build_gpt(cfg, device, torch.float32)
+    scale.shard(model, device)
+    cond = torch.randint(0, 1000, (cfg.batch,), generator=torch.Generator().manual_seed(0)).to(device)
+
+    def sample(once):
+        with scale.gathered(model) if once else contextlib.nullcontext():
+            return generate(model, cond, cfg_scale=cfg.cfg_scale, top_k=cfg.top_k,
+                            generator=torch.Generator(device).manual_seed(0))[0]
+    same = torch.equal(sample(True), sample(False))
+    per_block = timed(lambda: sample(False), max(1, cfg.reps // 3), device)
+    once = timed(lambda: sample(True), max(1, cfg.reps // 3), device)
+    N = model.config.block_size
+    report('fsdp_rollout_gather_once_vs_per_block', cfg.batch * N / once, 'tokens_per_s',
+           baseline=cfg.batch * N / per_block, ranks=dist.get_world_size(), same_tokens=same,
+           shape=f"{cfg.model if not cfg.quick else 'GPT-tiny'} B={cfg.batch} N={N}")
+
+
 def main(argv=None):
     cfg = parse_config(BenchConfig, argv)
     device = torch.device(cfg.device)
@@ -262,7 +369,7 @@ def main(argv=None):
         torch.manual_seed(0)
     if cfg.quick:
         cfg.reps, cfg.batch, cfg.top_k = 1, 2, 16
-    sections = cfg.only or list(SECTIONS)
+    sections = cfg.only or list(DEFAULT_SECTIONS)
     if device.type == 'cuda':
         print(f"device: {torch.cuda.get_device_name()}, torch {torch.__version__}")
     else:
@@ -280,9 +387,14 @@ def main(argv=None):
         bench_grpo_step(cfg, device, dtype)
     if 'compile' in sections:
         bench_compile(cfg, device, dtype)
+    if 'memory' in sections:
+        bench_memory(cfg, device)
+    if 'gather' in sections:
+        bench_gather(cfg, device, dtype)
     print(f"\n{'measurement':34s} {'value':>12s} {'unit':14s} {'baseline':>10s} {'ratio':>7s}")
     for r in RESULTS:
-        print(f"{r['name']:34s} {r['value']:12.4g} {r['unit']:14s} {r.get('baseline', ''):>10} {r.get('ratio', ''):>7}")
+        label = r['name'] + ''.join(f" {r[k]}" for k in ('model', 'option') if k in r)
+        print(f"{label:34s} {r['value']:12.4g} {r['unit']:14s} {r.get('baseline', ''):>10} {r.get('ratio', ''):>7}")
     if cfg.out:
         with open(cfg.out, 'a') as f:
             f.writelines(json.dumps(r) + '\n' for r in RESULTS)

@@ -109,6 +109,8 @@ def check_device(device, flag='--device'):
 
 def check_writable_dir(path, flag):
     """Create directory `path` if needed and prove it writable with a temp file, before any compute."""
+    if os.path.exists(path) and not os.path.isdir(path):
+        raise UserError(f"{flag} {path} is a file, not a directory; choose another path")
     try:
         os.makedirs(path, exist_ok=True)
         with tempfile.NamedTemporaryFile(dir=path, prefix='.write_test'):

@@ -23,6 +23,7 @@ from typing import Optional
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from torch.utils.checkpoint import checkpoint
 
 # -----------------------------------------------------------------------------
 # config
@@ -270,6 +271,9 @@ class GPT(nn.Module):
         # enters the state_dict (LlamaGen keeps it the same way)
         self.freqs_cis = precompute_freqs_cis_2d(math.isqrt(cfg.block_size), cfg.head_dim, cfg.rope_base,
                                                  cfg.cls_token_num)
+        # activation checkpointing (train.py --grad_ckpt): keep only each block's input in the teacher-forced
+        # forward and recompute the block in backward; a switch, not a second forward path
+        self.grad_ckpt = False
         self.apply(self._init_weights)
         nn.init.zeros_(self.output.weight)  # LlamaGen quirk: output starts at zero, so logits start uniform
 
@@ -326,7 +330,10 @@ class GPT(nn.Module):
             mask = attention_mask(input_pos, kv_cache.key_pos, kv_cache.key_valid)
         freqs_cis = self.freqs_cis[input_pos]
         for i, layer in enumerate(self.layers):
-            h = layer(h, freqs_cis, mask, kv_cache, i, input_pos)
+            if self.grad_ckpt and kv_cache is None and torch.is_grad_enabled():  # never in the cached decode
+                h = checkpoint(layer, h, freqs_cis, mask, use_reentrant=False)  # (B, T, dim), block input kept
+            else:
+                h = layer(h, freqs_cis, mask, kv_cache, i, input_pos)
         if kv_cache is not None:
             kv_cache.pos.add_(T)
         if cond is not None:
@@ -588,12 +595,13 @@ def load_into(model, sd, path):
     return model
 
 
-def save_gpt(model, path, **metadata):
+def save_gpt(model, path, state_dict=None, **metadata):
     """Write the weights as safetensors, keyed like LlamaGen, with the GPTConfig in the header so
-    load_gpt / sample.py --ckpt can rebuild the model. Written to a temp file, then renamed."""
+    load_gpt / sample.py --ckpt can rebuild the model. Written to a temp file, then renamed.
+    `state_dict` replaces model.state_dict() (train.py passes gathered or LoRA-merged weights)."""
     from safetensors.torch import save_file
     meta = {'gpt_config': json.dumps(asdict(model.config)), **{k: str(v) for k, v in metadata.items()}}
-    sd = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
+    sd = {k: v.detach().contiguous().cpu() for k, v in (state_dict or model.state_dict()).items()}
     save_file(sd, path + '.tmp', metadata=meta)
     os.replace(path + '.tmp', path)
 

@@ -9,7 +9,7 @@ sample_t2i.py does, save_image's rounding. The grid has a row of --n images per 
     python sample.py                          # LlamaGen's 8 demo classes with c2i_B_256 + vq_ds16_c2i
     python sample.py --class 207 "golden retriever" --n 4 --seed 0
     python sample.py --prompt "a blue Porsche 356 parked in front of a yellow brick wall"
-    python sample.py --class 207 --ckpt out/run/model.safetensors --npz samples.npz
+    python sample.py --class 207 --ckpt out/run/latest/model.safetensors --npz samples.npz
     torchrun --nproc_per_node=8 sample.py --preset paper_c2i --ckpt c2i_XL_384 --per_class 50 --npz xl.npz
 
 FID sampling (--per_class) follows LlamaGen's sample_c2i_ddp.py (bicubic resize of 384-px images to

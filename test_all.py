@@ -390,7 +390,7 @@ def test_resume_is_exact(tmp_path):
     run_train(tmp_path / 'a', '--max_steps', '6', *common)
     run_train(tmp_path / 'b', '--max_steps', '3', *common)
     run_train(tmp_path / 'b', '--max_steps', '6', '--resume', *common)
-    a, b = load_file(str(tmp_path / 'a' / 'model.safetensors')), load_file(str(tmp_path / 'b' / 'model.safetensors'))
+    a, b = (load_file(str(tmp_path / r / 'latest' / 'model.safetensors')) for r in 'ab')
     assert all(torch.equal(a[k], b[k]) for k in a)
     ra = [json.loads(x) for x in open(tmp_path / 'a' / 'metrics.jsonl')]
     rb = [json.loads(x) for x in open(tmp_path / 'b' / 'metrics.jsonl')]
@@ -417,8 +417,8 @@ def test_nonfinite_rewards_skip_then_stop(tmp_path, monkeypatch):
     monkeypatch.setattr(train, 'build_reward', flaky)
     rows = run_train(tmp_path, '--max_steps', '10', '--save_every', '100')
     assert [r['skipped'] for r in rows] == [0, 1, 0, 1, 1, 1]  # step 2 skipped, steps 4-6: three in a row
-    assert os.path.isfile(tmp_path / 'model.safetensors')  # saved before stopping
-    state = torch.load(tmp_path / 'state.pt', weights_only=True)
+    assert os.path.isfile(tmp_path / 'latest' / 'model.safetensors')  # saved before stopping
+    state = torch.load(tmp_path / 'latest' / 'state.pt', weights_only=True)
     assert state['step'] == 6
 
 
@@ -1325,7 +1325,7 @@ BAD_INPUTS = [  # (script, argv with {placeholders}, phrase of the message)
     ('train', TRAIN + ['--ckpt', 't2i_XL_stage1_256', '--prompts', '{bin}'], 'could not be read as UTF-8'),
     ('train', TRAIN + ['--ckpt', 't2i_XL_stage1_256', '--prompts', '{tmp}/nope.txt'], 'does not exist'),
     # output locations, checked before anything is computed
-    ('train', TRAIN + ['--out_dir', '{file}'], 'is not a writable directory'),
+    ('train', TRAIN + ['--out_dir', '{file}'], 'is a file, not a directory'),
     ('train', TRAIN + ['--out_dir', '{file}/sub'], 'is not a writable directory'),
     ('train', TRAIN + ['--out_dir', '/proc/ar_grpo_run'], 'is not a writable directory'),
     ('train', TRAIN + ['--device', 'tpu'], '--device must be cpu, cuda or cuda:N'),
@@ -2018,3 +2018,273 @@ def test_evalx_sample_bad_input_cli_and_torchrun(ckpts, tmp_path):
     assert re.search(r'exitcode\s*:\s*2', both)
     assert not any(line.startswith('  File "' + HERE) for line in both.splitlines())  # no traceback of ours
     assert os.listdir(tmp_path) == []
+
+# ----------------------------------------------------------------------------- scale (issue 12)
+# Memory options (scale.py; train.py --grad_ckpt / --fsdp / --lora_rank) and step-directory checkpoints.
+# Multi-rank runs fork this process with torchrun's environment (gloo on CPU): no interpreter start-up and no
+# re-import per rank, which keeps these tests to seconds.
+import shutil
+import signal
+import socket
+import traceback
+from scale import LoRALinear, add_lora, adapters_off, merge_lora
+
+SCALE_ARGS = ['--preset', 'demo', '--image_size', '8', '--grid_every', '0', '--device', 'cpu', '--conds_per_rank', '2',
+              '--group_size', '4', '--beta', '0.1', '--cfg_scale', '2.0', '--logprob_mode', 'guided']
+
+
+def on_ranks(world, fn, distributed=None, timeout=120):
+    """fn() on `world` forked copies of this process, each with RANK/WORLD_SIZE/... set as torchrun would
+    (distributed=False: a plain single process). True if every rank exits 0."""
+    distributed = world > 1 if distributed is None else distributed
+    with socket.socket() as s:
+        s.bind(('127.0.0.1', 0))
+        port = s.getsockname()[1]
+    pids = []
+    for r in range(world):
+        pid = os.fork()
+        if pid == 0:  # child: never returns into pytest
+            code = 1
+            try:
+                signal.alarm(timeout)  # a hung rank dies instead of hanging the suite
+                if distributed:
+                    os.environ.update(RANK=str(r), WORLD_SIZE=str(world), LOCAL_RANK=str(r),
+                                      MASTER_ADDR='127.0.0.1', MASTER_PORT=str(port))
+                torch.set_num_threads(1)
+                fn()
+                code = 0
+            except BaseException:
+                traceback.print_exc()
+            finally:
+                sys.stdout.flush()
+                sys.stderr.flush()
+                os._exit(code)
+        pids.append(pid)
+    return all(os.waitpid(p, 0)[1] == 0 for p in pids)
+
+
+def train_on(world, out_dir, *args):
+    argv = [*SCALE_ARGS, '--out_dir', str(out_dir), *args]
+    assert on_ranks(world, lambda: train.main(argv), distributed=world > 1 or '--fsdp' in args), out_dir
+
+
+def latest_weights(out_dir):
+    return load_file(os.path.join(str(out_dir), 'latest', 'model.safetensors'))
+
+
+def assert_same_weights(a, b, atol):
+    assert set(a) == set(b)
+    for k in a:
+        assert torch.allclose(a[k], b[k], atol=atol, rtol=0), (k, (a[k] - b[k]).abs().max())
+
+
+def test_scale_grad_ckpt_equals_plain():
+    torch.manual_seed(0)
+    m = GPT(config_for('GPT-tiny', 32, 4, vocab_size=64)).eval()
+    torch.nn.init.normal_(m.output.weight, std=0.02)
+    tc = train.TrainConfig(cfg_scale=2.0, logprob_mode='guided')
+    x, y, w = torch.randint(64, (3, 64)), torch.tensor([1, 2, 3]), torch.randn(3, 64)
+    calls = []
+    m.layers[0].register_forward_pre_hook(lambda *a: calls.append(1))
+    out = {}
+    for ckpt in (False, True):
+        m.grad_ckpt = ckpt
+        m.zero_grad(set_to_none=True)
+        calls.clear()
+        loss = (train.sequence_logprobs(tc, m, x, y, None)[0] * w).sum()
+        loss.backward()
+        out[ckpt] = loss.detach(), {k: p.grad.clone() for k, p in m.named_parameters()}, len(calls)
+    assert out[False][2] == 1 and out[True][2] == 2  # the block really ran again in backward
+    assert torch.allclose(out[False][0], out[True][0], atol=1e-6, rtol=0)
+    for k, g in out[False][1].items():
+        assert torch.allclose(g, out[True][1][k], atol=1e-6, rtol=0), k
+    with torch.no_grad():  # the cached decode never checkpoints and samples the same tokens
+        a = generate(m, y, cfg_scale=2.0, generator=torch.Generator().manual_seed(0))[0]
+        m.grad_ckpt = False
+        assert torch.equal(a, generate(m, y, cfg_scale=2.0, generator=torch.Generator().manual_seed(0))[0])
+
+
+def test_scale_lora_zero_kl_and_merged_checkpoint(tmp_path):
+    torch.manual_seed(0)
+    base = GPT(config_for('GPT-tiny', 32, 4, vocab_size=64)).eval()
+    torch.nn.init.normal_(base.output.weight, std=0.02)
+    adapted = GPT(base.config).eval()
+    adapted.load_state_dict(base.state_dict())
+    n = add_lora(adapted, 4, 8)
+    x, y = torch.randint(64, (2, 63)), torch.tensor([1, 2])
+    assert torch.equal(adapted(x, y), base(x, y))  # B = 0: the policy is the base, bitwise
+    assert n == sum(p.numel() for p in adapted.parameters() if p.requires_grad) == 2 * 4 * sum(
+        m.weight.shape[0] + m.weight.shape[1] for m in adapted.modules() if isinstance(m, LoRALinear)) // 2
+    # training from a base with a non-zero output head (LlamaGen zero-inits it, and then no gradient reaches
+    # the blocks): the KL to the base (adapters off) is exactly 0 at the first step, then moves
+    torch.manual_seed(1)
+    start = GPT(config_for('GPT-tiny', 8, 2, vocab_size=64))
+    torch.nn.init.normal_(start.output.weight, std=0.02)
+    save_gpt(start, str(tmp_path / 'base.safetensors'))
+    lora = ['--ckpt', str(tmp_path / 'base.safetensors'), '--lora_rank', '4', '--lora_alpha', '8']
+    rows = run_train(tmp_path, '--max_steps', '3', '--save_every', '3', '--beta', '0.1', '--lr', '3e-2', *lora)
+    assert rows[0]['kl'] == 0.0 and rows[-1]['kl'] > 0
+    # the adapted model, rebuilt from the base and the PEFT-format adapter file...
+    cfg = parse_config(train.TrainConfig, ['--preset', 'demo', '--image_size', '8', *lora], presets=train.TRAIN_PRESETS)
+    policy, ref, _ = train.build_models(cfg, torch.device('cpu'))
+    peft = load_file(str(tmp_path / 'latest' / 'adapter_model.safetensors'))
+    assert all(k.startswith('base_model.model.layers.') and '.lora_' in k for k in peft)
+    missing, unexpected = policy.load_state_dict({k[len('base_model.model.'):]: v for k, v in peft.items()}, strict=False)
+    assert not unexpected and not any('lora' in k for k in missing)
+    conf = json.load(open(tmp_path / 'latest' / 'adapter_config.json'))
+    assert conf['peft_type'] == 'LORA' and conf['r'] == 4 and conf['lora_alpha'] == 8
+    # ... equals the merged checkpoint as sample.py --ckpt loads it
+    merged = load_gpt(str(tmp_path / 'latest' / 'model.safetensors'))
+    x, y = torch.randint(64, (2, 16)), torch.tensor([1, 2])
+    with torch.no_grad():
+        assert torch.allclose(merged(x, y), policy(x, y), atol=1e-5, rtol=0)
+        assert not torch.allclose(ref(x, y), policy(x, y), atol=1e-5)  # the reference is the base
+    # resume restores the adapters and their AdamW state exactly (the frozen base comes from --ckpt again)
+    run_train(tmp_path / 'half', '--max_steps', '2', '--save_every', '1', '--beta', '0.1', '--lr', '3e-2', *lora)
+    run_train(tmp_path / 'half', '--max_steps', '3', '--save_every', '3', '--beta', '0.1', '--lr', '3e-2', '--resume',
+              *lora)
+    a, b = latest_weights(tmp_path), latest_weights(tmp_path / 'half')
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_scale_fsdp_equals_ddp(tmp_path):
+    train_on(2, tmp_path / 'ddp', '--max_steps', '3', '--save_every', '3')
+    train_on(2, tmp_path / 'fsdp', '--max_steps', '3', '--save_every', '3', '--fsdp')
+    rows = [[json.loads(x) for x in open(tmp_path / d / 'metrics.jsonl')] for d in ('ddp', 'fsdp')]
+    assert len(rows[0]) == len(rows[1]) == 3
+    for a, b in zip(*rows):
+        for k in ('loss', 'kl', 'reward', 'grad_norm'):
+            assert abs(a[k] - b[k]) < 1e-5, (k, a[k], b[k])
+    assert_same_weights(latest_weights(tmp_path / 'ddp'), latest_weights(tmp_path / 'fsdp'), atol=1e-5)
+    assert len(os.listdir(tmp_path / 'fsdp' / 'latest' / 'dcp')) == 3  # .metadata + one shard per rank
+
+
+def resave(src, dst, world, *args):
+    """Load the newest save of src on `world` ranks and write it again, unchanged, as a save of dst."""
+    def fn():
+        cfg = parse_config(train.TrainConfig, [*SCALE_ARGS, '--out_dir', str(src), '--resume', *args],
+                           presets=train.TRAIN_PRESETS)
+        rank, w, device = train.setup_distributed(cfg)
+        policy, _, _ = train.build_models(cfg, device)
+        opt = torch.optim.AdamW([p for p in policy.parameters() if p.requires_grad])
+        step, bad = train.load_checkpoint(cfg, policy, opt)
+        cfg.out_dir = str(dst)
+        os.makedirs(dst, exist_ok=True)
+        train.save_checkpoint(cfg, policy, opt, step, bad, rank, w)
+    assert on_ranks(world, fn, distributed=world > 1 or '--fsdp' in args)
+
+
+def test_scale_resume_across_world_sizes(tmp_path):
+    """A save made by 2 FSDP ranks is loaded by 1 rank and written again; 2 ranks resume from that and end
+    where an uninterrupted 2-rank run ends. And the other way: 1 rank -> 2 FSDP ranks -> 1 rank."""
+    for world, other, flags in ((2, 1, ['--fsdp']), (1, 2, [])):
+        d = tmp_path / f'w{world}'
+        train_on(world, d / 'full', '--max_steps', '4', '--save_every', '2', *flags)
+        train_on(world, d / 'half', '--max_steps', '2', '--save_every', '2', *flags)
+        resave(d / 'half', d / 'moved', other, '--fsdp' if other > 1 else '--no-fsdp')
+        assert os.readlink(d / 'moved' / 'latest') == 'step_000002'
+        moved = os.path.relpath(d / 'moved')  # and re-spelt relative: not a config change
+        train_on(world, moved, '--max_steps', '4', '--save_every', '2', '--resume', *flags)
+        assert_same_weights(latest_weights(d / 'full'), latest_weights(d / 'moved'), atol=1e-6)
+
+
+def test_scale_kill_9_then_resume_is_bitwise(tmp_path):
+    """kill -9 at 10 moments of a run that saves every step: 5 at random times, 5 from inside a save (the
+    process kills itself just before its n-th os.replace, i.e. between the files, the directory rename and
+    the `latest` switch). After each, --resume continues from the newest whole save; the end is bitwise the
+    uninterrupted run."""
+    args = ['--max_steps', '12', '--save_every', '1']
+    train_on(1, tmp_path / 'ref', *args)
+    rng, run, in_save, resumed = np.random.default_rng(0), tmp_path / 'run', 0, 0
+
+    def segment(kill_at_replace):
+        has_save = os.path.isdir(run) and any(d.startswith('step_') for d in os.listdir(run))
+        argv = [*SCALE_ARGS, '--out_dir', str(run), *args] + (['--resume'] if has_save else [])
+        if kill_at_replace:
+            real, calls = os.replace, [0]
+
+            def replace(a, b):
+                calls[0] += 1
+                if calls[0] == kill_at_replace:
+                    os.kill(os.getpid(), signal.SIGKILL)
+                return real(a, b)
+            os.replace = replace  # in the forked child only
+        train.main(argv)
+        return has_save
+
+    for i in range(10):
+        if i % 2 == 0:  # from inside a save
+            on_ranks(1, lambda: segment(int(rng.integers(4, 12))), distributed=False)
+            in_save += 1
+            continue
+        pid = os.fork()  # at a random time
+        if pid == 0:
+            torch.set_num_threads(1)
+            try:
+                segment(0)
+            finally:
+                os._exit(0)
+        time.sleep(float(rng.uniform(0.05, 0.6)))
+        os.kill(pid, signal.SIGKILL)
+        os.waitpid(pid, 0)
+    steps = [d for d in os.listdir(run) if d.startswith('step_')]
+    assert steps  # a whole save exists after every kill (the first one waits for 4 os.replace calls)
+    train_on(1, run, *args, '--resume')
+    a, b = latest_weights(tmp_path / 'ref'), latest_weights(run)
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    strip = lambda d: [{k: v for k, v in json.loads(x).items() if 'time' not in k and 'per_s' not in k}
+                       for x in open(d / 'metrics.jsonl')]
+    assert strip(tmp_path / 'ref') == strip(run)
+    assert not [d for d in os.listdir(run) if d.startswith('.tmp_')]
+
+
+def test_scale_bad_inputs(tmp_path, monkeypatch):
+    with monkeypatch.context() as m:  # as under torchrun: then --compile is the complaint
+        m.setenv('RANK', '0')
+        with pytest.raises(UserError, match='--fsdp does not support --compile'):
+            run_train(tmp_path / 'x', '--fsdp', '--compile')
+    (tmp_path / 'file').write_text('x')
+    rows = [(['--lora_rank', '-1'], '--lora_rank must be'), (['--lora_rank', '4', '--lora_alpha', '0'], '--lora_alpha'),
+            (['--lora_targets', 'wq'], '--lora_targets must name'), (['--fsdp'], 'launch with torchrun'),
+            (['--out_dir', str(tmp_path / 'file')], 'is a file'),
+            (['--out_dir', str(tmp_path / 'file' / 'sub')], 'is not a writable directory')]
+    for args, msg in rows:
+        with pytest.raises(UserError, match=msg):
+            run_train(tmp_path / 'x', '--max_steps', '1', *args)
+    run_train(tmp_path / 'r', '--max_steps', '1', '--save_every', '1')
+    last = tmp_path / 'r' / 'step_000001'
+    damaged = [('model.safetensors', None, 'model.safetensors is missing'),
+               ('state.pt', b'PK\x03\x04 truncated', 'state.pt is truncated or corrupt'),
+               ('dcp/__0_0.distcp', b'x', 'sharded state .* is truncated, corrupt')]
+    for name, content, msg in damaged:
+        shutil.copytree(last, tmp_path / 'keep')
+        if content is None:
+            os.remove(last / name)
+        else:
+            (last / name).write_bytes(content)
+        with pytest.raises(UserError, match=msg):
+            run_train(tmp_path / 'r', '--max_steps', '2', '--resume')
+        shutil.rmtree(last)
+        shutil.move(tmp_path / 'keep', last)
+    # through the command line: one sentence on stderr, exit code 2, no traceback, before any model loads
+    (last / 'state.pt').write_bytes(b'PK\x03\x04 truncated')
+    p = subprocess.run([sys.executable, 'train.py', '--preset', 'demo', '--image_size', '8', '--resume', '--out_dir',
+                        str(tmp_path / 'r')], cwd=HERE, capture_output=True, text=True)
+    assert p.returncode == 2 and 'Traceback' not in p.stderr and 'truncated or corrupt' in p.stderr
+
+
+def test_scale_memory_plan():
+    from scale import count_params, memory_plan
+    xl = config_for('GPT-XL', 384)
+    P, _ = count_params(xl)
+    assert abs(P - 775e6) / 775e6 < 0.01  # LlamaGen's figure for GPT-XL (c2i, vocab 16384)
+    _, L = count_params(xl, lora_rank=16)  # r * (in + out) per adapted linear layer
+    h = model.find_multiple(int(2 * 4 * 1280 / 3), 256)
+    assert L == 36 * 16 * ((1280 + 3 * 1280) + (1280 + 1280) + 2 * (1280 + h) + (h + 1280))
+    ddp = memory_plan(xl, beta=0.1)
+    assert (ddp['weights'], ddp['grads'], ddp['optimizer'], ddp['reference']) == (4 * P, 4 * P, 8 * P, 4 * P)
+    fsdp = memory_plan(xl, world=4, fsdp=True)
+    assert fsdp['optimizer'] == 8 * P / 4 and fsdp['gathered'] == 2 * P
+    lora = memory_plan(xl, lora_rank=16)
+    assert lora['reference'] == 0 and lora['optimizer'] == 8 * L
+    assert memory_plan(xl, grad_ckpt=True)['activations'] < ddp['activations'] / 4

@@ -9,20 +9,27 @@ clipped loss + beta * KL to the frozen starting model -> AdamW step with gradien
     torchrun --nproc_per_node=4 train.py --preset c2i_xl  # the paper's class-to-image run (32 images a step)
     torchrun --nproc_per_node=8 train.py --preset t2i_xl --prompts prompts.txt
     python train.py --preset demo --resume                # continue out_dir exactly where it stopped
-    python train.py --preset demo --eval --ckpt out/demo/model.safetensors   # rewards on fixed seeds
+    python train.py --preset demo --eval --ckpt out/demo/latest/model.safetensors   # rewards on fixed seeds
+    torchrun --nproc_per_node=8 train.py --preset c2i_xl --fsdp --no-compile # big models: see scale.py
+    python train.py --preset c2i_xl --lora_rank 16 --micro_batch_size 4       # XL on one 24 GB card
 
 How this departs from the paper's code (see grpo.py for the loss): a group never spans ranks;
 rewards are scored batched on the device; optional num_iterations > 1 (PPO-style reuse, the
 ratio and clipping then act) and logprob_mode='guided' (log-probs under the CFG mixture that
 drew the tokens). Dropout is off throughout (the policy stays in eval mode) so that sampling
 and scoring see the same network, which is what makes the ratio exactly 1 at the first pass.
+Memory options (--grad_ckpt, --fsdp, --lora_rank) live in scale.py; a save is one step directory with a
+`latest` pointer switched last (see the checkpoints section), loadable at any world size.
 """
 import copy
 import json
 import math
 import os
+import re
+import shutil
 import sys
 import time
+import warnings
 from contextlib import nullcontext
 from dataclasses import dataclass, field, asdict
 from pathlib import Path
@@ -34,6 +41,7 @@ import torch.distributed as dist
 from PIL import Image, ImageDraw
 
 import grpo
+import scale
 from model import GPT, CheckpointError, config_for, generate, load_gpt, peek_gpt_config, RELEASES, save_gpt
 from tokenizer import VQ_PRESETS, VQ_RELEASES, VQConfig, VQModel, load_vq
 from rewards import build_reward, parse_spec, WeightsUnavailable
@@ -99,6 +107,13 @@ class TrainConfig:
     eval_conds: int = 8  # conditions to evaluate (first classes / prompts); 0 = all of them
     eval_images: int = 4  # images per condition in evaluation
     eval_ckpt: Optional[str] = None  # --eval: a tuned checkpoint compared with --ckpt on the same seeds (paired)
+    # memory (scale.py; the README's "what fits where" table says which to use)
+    grad_ckpt: bool = False  # activation checkpointing: recompute each block in backward (teacher-forced pass)
+    fsdp: bool = False  # shard weights, grads and AdamW state over the torchrun ranks (FSDP2)
+    lora_rank: int = 0  # > 0: train rank-R LoRA adapters only, base frozen; the KL reference is the base
+    lora_alpha: float = 32.0  # LoRA scale alpha / rank
+    lora_targets: List[str] = field(default_factory=lambda: list(scale.LORA_TARGETS))  # linear layers to adapt
+
 
     def validate(self):
         """Every check that needs no model, run by parse_config before anything is loaded or sampled:
@@ -139,6 +154,17 @@ class TrainConfig:
         if self.eval_ckpt is not None and not (self.eval_ckpt in RELEASES or self.eval_ckpt.startswith('hf://')
                                                 or os.path.isfile(self.eval_ckpt)):
             raise UserError(f"--eval_ckpt {self.eval_ckpt} is not a release, hf://OWNER/REPO/FILE or an existing file")
+        check_range(self, 'lora_rank', lo=0)
+        if self.lora_rank and self.lora_alpha <= 0:
+            raise UserError(f"--lora_alpha must be positive, got {self.lora_alpha}")
+        bad = [t for t in self.lora_targets if t not in scale.LORA_TARGETS]
+        if bad or not self.lora_targets:
+            raise UserError(f"--lora_targets must name some of {' '.join(scale.LORA_TARGETS)}, got {bad or 'none'}")
+        if self.fsdp and 'RANK' not in os.environ:
+            raise UserError("--fsdp shards over the ranks torchrun starts; launch with torchrun --nproc_per_node N")
+        if self.fsdp and self.compile:  # FSDP's per-module hooks do not fit a CUDA-graphed full-graph decode step
+            raise UserError("--fsdp does not support --compile of the decode step (the c2i/t2i presets turn it "
+                            "on); add --no-compile")
         self.validate_model_and_conditions()
         check_writable_dir(self.out_dir, '--out_dir')
 
@@ -181,7 +207,9 @@ TRAIN_PRESETS = {
                    max_steps=600, images_per_step=64, rewards='paper', compile=True, out_dir='out/t2i_xl'),
 }
 TINY_VQ = dict(codebook_size=64, encoder_ch_mult=[1, 1], decoder_ch_mult=[1, 1], z_channels=32, ch=128)
-RESUME_FREE = {'max_steps', 'resume', 'save_every', 'grid_every', 'eval', 'device', 'compile'}
+# flags that may differ on --resume: they change neither the data nor the maths (out_dir: the run may move)
+RESUME_FREE = {'max_steps', 'resume', 'save_every', 'grid_every', 'eval', 'device', 'compile', 'out_dir',
+               'fsdp', 'grad_ckpt'}
 
 # -----------------------------------------------------------------------------
 # set-up
@@ -206,7 +234,9 @@ def print0(*args, rank=0):
 
 
 def build_models(cfg, device):
-    """(policy, reference or None, vq). The reference is a frozen copy of the starting policy."""
+    """(policy, reference or None, vq). The reference is a frozen copy of the starting policy; under LoRA
+    it is the policy itself with its adapters off (scale.AdaptersOff), so no second copy is held. With
+    --fsdp the policy (and a full-fine-tuning reference) are sharded over the ranks."""
     if cfg.vq_ckpt:
         vq = load_vq(cfg.vq_ckpt, device=device)
     else:  # a seeded random tiny VQ: the demo and tests need no weights
@@ -214,16 +244,27 @@ def build_models(cfg, device):
         vq = VQModel(VQConfig(**TINY_VQ)).to(device).eval()
     vq.requires_grad_(False)
     ds, vocab = vq.config.downsample, vq.config.codebook_size
+    load_to = torch.device('cpu') if cfg.fsdp else device  # FSDP moves each rank's shard to the device
     if cfg.ckpt:
-        policy = load_gpt(cfg.ckpt, preset=cfg.model, image_size=cfg.image_size, device=device, downsample=ds)
+        policy = load_gpt(cfg.ckpt, preset=cfg.model, image_size=cfg.image_size, device=load_to, downsample=ds)
     else:
         torch.manual_seed(cfg.seed)
-        policy = GPT(config_for(cfg.model, cfg.image_size, ds, vocab_size=vocab)).to(device)
+        policy = GPT(config_for(cfg.model, cfg.image_size, ds, vocab_size=vocab)).to(load_to)
     if policy.config.vocab_size != vocab or policy.config.block_size != (cfg.image_size // ds) ** 2:
         raise UserError(f"the generator (vocab {policy.config.vocab_size}, {policy.config.block_size} tokens) does "
                         f"not fit the VQ (codebook {vocab}) at image_size {cfg.image_size}; check --ckpt/--vq_ckpt")
     policy.eval()  # dropout off: see the module docstring
-    ref = copy.deepcopy(policy).requires_grad_(False) if cfg.beta > 0 else None
+    policy.grad_ckpt = cfg.grad_ckpt
+    if cfg.lora_rank:
+        torch.manual_seed(cfg.seed)  # the adapters' init (A random, B zero) is the same on every rank
+        scale.add_lora(policy, cfg.lora_rank, cfg.lora_alpha, cfg.lora_targets)
+        ref = scale.AdaptersOff(policy) if cfg.beta > 0 else None
+    else:
+        ref = copy.deepcopy(policy).requires_grad_(False) if cfg.beta > 0 else None
+    if cfg.fsdp:
+        scale.shard(policy, device)
+        if ref is not None and not cfg.lora_rank:
+            scale.shard(ref, device)  # sharded too: gathered block by block for its one no-grad forward
     return policy, ref, vq
 
 
@@ -304,8 +345,9 @@ def rollout(cfg, policy, vq, cond, cond_mask, gen, device):
     cond = cond.repeat_interleave(G, 0)
     mask = None if cond_mask is None else cond_mask.repeat_interleave(G, 0)
     with autocast(cfg, device):
-        tokens, _ = generate(policy, cond, mask, cfg.cfg_scale, cfg.cfg_interval, cfg.temperature, cfg.top_k,
-                             cfg.top_p, generator=gen, compile=cfg.compile)
+        with scale.gathered(policy):  # FSDP: every block gathered once for the whole decode, then resharded
+            tokens, _ = generate(policy, cond, mask, cfg.cfg_scale, cfg.cfg_interval, cfg.temperature, cfg.top_k,
+                                 cfg.top_p, generator=gen, compile=cfg.compile)
         t1 = _now(device)
         images = vq.decode(tokens).float()
     return tokens, images, cond, mask, dict(time_rollout=t1 - t0, time_decode=_now(device) - t1)
@@ -359,7 +401,7 @@ def policy_update(cfg, ddp_model, opt, batch, device):
             for m in range(start, start + mb, micro):
                 s = slice(m, m + micro)
                 last = m + micro >= start + mb
-                sync = ddp_model.no_sync() if hasattr(ddp_model, 'no_sync') and not last else nullcontext()
+                sync = scale.no_sync(ddp_model) if not last else nullcontext()  # reduce once per minibatch
                 with sync, autocast(cfg, device):
                     logp, logits = sequence_logprobs(cfg, ddp_model, tokens[s], cond[s],
                                                      None if mask is None else mask[s])
@@ -374,7 +416,7 @@ def policy_update(cfg, ddp_model, opt, batch, device):
                 sums['loss'] = sums.get('loss', 0.0) + loss.detach().float()
                 n += 1
             params = [p for p in ddp_model.parameters() if p.grad is not None]
-            norm = torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip if cfg.grad_clip > 0 else float('inf'))
+            norm = scale.clip_grad_norm(params, cfg.grad_clip if cfg.grad_clip > 0 else float('inf'))
             if not torch.isfinite(norm):
                 opt.zero_grad(set_to_none=True)
                 return None
@@ -443,8 +485,9 @@ def average_metrics(metrics, world, device):
 
 
 def check_in_sync(policy, world, device):
-    """DDP keeps replicas identical; verify it before saving (a cheap checksum, min vs max over ranks)."""
-    if world == 1:
+    """DDP keeps replicas identical; verify it before saving (a cheap checksum, min vs max over ranks).
+    FSDP holds shards, not replicas: nothing to compare."""
+    if world == 1 or scale.is_sharded(policy):
         return
     s = torch.stack([p.detach().double().sum() for p in policy.parameters()]).to(device)
     lo, hi = s.clone(), s.clone()
@@ -455,34 +498,113 @@ def check_in_sync(policy, world, device):
     print0(f"ranks in sync: {world} replicas hold identical weights", rank=dist.get_rank())
 
 
-def save_checkpoint(cfg, policy, opt, step, bad_steps):
-    """model.safetensors (LlamaGen keys + GPTConfig, readable by sample.py --ckpt) and state.pt
-    (optimizer, step, RNG, config). Each is written to a temp file and renamed into place."""
-    save_gpt(policy, os.path.join(cfg.out_dir, 'model.safetensors'), step=step)
-    state = dict(optimizer=opt.state_dict(), step=step, bad_steps=bad_steps, config=asdict(cfg),
-                 rng_cpu=torch.get_rng_state(),
-                 rng_cuda=torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [])
-    path = os.path.join(cfg.out_dir, 'state.pt')
-    torch.save(state, path + '.tmp')
-    os.replace(path + '.tmp', path)
+# One save = one directory, out_dir/step_NNNNNN/:
+#   model.safetensors   full weights (LoRA merged), LlamaGen keys + GPTConfig: sample.py --ckpt reads it
+#   adapter_model.safetensors, adapter_config.json   the LoRA adapter alone, in PEFT's format (LoRA only)
+#   dcp/                trained weights + AdamW state via torch.distributed.checkpoint: any world size loads it
+#   state.pt            step, bad-step count, RNG, config
+# It is written as .tmp_step_NNNNNN and renamed when whole, then the `latest` symlink is switched to it, then
+# older saves are deleted: a kill at any moment leaves at least one whole step_* directory.
+STEP_DIR = re.compile(r'step_(\d+)$')
+
+
+def _barrier(world):
+    if world > 1:
+        dist.barrier()
+
+
+def _dcp_state(cfg, policy, opt):
+    """{'model', 'optim'} keyed by parameter name, sharded or not (frozen LoRA base left out: it is --ckpt)."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict
+    msd, osd = get_state_dict(policy, opt, options=StateDictOptions(ignore_frozen_params=bool(cfg.lora_rank)))
+    return {'model': msd, 'optim': osd}
+
+
+def full_weights(policy):
+    """Every rank calls it (FSDP gathers); rank 0 gets the full state dict on the CPU, others may get {}."""
+    if scale.is_sharded(policy):
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+        return get_model_state_dict(policy, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+    return {k: v.detach().cpu() for k, v in policy.state_dict().items()}
+
+
+def save_checkpoint(cfg, policy, opt, step, bad_steps, rank=0, world=1):
+    """Write step_NNNNNN as one unit (see above). Called on every rank."""
+    import torch.distributed.checkpoint as dcp
+    name = f'step_{step:06d}'
+    tmp, final = os.path.join(cfg.out_dir, '.tmp_' + name), os.path.join(cfg.out_dir, name)
+    if rank == 0:
+        shutil.rmtree(tmp, ignore_errors=True)  # a save killed half-way
+        os.makedirs(tmp)
+    _barrier(world)
+    with warnings.catch_warnings():  # single process: DCP warns that it assumes one, which is the intent
+        warnings.filterwarnings('ignore', message='torch.distributed is disabled')
+        dcp.save(_dcp_state(cfg, policy, opt), checkpoint_id=os.path.join(tmp, 'dcp'), no_dist=world == 1)
+    sd = full_weights(policy)
+    if rank == 0:
+        if cfg.lora_rank:
+            scale.save_adapter(sd, tmp, cfg.lora_rank, cfg.lora_alpha, cfg.lora_targets, cfg.ckpt)
+            sd = scale.merge_lora(sd, cfg.lora_alpha / cfg.lora_rank)
+        save_gpt(policy, os.path.join(tmp, 'model.safetensors'), state_dict=sd, step=step)
+        torch.save(dict(step=step, bad_steps=bad_steps, config=asdict(cfg), rng_cpu=torch.get_rng_state(),
+                        rng_cuda=torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []),
+                   os.path.join(tmp, 'state.pt'))
+        shutil.rmtree(final, ignore_errors=True)  # only if this very step was saved before
+        os.replace(tmp, final)  # the save exists from here on
+        link = os.path.join(cfg.out_dir, '.latest_tmp')
+        if os.path.lexists(link):
+            os.remove(link)
+        os.symlink(name, link)
+        os.replace(link, os.path.join(cfg.out_dir, 'latest'))  # atomic switch of the pointer
+        for d in os.listdir(cfg.out_dir):  # older saves, and temp dirs of saves that were killed
+            if (STEP_DIR.match(d) and d != name) or d.startswith('.tmp_step_'):
+                shutil.rmtree(os.path.join(cfg.out_dir, d), ignore_errors=True)
+    _barrier(world)
+
+
+def newest_checkpoint(out_dir):
+    """The newest whole save in out_dir (a save is named step_* only once it is whole)."""
+    steps = [d for d in os.listdir(out_dir) if STEP_DIR.match(d)] if os.path.isdir(out_dir) else []
+    if not steps:
+        raise UserError(f"--resume: no checkpoint in {out_dir} (no step_* directory); drop --resume to start")
+    d = os.path.join(out_dir, max(steps, key=lambda n: int(STEP_DIR.match(n).group(1))))
+    for f in ('state.pt', 'model.safetensors', os.path.join('dcp', '.metadata')):
+        if not os.path.isfile(os.path.join(d, f)):
+            raise UserError(f"--resume: {os.path.join(d, f)} is missing; restore it or delete {d} to resume "
+                            f"from an older save")
+    return d
 
 
 def load_checkpoint(cfg, policy, opt):
-    """Restore policy weights, optimizer, RNG and step from out_dir. Returns (step, bad_steps)."""
-    from model import read_state_dict, load_into
-    path = os.path.join(cfg.out_dir, 'state.pt')
-    if not os.path.isfile(path):
-        raise UserError(f"--resume: no checkpoint in {cfg.out_dir} (state.pt is missing); drop --resume to start")
-    state = torch.load(path, map_location='cpu', weights_only=True)
-    diff = [k for k, v in state['config'].items() if k not in RESUME_FREE and getattr(cfg, k, None) != v]
+    """Restore weights, optimizer, RNG and step from the newest save in out_dir (every rank, any world size).
+    Returns (step, bad_steps)."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_state_dict
+    d = newest_checkpoint(cfg.out_dir)
+    try:
+        state = torch.load(os.path.join(d, 'state.pt'), map_location='cpu', weights_only=True)
+        saved = state['config']
+    except Exception as e:
+        raise UserError(f"--resume: {os.path.join(d, 'state.pt')} is truncated or corrupt ({type(e).__name__}); "
+                        f"delete {d} to resume from an older save, or drop --resume") from None
+    diff = [k for k, v in saved.items() if k not in RESUME_FREE and getattr(cfg, k, None) != v]
     if diff:
         raise UserError(f"--resume: the config differs from the checkpoint's in {', '.join(diff)} "
-                        f"(e.g. {diff[0]}={state['config'][diff[0]]!r} there); use the same settings")
-    sd, meta = read_state_dict(os.path.join(cfg.out_dir, 'model.safetensors'))
-    if int(meta.get('step', -1)) != state['step']:
-        raise UserError(f"--resume: model.safetensors and state.pt in {cfg.out_dir} are from different steps")
-    load_into(policy, {k: v.to(policy.output.weight.device) for k, v in sd.items()}, cfg.out_dir)
-    opt.load_state_dict(state['optimizer'])
+                        f"(e.g. {diff[0]}={saved[diff[0]]!r} there); use the same settings")
+    from torch.distributed.checkpoint.api import CheckpointException  # a BaseException, not an Exception
+    target = _dcp_state(cfg, policy, opt)  # the layout to load into: this run's sharding and world size
+    try:
+        with warnings.catch_warnings():
+            warnings.filterwarnings('ignore', message='torch.distributed is disabled')
+            dcp.load(target, checkpoint_id=os.path.join(d, 'dcp'), no_dist=not dist.is_initialized())
+    except (Exception, CheckpointException) as e:
+        raise UserError(f"--resume: the sharded state in {os.path.join(d, 'dcp')} is truncated, corrupt or "
+                        f"from another model ({type(e).__name__}); delete {d} to resume from an older save") from None
+    # LoRA: the dict holds the adapters only (dcp.load above already failed if any was absent); the frozen base
+    # keys are not in it by design, hence strict=False there
+    lora = bool(cfg.lora_rank)
+    set_state_dict(policy, opt, model_state_dict=target['model'], optim_state_dict=target['optim'],
+                   options=StateDictOptions(ignore_frozen_params=lora, strict=not lora))
     torch.set_rng_state(state['rng_cpu'])
     if state['rng_cuda'] and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state['rng_cuda'])
@@ -541,6 +663,7 @@ def train(cfg):
     rank, world, device = setup_distributed(cfg)
     policy, ref, vq = build_models(cfg, device)
     check_config(cfg, policy, world)
+    print_memory_plan(cfg, policy.config, world, device, rank)
     reward_fn = build_reward(cfg.rewards, device=device, clip_model=cfg.clip_model,
                              clip_pretrained=cfg.clip_pretrained, hps_ckpt=cfg.hps_ckpt, judge=cfg.judge,
                              judge_url=cfg.judge_url, judge_model=cfg.judge_model)
@@ -549,12 +672,15 @@ def train(cfg):
     if cfg.eval:  # rewards on fixed seeds, one or two checkpoints: metrics.py
         import metrics
         return metrics.reward_eval(cfg, policy, vq, reward_fn, prompts, t5, device, rank, world)
-    opt = torch.optim.AdamW(policy.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay, betas=(0.9, 0.999))
+    trained = [p for p in policy.parameters() if p.requires_grad]  # all, or the LoRA adapters
+    opt = torch.optim.AdamW(trained, lr=cfg.lr, weight_decay=cfg.weight_decay, betas=(0.9, 0.999))
     step, bad = load_checkpoint(cfg, policy, opt) if cfg.resume else (0, 0)
-    if step >= cfg.max_steps:
-        raise UserError(f"--resume: {cfg.out_dir} is already at step {step}; raise --max_steps above {step} to go on")
-    ddp_model = policy
-    if world > 1:
+    if step >= cfg.max_steps:  # a finished run: nothing to do (raise --max_steps to go on)
+        print0(f"--resume: {cfg.out_dir} is already at step {step} >= --max_steps {cfg.max_steps}; nothing to do",
+               rank=rank)
+        return read_metrics(os.path.join(cfg.out_dir, 'metrics.jsonl'), upto=step)
+    ddp_model = policy  # FSDP2 shards the policy in place: no wrapper
+    if world > 1 and not cfg.fsdp:
         ddp_model = torch.nn.parallel.DistributedDataParallel(
             policy, device_ids=[device.index] if device.type == 'cuda' else None, broadcast_buffers=False)
     log_path = os.path.join(cfg.out_dir, 'metrics.jsonl')
@@ -579,8 +705,7 @@ def train(cfg):
         stop = bad >= cfg.max_bad_steps
         if (step + 1) % cfg.save_every == 0 or step + 1 == cfg.max_steps or stop:
             check_in_sync(policy, world, device)
-            if rank == 0:
-                save_checkpoint(cfg, policy, opt, step + 1, bad)
+            save_checkpoint(cfg, policy, opt, step + 1, bad, rank, world)
         if stop:
             print0(f"stopping: {bad} steps in a row had a non-finite reward or gradient; the last good weights "
                    f"are saved in {cfg.out_dir} (lower lr or check the reward models)", rank=rank)
@@ -591,6 +716,28 @@ def train(cfg):
         print(f"reward: first {len(first)} steps {np.mean([r['reward'] for r in first]):.4f}, "
               f"last {len(last)} steps {np.mean([r['reward'] for r in last]):.4f}; logs in {cfg.out_dir}")
     return rows
+
+
+def print_memory_plan(cfg, gpt_config, world, device, rank):
+    """Say up front what this run needs per rank; on a GPU, warn when it exceeds the memory and list the
+    options that would fit."""
+    batch = cfg.conds_per_rank * cfg.group_size
+    opts = dict(fsdp=cfg.fsdp, grad_ckpt=cfg.grad_ckpt, lora_rank=cfg.lora_rank, lora_targets=cfg.lora_targets,
+                beta=cfg.beta, micro_batch=cfg.micro_batch_size or cfg.minibatch_size or batch, rollout_batch=batch,
+                cfg=cfg.cfg_scale > 1, guided=cfg.logprob_mode == 'guided', bf16=device.type == 'cuda')
+    plan = scale.memory_plan(gpt_config, world, **opts)
+    names = [n for n, on in (('fsdp', cfg.fsdp), ('grad_ckpt', cfg.grad_ckpt), (f'lora r={cfg.lora_rank}',
+                                                                                 cfg.lora_rank)) if on]
+    print0(scale.format_plan(plan, ', '.join(names or ['full fine-tuning']) + f', micro-batch {opts["micro_batch"]}'),
+           rank=rank)
+    if device.type == 'cuda':
+        free, _ = torch.cuda.mem_get_info(device)
+        limit = free + torch.cuda.memory_allocated(device)  # what this process may use, counting what it holds
+        if plan['peak'] > 0.9 * limit:  # 10% for what the plan does not count (rewards, VQ decode, context)
+            fits = [f for f in scale.fitting_options(gpt_config, limit, world, **opts) if f]
+            print0(f"warning: the plan ({plan['peak'] / 2**30:.1f} GiB) exceeds this GPU's {limit / 2**30:.1f} GiB; "
+                   f"options that fit: {'; '.join(fits) or 'none on this many GPUs, add GPUs and use --fsdp'}",
+                   rank=rank)
 
 
 def main(argv=None):
