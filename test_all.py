@@ -37,6 +37,7 @@ import rewards
 import sample
 import tokenizer
 import train
+import grpo
 from grpo import (cfg_mix, clipped_surrogate, group_advantages, grpo_loss, kl_k3, policy_logprobs, token_entropy,
                   token_logprobs)
 from model import (GPT, GPTConfig, CheckpointError, RELEASES, config_for, generate, load_gpt, load_into,
@@ -1621,18 +1622,25 @@ def test_judge_prompt_file_formats(tmp_path):
         assert train.read_prompts(str(tmp_path / name)) == ['a red fox', 'two cups'], name
     (tmp_path / 'bin.txt').write_bytes(bytes(range(128, 256)))
     (tmp_path / 'bad.json').write_text(json.dumps([{'conversations': []}]))
-    for name, msg in [('bin.txt', 'is not UTF-8 text'), ('bad.json', 'conversations')]:
+    for name, msg in [('bin.txt', 'could not be read as UTF-8'), ('bad.json', 'conversations')]:
         with pytest.raises(UserError, match=msg) as err:
             train.read_prompts(str(tmp_path / name))
         assert name in str(err.value) and '\n' not in str(err.value)
 
 
 def test_judge_global_batch_and_flag_errors(tmp_path, monkeypatch):
+    seen = []
+    real = train.build_reward
+
+    def counting(*args, **kwargs):
+        inner = real(*args, **kwargs)
+        return lambda images, conds: (seen.append(len(images)), inner(images, conds))[1]
+    monkeypatch.setattr(train, 'build_reward', counting)
     run_train(tmp_path, '--images_per_step', '16', '--group_size', '8', '--max_steps', '1')
-    assert torch.load(tmp_path / 'state.pt', weights_only=True)['config']['conds_per_rank'] == 2  # 16 / (1 x 8)
-    monkeypatch.setenv('WORLD_SIZE', '4')  # validate() only: nothing is built before it fails
-    for args, msg in [(['--images_per_step', '16'], 'pass a multiple of 32'),
-                      (['--images_per_step', '-8'], 'does not split'),
+    assert seen == [16]  # one rank samples the whole global batch: 2 groups of 8
+    monkeypatch.setenv('WORLD_SIZE', '3')  # validate() only: nothing is built before it fails
+    for args, msg in [(['--images_per_step', '16'], 'of the 3 rank'), (['--images_per_step', '12'], 'multiple of'),
+                      (['--images_per_step', '-8'], '--images_per_step must be >= 0'),
                       (['--judge_url', 'localhost:8000/v1'], 'is not an http'), (['--judge', ''], 'is empty')]:
         with pytest.raises(UserError, match=msg):
             run_train(tmp_path / 'x', *args)
@@ -2288,3 +2296,35 @@ def test_scale_memory_plan():
     lora = memory_plan(xl, lora_rank=16)
     assert lora['reference'] == 0 and lora['optimizer'] == 8 * L
     assert memory_plan(xl, grad_ckpt=True)['activations'] < ddp['activations'] / 4
+
+
+def test_groups_spanning_ranks_get_whole_group_advantages(tmp_path):
+    """The paper's 32 images on 8 GPUs has half a group per rank: here 8 images in one group of 8 on 2 ranks.
+    Each rank's advantages must be its slice of the advantages of the gathered group, in rank order."""
+    def run(rank_dir):
+        real_reward, real_loss = train.build_reward, grpo.grpo_loss
+        log = {'rewards': [], 'adv': []}
+
+        def reward(*args, **kwargs):
+            inner = real_reward(*args, **kwargs)
+
+            def fn(images, conds):
+                total, raw = inner(images, conds)
+                log['rewards'].append(total.clone())
+                return total, raw
+            return fn
+
+        def loss(logp, old, adv, *args, **kwargs):
+            log['adv'].append(adv.clone())
+            return real_loss(logp, old, adv, *args, **kwargs)
+        train.build_reward, grpo.grpo_loss = reward, loss
+        train.main(['--preset', 'demo', '--image_size', '8', '--grid_every', '0', '--device', 'cpu',
+                    '--group_size', '8', '--images_per_step', '8', '--max_steps', '2', '--out_dir', str(tmp_path / 'run')])
+        torch.save(log, tmp_path / f"rank{os.environ['RANK']}.pt")
+    assert on_ranks(2, lambda: run(tmp_path))
+    logs = [torch.load(tmp_path / f'rank{r}.pt') for r in range(2)]
+    for step in range(2):
+        rewards = torch.cat([log['rewards'][step] for log in logs])  # (8,) rank 0's 4 images, then rank 1's
+        assert all(len(log['rewards'][step]) == 4 for log in logs)
+        expected = group_advantages(rewards, 8)
+        torch.testing.assert_close(torch.cat([log['adv'][step] for log in logs]), expected, rtol=0, atol=0)

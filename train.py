@@ -6,15 +6,14 @@ score with the reward models -> group-relative advantages -> num_iterations pass
 clipped loss + beta * KL to the frozen starting model -> AdamW step with gradient clipping.
 
     python train.py --preset demo                         # CPU, offline, ~1 min: the reward rises
-    torchrun --nproc_per_node=4 train.py --preset c2i_xl  # the paper's class-to-image run (32 images a step)
+    torchrun --nproc_per_node=8 train.py --preset c2i_xl  # the paper's class-to-image run (32 images a step)
     torchrun --nproc_per_node=8 train.py --preset t2i_xl --prompts prompts.txt
     python train.py --preset demo --resume                # continue out_dir exactly where it stopped
     python train.py --preset demo --eval --ckpt out/demo/latest/model.safetensors   # rewards on fixed seeds
     torchrun --nproc_per_node=8 train.py --preset c2i_xl --fsdp --no-compile # big models: see scale.py
     python train.py --preset c2i_xl --lora_rank 16 --micro_batch_size 4       # XL on one 24 GB card
 
-How this departs from the paper's code (see grpo.py for the loss): a group never spans ranks;
-rewards are scored batched on the device; optional num_iterations > 1 (PPO-style reuse, the
+How this departs from the paper's code (see grpo.py for the loss): rewards are scored batched on the device; optional num_iterations > 1 (PPO-style reuse, the
 ratio and clipping then act) and logprob_mode='guided' (log-probs under the CFG mixture that
 drew the tokens). Dropout is off throughout (the policy stays in eval mode) so that sampling
 and scoring see the same network, which is what makes the ratio exactly 1 at the first pass.
@@ -63,8 +62,8 @@ class TrainConfig:
     t5: str = 'google/flan-t5-xl'  # t2i: text encoder (name or local directory)
     # rollouts
     group_size: int = 8  # G images per condition; advantages are relative to the group
-    conds_per_rank: int = 2  # conditions per rank per step: conds_per_rank * G images per rank
-    images_per_step: int = 0  # global batch over all ranks (sets conds_per_rank); 0 = use conds_per_rank
+    conds_per_rank: int = 2  # without images_per_step: conditions per rank per step, conds_per_rank * G images
+    images_per_step: int = 0  # global batch over all ranks, a multiple of G; 0 = conds_per_rank * G * world
     cfg_scale: float = 2.0  # classifier-free guidance while sampling (paper: 2.0 c2i, 4.0 t2i)
     cfg_interval: int = -1  # CFG only for the first cfg_interval + 2 tokens; -1 = every token
     temperature: float = 1.0  # sampling temperature
@@ -134,17 +133,17 @@ class TrainConfig:
         check_device(self.device)
         if any(c < 0 for c in self.classes):
             raise UserError(f"--classes must be class ids >= 0, got {self.classes}")
-        batch = self.conds_per_rank * self.group_size
+        check_range(self, 'images_per_step', lo=0)
+        world = int(os.environ.get('WORLD_SIZE', '1'))
+        if self.images_per_step % self.group_size or self.images_per_step % world:
+            raise UserError(f"--images_per_step {self.images_per_step} must be a multiple of --group_size "
+                            f"{self.group_size} and of the {world} rank(s) it is split over")
+        _, batch = step_layout(self, world)  # images per rank
         mb = self.minibatch_size or batch
         if batch % mb or mb % (self.micro_batch_size or mb):
-            raise UserError(f"--minibatch_size {mb} must divide the batch of conds_per_rank x group_size = {batch} "
-                            f"images, and --micro_batch_size must divide the minibatch")
+            raise UserError(f"--minibatch_size {mb} must divide the {batch} images each rank samples per step, and "
+                            f"--micro_batch_size must divide the minibatch")
         parse_spec(self.rewards)  # unknown reward names fail now, not after the models load
-        world = int(os.environ.get('WORLD_SIZE', '1'))
-        if self.images_per_step < 0 or self.images_per_step % (world * max(self.group_size, 1)):
-            raise UserError(f"--images_per_step {self.images_per_step} does not split into groups of {self.group_size} "
-                            f"over {world} rank(s); pass a multiple of {world * self.group_size}, run on fewer "
-                            f"ranks, or pass 0 to use --conds_per_rank")
         if self.judge_url and not self.judge_url.startswith(('http://', 'https://')):
             raise UserError(f"--judge_url {self.judge_url!r} is not an http(s) URL; pass e.g. http://HOST:8000/v1")
         if not self.judge:
@@ -302,8 +301,6 @@ def read_prompts(path):
 def check_config(cfg, policy, world=1):
     """The checks that need the loaded generator (a .pt file does not say what it holds)."""
     c = policy.config
-    if cfg.images_per_step:  # a global batch (validate() checked the split): each rank draws its share of groups
-        cfg.conds_per_rank = cfg.images_per_step // (world * cfg.group_size)
     if c.model_type == 'c2i' and cfg.prompts:
         raise UserError(f"--prompts was given but {cfg.ckpt} is a class-to-image model; drop --prompts")
     if c.model_type == 't2i' and not cfg.prompts:
@@ -315,9 +312,17 @@ def check_config(cfg, policy, world=1):
 # one GRPO step
 
 
-def draw_conditions(cfg, policy, prompts, step, rank, world, n):
-    """n conditions for this rank at this step, from a generator seeded by (seed, step, rank)."""
-    g = torch.Generator().manual_seed(cfg.seed * 1_000_003 + step * world + rank)
+def step_layout(cfg, world):
+    """(groups in the global batch, images per rank). The global batch is images_per_step images, or
+    conds_per_rank groups per rank; a group may span ranks (the paper's 32 images in groups of 8 on 8 GPUs:
+    4 images a rank), since advantages are computed on the gathered rewards of the whole batch."""
+    total = cfg.images_per_step or cfg.conds_per_rank * cfg.group_size * world
+    return total // cfg.group_size, total // world
+
+
+def draw_conditions(cfg, policy, prompts, step, n):
+    """The n conditions (groups) of the global batch at this step: the same on every rank."""
+    g = torch.Generator().manual_seed(cfg.seed * 1_000_003 + step)
     if policy.config.model_type == 'c2i':
         pool = cfg.classes or list(range(policy.config.num_classes))
         return [pool[i] for i in torch.randint(len(pool), (n,), generator=g).tolist()]
@@ -339,18 +344,16 @@ def autocast(cfg, device):
 
 
 @torch.no_grad()
-def rollout(cfg, policy, vq, cond, cond_mask, gen, device):
-    """G samples per condition (group-major rows) -> (tokens (B, N), images (B, 3, H, W), timings)."""
-    G, t0 = cfg.group_size, _now(device)
-    cond = cond.repeat_interleave(G, 0)
-    mask = None if cond_mask is None else cond_mask.repeat_interleave(G, 0)
+def rollout(cfg, policy, vq, cond, mask, gen, device):
+    """One sample per row of cond (B,) or (B, L, D) -> (tokens (B, N), images (B, 3, H, W), timings)."""
+    t0 = _now(device)
     with autocast(cfg, device):
         with scale.gathered(policy):  # FSDP: every block gathered once for the whole decode, then resharded
             tokens, _ = generate(policy, cond, mask, cfg.cfg_scale, cfg.cfg_interval, cfg.temperature, cfg.top_k,
                                  cfg.top_p, generator=gen, compile=cfg.compile)
         t1 = _now(device)
         images = vq.decode(tokens).float()
-    return tokens, images, cond, mask, dict(time_rollout=t1 - t0, time_decode=_now(device) - t1)
+    return tokens, images, dict(time_rollout=t1 - t0, time_decode=_now(device) - t1)
 
 
 def _now(device):
@@ -369,12 +372,12 @@ def sequence_logprobs(cfg, model, tokens, cond, mask):
                        cond_mask=both_mask)
         cond_logits, uncond_logits = logits.chunk(2)
         # the same per-token scale generate() used: CFG for tokens j <= cfg_interval + 1, then none
-        scale = torch.full((1, tokens.shape[1], 1), cfg.cfg_scale, device=tokens.device)
+        mix_scale = torch.full((1, tokens.shape[1], 1), cfg.cfg_scale, device=tokens.device)
         if cfg.cfg_interval != -1:
-            scale[:, cfg.cfg_interval + 2:] = 1.0
+            mix_scale[:, cfg.cfg_interval + 2:] = 1.0
     else:
-        cond_logits, uncond_logits, scale = model(tokens[:, :-1], cond, cond_mask=mask), None, cfg.cfg_scale
-    return grpo.policy_logprobs(cond_logits, uncond_logits, tokens, cfg.logprob_mode, scale, cfg.temperature), cond_logits
+        cond_logits, uncond_logits, mix_scale = model(tokens[:, :-1], cond, cond_mask=mask), None, cfg.cfg_scale
+    return grpo.policy_logprobs(cond_logits, uncond_logits, tokens, cfg.logprob_mode, mix_scale, cfg.temperature), cond_logits
 
 
 @torch.no_grad()
@@ -431,31 +434,34 @@ def policy_update(cfg, ddp_model, opt, batch, device):
 def grpo_step(cfg, ctx, step):
     """One full step on this rank. Returns the metrics (this rank's, before averaging)."""
     policy, ref, vq, ddp_model, opt, reward_fn, prompts, t5, rank, world, device = ctx
-    conds = draw_conditions(cfg, policy, prompts, step, rank, world, cfg.conds_per_rank)
-    cond, cond_mask = encode_conditions(conds, policy, t5, device)
+    G = cfg.group_size
+    n_groups, B = step_layout(cfg, world)
+    conds = draw_conditions(cfg, policy, prompts, step, n_groups)  # the global batch's conditions
+    group = torch.arange(rank * B, (rank + 1) * B) // G  # (B,) the group of each image this rank samples
+    first = group[0].item()
+    cond, mask = encode_conditions(conds[first:group[-1].item() + 1], policy, t5, device)  # each condition once
+    cond, mask = cond[group - first], None if mask is None else mask[group - first]  # one row per image
+    image_conds = [conds[g] for g in group.tolist()]  # ids or prompts, one per image
     gen = torch.Generator(device).manual_seed(cfg.seed * 1_000_003 + step * world + rank + 7)
     t0 = _now(device)
-    tokens, images, cond, mask, times = rollout(cfg, policy, vq, cond, cond_mask, gen, device)
+    tokens, images, times = rollout(cfg, policy, vq, cond, mask, gen, device)
     t1 = _now(device)
-    reward_conds = [c for c in conds for _ in range(cfg.group_size)]  # ids or prompts, one per image
-    total, raw = reward_fn(images, reward_conds)
-    total = total.float()
+    local, raw = reward_fn(images, image_conds)
+    local = local.float()
     times['time_reward'] = _now(device) - t1
-    finite = torch.isfinite(total)  # a non-finite reward drops out of its group (grpo.group_advantages)
-    metrics = {'reward': total[finite].mean().item(), 'nonfinite': (~finite).sum().item(), **times}
+    total = gather_rewards(local, world)  # (B * world,) the whole batch, group-major, on every rank
+    finite = torch.isfinite(local)  # a non-finite reward drops out of its group (grpo.group_advantages)
+    metrics = {'reward': local[finite].mean().item(), 'nonfinite': (~finite).sum().item(), **times}
     weights = getattr(reward_fn, 'weights', {})
     for k, v in raw.items():  # raw scores, and each term of the sum as it enters the reward
         v = v.float()[torch.isfinite(v)]
         metrics[f'{k}_mean'], metrics[f'{k}_std'] = v.mean().item(), v.std().item()
         if k in weights:
             metrics[f'term_{k}'] = weights[k] * metrics[f'{k}_mean']
-    ok = finite.any().float()
-    if world > 1:  # skip only when no rank has a finite reward; all ranks together, or DDP would hang
-        dist.all_reduce(ok, op=dist.ReduceOp.MAX)
     t2 = _now(device)
     stats = None
-    if ok.item() > 0:
-        adv = grpo.group_advantages(total, cfg.group_size, cfg.scale_std)
+    if torch.isfinite(total).any():  # skip only when nothing is finite: the same answer on every rank
+        adv = grpo.group_advantages(total, G, cfg.scale_std)[rank * B:(rank + 1) * B]  # this rank's images
         mb = cfg.micro_batch_size or cfg.minibatch_size or len(tokens)
         with autocast(cfg, device):
             ref_logp = fixed_logprobs(cfg, ref, tokens, cond, mask, mb) if ref is not None else None
@@ -466,7 +472,16 @@ def grpo_step(cfg, ctx, step):
     metrics.update(stats or {})
     metrics['step_time'] = _now(device) - t0
     metrics['images_per_s'] = len(tokens) * world / metrics['step_time']
-    return metrics, (images, total)
+    return metrics, (images, local)
+
+
+def gather_rewards(local, world):
+    """(B,) rewards of this rank -> (B * world,) of the whole batch in rank order (every rank gets it)."""
+    if world == 1:
+        return local
+    parts = [torch.empty_like(local) for _ in range(world)]
+    dist.all_gather(parts, local.contiguous())
+    return torch.cat(parts)
 
 
 def average_metrics(metrics, world, device):
@@ -615,17 +630,19 @@ def load_checkpoint(cfg, policy, opt):
 
 
 def write_grid(path, images, total, group_size, groups=2):
-    """The first `groups` groups as rows, each image with its reward written under it."""
+    """The first `groups` groups as rows (or the part of a group this rank sampled), each image with its
+    reward written under it."""
     imgs = to_uint8(images[:groups * group_size]).permute(0, 2, 3, 1).cpu().numpy()  # (n, H, W, 3)
     H, W = imgs.shape[1:3]
-    scale = max(1, 96 // W)  # tiny demo images are blown up so the text fits
-    cw, ch = W * scale, H * scale + 14
-    grid = Image.new('RGB', (cw * group_size, ch * (len(imgs) // group_size)), 'white')
+    zoom = max(1, 96 // W)  # tiny demo images are blown up so the text fits
+    cw, ch = W * zoom, H * zoom + 14
+    group_size = min(group_size, len(imgs))
+    grid = Image.new('RGB', (cw * group_size, ch * (-(-len(imgs) // group_size))), 'white')
     draw = ImageDraw.Draw(grid)
     for i, im in enumerate(imgs):
         x, y = (i % group_size) * cw, (i // group_size) * ch
-        grid.paste(Image.fromarray(im).resize((cw, H * scale), Image.NEAREST), (x, y))
-        draw.text((x + 2, y + H * scale + 1), f"{total[i].item():.3f}", fill='black')
+        grid.paste(Image.fromarray(im).resize((cw, H * zoom), Image.NEAREST), (x, y))
+        draw.text((x + 2, y + H * zoom + 1), f"{total[i].item():.3f}", fill='black')
     atomic_write({path: lambda tmp: grid.save(tmp, format='PNG')})
 
 
@@ -721,7 +738,7 @@ def train(cfg):
 def print_memory_plan(cfg, gpt_config, world, device, rank):
     """Say up front what this run needs per rank; on a GPU, warn when it exceeds the memory and list the
     options that would fit."""
-    batch = cfg.conds_per_rank * cfg.group_size
+    batch = step_layout(cfg, world)[1]
     opts = dict(fsdp=cfg.fsdp, grad_ckpt=cfg.grad_ckpt, lora_rank=cfg.lora_rank, lora_targets=cfg.lora_targets,
                 beta=cfg.beta, micro_batch=cfg.micro_batch_size or cfg.minibatch_size or batch, rollout_batch=batch,
                 cfg=cfg.cfg_scale > 1, guided=cfg.logprob_mode == 'guided', bf16=device.type == 'cuda')
