@@ -1915,7 +1915,7 @@ def test_evalx_inception_offline_and_cli_errors(tmp_path, monkeypatch):
 
 def test_evalx_paired_eval_of_a_checkpoint_against_itself_is_zero(tmp_path):
     run_train(tmp_path / 'run', '--max_steps', '1', '--beta', '0')  # a checkpoint to compare
-    ck = str(tmp_path / 'run' / 'model.safetensors')
+    ck = str(tmp_path / 'run' / 'latest' / 'model.safetensors')
     common = ['--eval', '--eval_conds', '3', '--eval_images', '2', '--beta', '0']
     s = run_train(tmp_path / 'self', '--ckpt', ck, '--eval_ckpt', ck, *common)
     for r, p in s['paired'].items():
