@@ -27,7 +27,7 @@ from model import cache_only_if_offline, hub_cache_dir
 from open_clip.constants import OPENAI_DATASET_MEAN as OPENAI_MEAN, OPENAI_DATASET_STD as OPENAI_STD
 
 HPS_REPO, HPS_FILE = "xswu/HPSv2", "HPS_v2.1_compressed.pt"
-SCORERS = ("clip", "quality", "hps", "colorfulness", "class_color")
+SCORERS = ("clip", "quality", "hps", "colorfulness", "class_color", "world_class", "world_real")
 
 
 class WeightsUnavailable(RuntimeError):
@@ -199,6 +199,25 @@ class ClassColor(nn.Module):
         return 1 - (mean - class_target_color(ids).to(mean.device)).norm(dim=-1) / math.sqrt(3)
 
 
+class WorldScorer(nn.Module):
+    """The miniature world's learned rewards (world.py), stand-ins for the paper's: 'class' = P(target
+    class) from the reward classifier (~ CLIP fidelity), 'real' = the discriminator's P(real) (~ a realism
+    judge). Both in (0, 1); one forward per batch on the images' device."""
+
+    def __init__(self, net, kind):
+        super().__init__()
+        self.net, self.kind = net, kind
+
+    @torch.no_grad()
+    def forward(self, images, conditions):
+        self.net.to(images.device)
+        logits = self.net(images.float().clamp(-1, 1))  # trained on [-1, 1] pixels at the world's size
+        if self.kind == "real":
+            return torch.sigmoid(logits[:, 0])
+        ids = torch.as_tensor([int(c) for c in conditions], device=images.device)
+        return logits.softmax(-1).gather(1, ids[:, None])[:, 0]
+
+
 # -----------------------------------------------------------------------------
 # loading (once per process) and the weighted combination
 
@@ -278,10 +297,10 @@ class CombinedReward(nn.Module):
 
 
 def build_reward(spec, device="cpu", clip_model="ViT-L-14", clip_pretrained="openai", clip_templates=False,
-                 hps_model="ViT-H-14", hps_ckpt=None):
+                 hps_model="ViT-H-14", hps_ckpt=None, world=""):
     """spec -> CombinedReward. clip_model/clip_pretrained: open_clip arch and tag or file, shared by clip
     and quality; clip_templates: average CLIP's 80 ImageNet prompts for class ids; hps_model/hps_ckpt:
-    HPS architecture and checkpoint file (None = HF hub)."""
+    HPS architecture and checkpoint file (None = HF hub); world: a world.py preset or directory (world_*)."""
     scorers, weights = {}, parse_spec(spec)
     for name in weights:
         if name in ("clip", "quality"):
@@ -289,6 +308,9 @@ def build_reward(spec, device="cpu", clip_model="ViT-L-14", clip_pretrained="ope
             scorers[name] = ClipScore(model, tok, clip_templates) if name == "clip" else ClipIQA(model, tok)
         elif name == "hps":
             scorers[name] = HPSv2(*load_hps(hps_ckpt, hps_model, str(device)))
+        elif name.startswith("world_"):
+            import world as world_py  # lazily: world.py imports the training stack
+            scorers[name] = WorldScorer(world_py.load_reward_net(world, name), name[6:])
         else:
             scorers[name] = Colorfulness() if name == "colorfulness" else ClassColor()
     return CombinedReward(scorers, weights)
