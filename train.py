@@ -5,7 +5,8 @@ Each step: sample G images per condition with the KV cache and CFG -> decode wit
 score with the reward models -> group-relative advantages -> num_iterations passes of the
 clipped loss + beta * KL to the frozen starting model -> AdamW step with gradient clipping.
 
-    python train.py --preset demo                         # CPU, offline, ~1 min: the reward rises
+    python train.py --preset demo                         # CPU, offline: GRPO in world.py's miniature world
+    python train.py --preset demo_color                   # smallest smoke run: random GPT, colourfulness
     torchrun --nproc_per_node=8 train.py --preset c2i_xl  # the paper's class-to-image run
     torchrun --nproc_per_node=8 train.py --preset t2i_xl --prompts prompts.txt
     python train.py --preset demo --resume                # continue out_dir exactly where it stopped
@@ -92,13 +93,33 @@ class TrainConfig:
     eval: bool = False  # sample eval_conds with fixed seeds, print each reward's mean and std, exit
     eval_conds: int = 8  # conditions to evaluate (first classes / prompts)
     eval_images: int = 4  # images per condition in evaluation
+    # the miniature world (world.py) and honest-reporting controls
+    world: str = ''  # a world.py preset ('demo') or directory: GRPO in it, base vs tuned vs shuffled control
+    shuffle_rewards: bool = False  # control run: permute the rewards within each group before advantages
+    kl_images: int = 8  # images of each rollout scored under the frozen start for the logged kl_start; 0 = off
+
+    def validate(self):
+        """Checks of the flags added for the miniature world, before anything is loaded."""
+        import world
+        if self.world and self.world not in world.WORLD_PRESETS and not os.path.isdir(self.world):
+            raise UserError(f"--world {self.world!r} is neither a world preset ({', '.join(world.WORLD_PRESETS)}) "
+                            f"nor a directory built by world.py; pass --world demo")
+        if 'world_' in self.rewards and not self.world:
+            raise UserError("the world_class / world_real rewards need a world; pass --world demo (or --preset demo)")
+        if self.kl_images < 0:
+            raise UserError(f"--kl_images must be 0 (off) or a positive number of images, got {self.kl_images}")
 
 
 TRAIN_PRESETS = {
-    # tiny random generator + tiny random VQ + a weight-free reward: runs offline on a CPU
-    'demo': dict(ckpt='', model='GPT-tiny', vq_ckpt='', image_size=16, classes=list(range(8)),
+    # the headline offline demo: world.py builds (once) a pretrained VQ, GPT, reward models and judges;
+    # GRPO from that GPT, then base vs tuned vs shuffled-reward control on held-out judges (CPU, minutes)
+    'demo': dict(world='demo', image_size=16, classes=list(range(10)), rewards='world_class=1,world_real=0.5',
+                 conds_per_rank=8, group_size=8, cfg_scale=1.5, lr=1e-4, beta=0.0, max_steps=100,
+                 save_every=100, grid_every=0, out_dir='out/demo'),
+    # the smallest smoke run: tiny random generator + tiny random VQ + a weight-free reward
+    'demo_color': dict(ckpt='', model='GPT-tiny', vq_ckpt='', image_size=16, classes=list(range(8)),
                  rewards='colorfulness=1', conds_per_rank=4, group_size=8, cfg_scale=1.0, lr=3e-3,
-                 beta=0.01, max_steps=400, save_every=100, grid_every=100, out_dir='out/demo'),
+                 beta=0.01, max_steps=400, save_every=100, grid_every=100, out_dir='out/demo_color'),
     # the paper's settings (AR-GRPO scripts): LlamaGen c2i XL at 384 px and t2i XL at 256 px
     # (compile: CUDA graphs make the rollout ~12-20x faster on an H100 once compiled, in ~30-60 s)
     'c2i_xl': dict(ckpt='c2i_XL_384', image_size=384, vq_ckpt='vq_ds16_c2i', cfg_scale=2.0, beta=0.1,
@@ -109,7 +130,7 @@ TRAIN_PRESETS = {
                    max_steps=600, compile=True, out_dir='out/t2i_xl'),
 }
 TINY_VQ = dict(codebook_size=64, encoder_ch_mult=[1, 1], decoder_ch_mult=[1, 1], z_channels=32, ch=128)
-RESUME_FREE = {'max_steps', 'resume', 'save_every', 'grid_every', 'eval', 'device', 'compile'}
+RESUME_FREE = {'kl_images', 'max_steps', 'resume', 'save_every', 'grid_every', 'eval', 'device', 'compile'}
 
 # -----------------------------------------------------------------------------
 # set-up
@@ -308,7 +329,7 @@ def policy_update(cfg, ddp_model, opt, batch, device):
 
 def grpo_step(cfg, ctx, step):
     """One full step on this rank. Returns the metrics (this rank's, before averaging)."""
-    policy, ref, vq, ddp_model, opt, reward_fn, prompts, t5, rank, world, device = ctx
+    policy, ref, vq, ddp_model, opt, reward_fn, prompts, t5, rank, world, device, start = ctx
     conds = draw_conditions(cfg, policy, prompts, step, rank, world, cfg.conds_per_rank)
     cond, cond_mask = encode_conditions(conds, policy, t5, device)
     gen = torch.Generator(device).manual_seed(cfg.seed * 1_000_003 + step * world + rank + 7)
@@ -319,7 +340,12 @@ def grpo_step(cfg, ctx, step):
     total, raw = reward_fn(images, reward_conds)
     total = total.float()
     times['time_reward'] = _now(device) - t1
-    metrics = {'reward': total.mean().item(), **times}
+    metrics = {'reward': total.mean().item(), **times, **token_diversity(tokens, cfg.group_size)}
+    if cfg.kl_images:  # logged even when beta = 0: how far the policy has moved from where it started
+        n = cfg.kl_images
+        metrics['kl_start'] = kl_to_start(policy, start, tokens[:n], cond[:n], None if mask is None else mask[:n])
+    if cfg.shuffle_rewards:  # the control: same rollouts, rewards permuted within each group
+        total = shuffle_within_groups(total, cfg.group_size, cfg.seed * 1_000_003 + step)
     for k, v in raw.items():
         metrics[f'{k}_mean'], metrics[f'{k}_std'] = v.float().mean().item(), v.float().std().item()
     ok = torch.tensor(float(torch.isfinite(total).all()), device=device)
@@ -340,6 +366,30 @@ def grpo_step(cfg, ctx, step):
     metrics['step_time'] = _now(device) - t0
     metrics['images_per_s'] = len(tokens) * world / metrics['step_time']
     return metrics, (images, total)
+
+
+def token_diversity(tokens, G):
+    """Collapse diagnostics of a rollout (B, N) in groups of G rows: the share of all tokens that are the
+    most common token, and the mean Hamming distance (fraction of positions that differ) within a group."""
+    counts = torch.bincount(tokens.flatten())
+    t = tokens.view(-1, G, tokens.shape[1])  # (groups, G, N)
+    ham = (t[:, :, None] != t[:, None]).float().mean(-1).sum((1, 2)) / (G * (G - 1))  # (groups,)
+    return dict(top_token_share=(counts.max() / tokens.numel()).item(), hamming=ham.mean().item())
+
+
+def shuffle_within_groups(total, G, seed):
+    """Rewards (B,) permuted inside each group of G by a seeded generator (the shuffled-reward control)."""
+    g = torch.Generator().manual_seed(seed)
+    perm = torch.stack([torch.randperm(G, generator=g) for _ in range(len(total) // G)])  # (groups, G)
+    return total.view(-1, G).gather(1, perm.to(total.device)).flatten()
+
+
+@torch.no_grad()
+def kl_to_start(policy, start, tokens, cond, mask=None):
+    """Mean per-token KL(pi || pi_start) of the conditional next-token distributions along sampled prefixes
+    (exact over the vocabulary, so it needs no reference log-probs from the loss)."""
+    lp, lq = (m(tokens[:, :-1], cond, cond_mask=mask).log_softmax(-1) for m in (policy, start))  # (b, N, V)
+    return (lp.exp() * (lp - lq)).sum(-1).mean().item()
 
 
 def average_metrics(metrics, world, device):
@@ -475,13 +525,15 @@ def evaluate(cfg, policy, vq, reward_fn, prompts, t5, device):
 # main
 
 
-def train(cfg):
+def train(cfg, hook=None):
+    """The GRPO run. hook(step, policy) -> dict, if given, adds metrics to a step's log line (world.py
+    logs held-out judge accuracy this way)."""
     rank, world, device = setup_distributed(cfg)
     os.makedirs(cfg.out_dir, exist_ok=True)
     policy, ref, vq = build_models(cfg, device)
     check_config(cfg, policy)
     reward_fn = build_reward(cfg.rewards, device=device, clip_model=cfg.clip_model,
-                             clip_pretrained=cfg.clip_pretrained, hps_ckpt=cfg.hps_ckpt)
+                             clip_pretrained=cfg.clip_pretrained, hps_ckpt=cfg.hps_ckpt, world=cfg.world)
     prompts = read_prompts(cfg.prompts) if policy.config.model_type == 't2i' else None
     t5 = load_t5(cfg.t5, device=device) if prompts else None
     if cfg.eval:
@@ -498,12 +550,14 @@ def train(cfg):
     if rank == 0:  # drop lines past the checkpoint: the resumed run writes them again
         with open(log_path, 'w') as f:
             f.writelines(json.dumps(r) + '\n' for r in rows)
-    ctx = (policy, ref, vq, ddp_model, opt, reward_fn, prompts, t5, rank, world, device)
+    start = ref if ref is not None or not cfg.kl_images else copy.deepcopy(policy).requires_grad_(False)
+    ctx = (policy, ref, vq, ddp_model, opt, reward_fn, prompts, t5, rank, world, device, start)
     from tqdm import tqdm
     bar = tqdm(range(step, cfg.max_steps), initial=step, total=cfg.max_steps, disable=rank != 0, dynamic_ncols=True)
     for step in bar:
         metrics, (images, total) = grpo_step(cfg, ctx, step)
         metrics = {'step': step + 1, **average_metrics(metrics, world, device)}
+        metrics |= hook(step + 1, policy) if hook else {}
         bad = bad + 1 if metrics['skipped'] else 0
         if rank == 0:
             rows.append(metrics)
@@ -531,7 +585,11 @@ def train(cfg):
 
 def main(argv=None):
     cfg = parse_config(TrainConfig, argv, presets=TRAIN_PRESETS)
+    cfg.validate()
     try:
+        if cfg.world and not cfg.eval:  # the miniature world: build or load it, GRPO, the report
+            import world
+            return world.run_demo(cfg, train)
         return train(cfg)
     finally:
         if dist.is_initialized():
