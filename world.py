@@ -38,7 +38,7 @@ from safetensors.torch import save_file, load_file
 from model import GPT, config_for, generate, load_gpt, save_gpt
 from tokenizer import VQConfig, VQModel, load_vq, save_vq
 
-VERSION = 1  # bump when the world's code changes what a config builds
+VERSION = 3  # bump when the world's code changes what a config builds
 
 
 @dataclass
@@ -64,9 +64,10 @@ class WorldConfig:
 
 
 WORLD_PRESETS = {
-    'tiny': dict(),  # tests and the smoke demo: seconds
-    'demo': dict(n_train=8000, n_heldout=2000, codebook_size=128, vq_images=2000, vq_epochs=3, gpt_layers=4, gpt_dim=128,
-                 gpt_epochs=8, net_epochs=6, fakes=4000, eval_per_class=50),
+    'tiny': dict(n_train=2000, n_heldout=1000, vq_images=500, vq_epochs=3, gpt_epochs=10, net_epochs=6,
+                 fakes=500, eval_per_class=20),  # tests and the smoke demo: about a minute
+    'demo': dict(n_train=8000, n_heldout=2000, codebook_size=128, vq_images=1500, vq_epochs=3, gpt_layers=4,
+                 gpt_dim=128, gpt_epochs=8, net_epochs=4, fakes=4000, eval_per_class=50),
 }
 NOT_KEYED = {'preset', 'root', 'study', 'eval_per_class'}  # fields that do not change what is built
 
@@ -155,10 +156,11 @@ def vq_loss(vq, x, beta=0.25):
 
 def train_vq(wc, x, gen):
     """A small VQModel (downsample 4) fit to the training images; dead codes restart on random latents."""
+    torch.manual_seed(int(torch.randint(2 ** 31, (1,), generator=gen)))  # a seeded init
     vq = VQModel(VQConfig(codebook_size=wc.codebook_size, codebook_embed_dim=8, encoder_ch_mult=[1, 1, 2],
                           decoder_ch_mult=[1, 1, 2], z_channels=32, ch=wc.vq_ch))
     x = x[:wc.vq_images]  # the VQ is the costly part on a CPU: it sees a subset
-    opt = torch.optim.Adam(vq.parameters(), lr=2e-3)
+    opt = torch.optim.Adam(vq.parameters(), lr=1e-3)
     steps = wc.vq_epochs * math.ceil(len(x) / 32)
     sched = warmup_cosine(opt, steps)
     for epoch in range(wc.vq_epochs):
@@ -314,13 +316,17 @@ def build(wc, log=print):
     log(f"world: VQ trained in {times['vq']} s; pretraining the generator")
     gpt = train_gpt(wc, codes, y, gen)
     lap('gpt')
-    clf = fit(reward_classifier(), x, y, wc.net_epochs, gen)
-    judge = fit(Judge(wc.image_size), xh, yh, wc.net_epochs, gen)  # held-out split, its own init seed
+    # both classifiers see real images and the same images through the tokenizer, so that they judge the
+    # content of decoded samples rather than the VQ's blur (Inception and CLIP recognise LlamaGen's
+    # reconstructions; this small VQ's are far blurrier)
+    rec, rech = decode_all(vq, codes), decode_all(vq, encode_all(vq, xh))
+    clf = fit(reward_classifier(), torch.cat([x, rec]), torch.cat([y, y]), wc.net_epochs, gen)
+    judge = fit(Judge(wc.image_size), torch.cat([xh, rech]), torch.cat([yh, yh]), wc.net_epochs, gen)  # held out
     lap('classifiers')
     # the discriminator: VQ reconstructions of training images (real through the same decoder) vs base samples
     fake_y = torch.arange(wc.fakes) % NUM_CLASSES
     fakes = decode_all(vq, sample_tokens(gpt, fake_y, wc.cfg_scale, wc.seed + 2))
-    real = decode_all(vq, codes[:wc.fakes])
+    real = rec[:wc.fakes]
     xd, yd = torch.cat([real, fakes]), torch.cat([torch.ones(len(real)), torch.zeros(len(fakes))])
     disc = fit(discriminator(), xd, yd, wc.net_epochs, gen, F.binary_cross_entropy_with_logits)
     lap('discriminator')
