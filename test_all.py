@@ -1299,9 +1299,10 @@ def test_world_base_samples_are_recognisable(tiny_world):
 
 def test_world_grpo_raises_heldout_accuracy(tiny_world, tmp_path):
     """train.py's own loop on the world's rewards; the judge (never a reward) must see the gain."""
-    rows = train.train(train.TrainConfig(**{**train.TRAIN_PRESETS['demo'], 'world': tiny_world.dir, 'max_steps': 60,
-                                            'lr': 5e-4, 'out_dir': str(tmp_path), 'ckpt': os.path.join(tiny_world.dir,
-                                            'gpt.safetensors'), 'vq_ckpt': os.path.join(tiny_world.dir, 'vq.safetensors')}))
+    d = tiny_world.dir
+    rows = train.train(train.TrainConfig(**{**train.TRAIN_PRESETS['demo'], 'world': d, 'max_steps': 60, 'lr': 5e-4,
+                                            'out_dir': str(tmp_path), 'ckpt': os.path.join(d, 'gpt.safetensors'),
+                                            'vq_ckpt': os.path.join(d, 'vq.safetensors')}))
     assert all(np.isfinite(r['kl_start']) for r in rows) and rows[-1]['kl_start'] > 0  # logged at beta = 0
     tuned = load_gpt(str(tmp_path / 'model.safetensors'))
     b, _ = world.measure(tiny_world, tiny_world.gpt, 1.5, 40)
@@ -1361,7 +1362,10 @@ def test_world_user_errors(tmp_path):
     cases = [(['--preset', 'demo', '--world', 'nowhere'], 'is neither a world preset'),
              (['--preset', 'demo_color', '--rewards', 'world_class=1'], 'need a world'),
              (['--preset', 'demo', '--kl_images', '-1'], '--kl_images')]
-    for args, msg in cases:
-        p = subprocess.run([sys.executable, 'train.py', *args, '--out_dir', str(tmp_path)], cwd=HERE,
-                           capture_output=True, text=True)
-        assert p.returncode == 2 and msg in p.stderr and 'Traceback' not in p.stderr, (args, p.stderr)
+    for args, msg in cases:  # refused before any world is built or model loaded
+        with pytest.raises(UserError, match=msg):
+            train.main([*args, '--out_dir', str(tmp_path)])
+    with pytest.raises(UserError, match='--study'):
+        world.main(['--study', 'everything'])
+    p = subprocess.run([sys.executable, 'train.py', *cases[0][0]], cwd=HERE, capture_output=True, text=True)
+    assert p.returncode == 2 and cases[0][1] in p.stderr and 'Traceback' not in p.stderr, p.stderr

@@ -5,7 +5,7 @@ generator, rewards and held-out judges, all trained here from a seed (nanoGPT's 
     python world.py                       # smoke demo: a tiny world in seconds, its summary
     python world.py --preset demo         # build (or load) the demo world and print its summary
     python train.py --preset demo         # the headline: GRPO in this world, base vs tuned vs control
-    python world.py --preset demo --study # the sweep (beta, lr) and 3 seeds, real vs shuffled rewards
+    python world.py --preset demo --study all   # the (lr, beta) sweep and 3 seeds, real vs shuffled rewards
 
 What each part stands for in the paper (AR-GRPO, arXiv 2508.06924, on ImageNet with LlamaGen):
   data        procedural shapes: 10 classes (5 shapes x 2 colour families) with random position, size,
@@ -26,7 +26,7 @@ import json
 import math
 import os
 import time
-from dataclasses import dataclass, asdict, replace
+from dataclasses import dataclass, asdict, field, replace
 
 import numpy as np
 import torch
@@ -60,14 +60,14 @@ class WorldConfig:
     cfg_scale: float = 1.5  # CFG of the discriminator's fakes (= the GRPO demo's sampling CFG)
     eval_per_class: int = 10  # samples per class in the base-vs-tuned evaluation
     root: str = 'out/world'  # cache root; the world lives in root/<hash>
-    study: bool = False  # python world.py --study: the sweep and seed tables of the README
+    study: str = field(default='', metadata=dict(choices=['', 'sweep', 'seeds', 'all']))  # print the README's study tables
 
 
 WORLD_PRESETS = {
     'tiny': dict(n_train=2000, n_heldout=1000, vq_images=500, vq_epochs=3, gpt_epochs=10, net_epochs=6,
                  fakes=500, eval_per_class=20),  # tests and the smoke demo: about a minute
     'demo': dict(n_train=8000, n_heldout=2000, codebook_size=128, vq_images=1500, vq_epochs=3, gpt_layers=4,
-                 gpt_dim=128, gpt_epochs=8, net_epochs=4, fakes=4000, eval_per_class=50),
+                 gpt_dim=128, gpt_epochs=8, net_epochs=10, fakes=4000, eval_per_class=50),
 }
 NOT_KEYED = {'preset', 'root', 'study', 'eval_per_class'}  # fields that do not change what is built
 
@@ -134,7 +134,8 @@ def make_split(n, seed, size):
 def warmup_cosine(opt, steps):
     """Linear warm-up over the first 10% of the steps, then a cosine decay to 0."""
     warm = max(1, steps // 10)
-    return torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1, (s + 1) / warm) * 0.5 * (1 + math.cos(math.pi * s / steps)))
+    lr = lambda s: min(1, (s + 1) / warm) * 0.5 * (1 + math.cos(math.pi * s / steps))  # a factor on lr
+    return torch.optim.lr_scheduler.LambdaLR(opt, lr)
 
 
 def batches(n, bs, gen):
@@ -349,7 +350,8 @@ def world_stats(vq, clf, judge, disc, x, y, xh, yh):
                 mean_image_mse=F.mse_loss(x.mean(0, keepdim=True).expand_as(xh), xh).item(),  # chance level
                 codebook_used=int(encode_all(vq, x).unique().numel()),
                 classifier_acc=acc(clf, xh, yh), classifier_acc_recon=acc(clf, rec, yh),
-                judge_acc=acc(judge, x, y), judge_acc_recon=acc(judge, decode_all(vq, encode_all(vq, x[:2000])), y[:2000]),
+                judge_acc=acc(judge, x, y),  # the judge never saw the train split
+                judge_acc_recon=acc(judge, decode_all(vq, encode_all(vq, x[:2000])), y[:2000]),
                 disc_real=torch.sigmoid(predict(disc, rec)).mean().item())
 
 
@@ -591,28 +593,37 @@ def plot_lines(path, runs, size=(720, 300), pad=36):
 # -----------------------------------------------------------------------------
 # the study: where GRPO learns without collapsing (lr, beta), and the spread over seeds
 
-SWEEP = [dict(lr=3e-5, beta=0.0), dict(lr=1e-4, beta=0.0), dict(lr=3e-4, beta=0.0), dict(lr=3e-4, beta=0.05)]
+SWEEP = [dict(lr=1e-4, beta=0.0), dict(lr=3e-4, beta=0.0), dict(lr=1e-3, beta=0.0), dict(lr=3e-4, beta=0.05)]
 STUDY_KEYS = ('world_class', 'judge_acc', 'mini_fid', 'pixel_div', 'hamming', 'top_token_share', 'kl_to_base')
 
 
-def study(wc, seeds=(0, 1, 2)):
-    """The README's two tables: the (lr, beta) sweep at seed 0, then the shipped setting (train.py's demo
-    preset) over `seeds`, GRPO vs shuffled control, mean +- spread (sample std) across seeds."""
+def study_setup(wc):
+    """The demo's TrainConfig in world wc, the world, and a function run -> its measured results."""
     import train
     tcfg = train.TrainConfig(**{**train.TRAIN_PRESETS['demo'], 'world': wc.preset, 'out_dir': 'out/study'})
     w = prepare(tcfg)
     measure_run = lambda cfg: measure(w, load_gpt(os.path.join(cfg.out_dir, 'model.safetensors')),
                                       cfg.cfg_scale, wc.eval_per_class)[0]
-    base = measure(w, w.gpt, tcfg.cfg_scale, wc.eval_per_class)[0]
-    head = '| ' + ' | '.join(STUDY_KEYS) + ' |'
-    lines = ['sweep (seed 0, real rewards):', '| lr | beta ' + head, '|---' * (2 + len(STUDY_KEYS)) + '|',
-             '| base | ' + ' | '.join(f"{base[k]:.3f}" for k in STUDY_KEYS) + ' |']
+    return train, tcfg, w, measure_run, measure(w, w.gpt, tcfg.cfg_scale, wc.eval_per_class)[0]
+
+
+def sweep(wc):
+    """The (lr, beta) sweep at seed 0 with the real rewards: a table, one row per setting."""
+    train, tcfg, w, measure_run, base = study_setup(wc)
+    row = lambda r: ' | '.join(f"{r[k]:.3f}" for k in STUDY_KEYS) + ' |'
+    lines = ['sweep (seed 0, real rewards):', '| lr | beta | ' + ' | '.join(STUDY_KEYS) + ' |',
+             '|---' * (2 + len(STUDY_KEYS)) + '|', '| base | | ' + row(base)]
     for s in SWEEP:
         cfg = replace(tcfg, **s, out_dir=f"out/study/lr{s['lr']}_beta{s['beta']}")
         train.train(cfg)
-        r = measure_run(cfg)
-        lines.append(f"| {s['lr']} | {s['beta']} | " + ' | '.join(f"{r[k]:.3f}" for k in STUDY_KEYS) + ' |')
-        print(lines[-1], flush=True)
+        lines.append(f"| {s['lr']} | {s['beta']} | " + row(measure_run(cfg)))
+    return lines
+
+
+def seeds(wc, seeds=(0, 1, 2)):
+    """The shipped setting (train.py's demo preset) over `seeds`, GRPO vs shuffled control: mean +- spread
+    (sample std across seeds) of each measure."""
+    train, tcfg, w, measure_run, base = study_setup(wc)
     runs = {'tuned': [], 'control': []}
     for seed in seeds:
         for name, shuffle in (('tuned', False), ('control', True)):
@@ -620,11 +631,18 @@ def study(wc, seeds=(0, 1, 2)):
             train.train(cfg)
             runs[name].append(measure_run(cfg))
     ms = lambda rs, k: f"{np.mean([r[k] for r in rs]):.3f} ± {np.std([r[k] for r in rs], ddof=1):.3f}"
-    lines += ['', f"seeds {list(seeds)} (lr {tcfg.lr}, beta {tcfg.beta}): mean ± spread (sample std)",
-              '| metric | base | GRPO | shuffled control |', '|---|---|---|---|']
-    lines += [f"| {k} | {base[k]:.3f} | {ms(runs['tuned'], k)} | {ms(runs['control'], k)} |" for k in STUDY_KEYS]
-    print('\n'.join(lines), flush=True)
-    open('out/study/study.md', 'w').write('\n'.join(lines) + '\n')
+    lines = [f"seeds {list(seeds)} (lr {tcfg.lr}, beta {tcfg.beta}): mean ± spread (sample std)",
+             '| metric | base | GRPO | shuffled control |', '|---|---|---|---|']
+    return lines + [f"| {k} | {base[k]:.3f} | {ms(runs['tuned'], k)} | {ms(runs['control'], k)} |" for k in STUDY_KEYS]
+
+
+def study(wc):
+    """python world.py --preset demo --study all|sweep|seeds: prints the tables (and out/study/<part>.md)."""
+    for part in ('sweep', 'seeds') if wc.study == 'all' else (wc.study,):
+        lines = (sweep if part == 'sweep' else seeds)(wc)
+        print('\n'.join(lines), flush=True)
+        os.makedirs('out/study', exist_ok=True)
+        open(f'out/study/{part}.md', 'w').write('\n'.join(lines) + '\n')
 
 # -----------------------------------------------------------------------------
 # main: build and summarise (and the study)
@@ -642,4 +660,10 @@ def main(argv=None):
 
 
 if __name__ == '__main__':
-    main()
+    import sys
+    from sample import UserError
+    try:
+        main()
+    except UserError as e:  # a bad flag: one sentence, exit code 2, as train.py
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
