@@ -2,10 +2,10 @@
 world.py -- a miniature of AR-GRPO's world that a laptop CPU builds in minutes: data, tokenizer,
 generator, rewards and held-out judges, all trained here from a seed (nanoGPT's prepare.py analogue).
 
-    python world.py                       # smoke demo: a tiny world in seconds, its summary
-    python world.py --preset demo         # build (or load) the demo world and print its summary
-    python train.py --preset demo         # the headline: GRPO in this world, base vs tuned vs control
-    python world.py --preset demo --study all   # the (lr, beta) sweep and 3 seeds, real vs shuffled rewards
+    python world.py                        # smoke demo: the tests' tiny world (about a minute), its summary
+    python world.py --preset demo          # build (or load) the demo world and print its summary
+    python train.py --preset demo          # the headline: GRPO in this world, base vs tuned vs control
+    python world.py --preset demo --study all    # the (lr, beta) sweep and 3 seeds, real vs shuffled rewards
 
 What each part stands for in the paper (AR-GRPO, arXiv 2508.06924, on ImageNet with LlamaGen):
   data        procedural shapes: 10 classes (5 shapes x 2 colour families) with random position, size,
@@ -17,10 +17,11 @@ What each part stands for in the paper (AR-GRPO, arXiv 2508.06924, on ImageNet w
   judge       a classifier of another architecture and seed, trained on the held-out split, never a
               reward: class accuracy of samples and a mini-FID in its feature space ~ the paper's evaluation
 How it departs: the VQ is trained with L2 reconstruction + codebook + commitment only (LlamaGen adds a
-perceptual and a GAN loss); the FID features come from the small judge, not Inception. Everything is
-cached under out/world/<hash of the WorldConfig>, so a changed config builds a new world.
+perceptual and a GAN loss) on a subset of the images; the reward classifier and the judge also see
+tokenized (reconstructed) images, since this VQ blurs far more than LlamaGen's; the FID features come from
+the small judge, not Inception. Everything is cached under out/world/<hash of the WorldConfig>, so a
+changed config builds a new world (bump VERSION when the code changes what a config builds).
 """
-import copy
 import hashlib
 import json
 import math
@@ -593,7 +594,8 @@ def plot_lines(path, runs, size=(720, 300), pad=36):
 # -----------------------------------------------------------------------------
 # the study: where GRPO learns without collapsing (lr, beta), and the spread over seeds
 
-SWEEP = [dict(lr=1e-4, beta=0.0), dict(lr=3e-4, beta=0.0), dict(lr=1e-3, beta=0.0), dict(lr=3e-4, beta=0.05)]
+SWEEP = [dict(lr=1e-4, beta=0.0), dict(lr=3e-4, beta=0.0), dict(lr=1e-3, beta=0.0), dict(lr=3e-4, beta=0.05),
+         dict(lr=3e-4, beta=0.2)]
 STUDY_KEYS = ('world_class', 'judge_acc', 'mini_fid', 'pixel_div', 'hamming', 'top_token_share', 'kl_to_base')
 
 
