@@ -341,7 +341,7 @@ def grpo_step(cfg, ctx, step):
     total = total.float()
     times['time_reward'] = _now(device) - t1
     metrics = {'reward': total.mean().item(), **times, **token_diversity(tokens, cfg.group_size)}
-    if cfg.kl_images:  # logged even when beta = 0: how far the policy has moved from where it started
+    if cfg.kl_images and start is not None:  # logged even at beta = 0: how far the policy moved from its start
         n = cfg.kl_images
         metrics['kl_start'] = kl_to_start(policy, start, tokens[:n], cond[:n], None if mask is None else mask[:n])
     if cfg.shuffle_rewards:  # the control: same rollouts, rewards permuted within each group
