@@ -94,7 +94,7 @@ class TrainConfig:
     eval_conds: int = 8  # conditions to evaluate (first classes / prompts)
     eval_images: int = 4  # images per condition in evaluation
     # the miniature world (world.py) and honest-reporting controls
-    world: str = ''  # a world.py preset ('demo') or directory: GRPO in it, base vs tuned vs shuffled control
+    world: str = ''  # world.py preset ('demo') or dir: GRPO in it + the report; ckpt/vq_ckpt '' = the world's
     shuffle_rewards: bool = False  # control run: permute the rewards within each group before advantages
     kl_images: int = 8  # images of each rollout scored under the frozen start for the logged kl_start; 0 = off
 
@@ -113,7 +113,7 @@ class TrainConfig:
 TRAIN_PRESETS = {
     # the headline offline demo: world.py builds (once) a pretrained VQ, GPT, reward models and judges;
     # GRPO from that GPT, then base vs tuned vs shuffled-reward control on held-out judges (CPU, minutes)
-    'demo': dict(world='demo', image_size=16, classes=list(range(10)), rewards='world_class=1,world_real=0.5',
+    'demo': dict(world='demo', ckpt='', vq_ckpt='', image_size=16, classes=list(range(10)), rewards='world_class=1,world_real=0.5',
                  conds_per_rank=8, group_size=8, cfg_scale=1.5, lr=3e-4, beta=0.05, max_steps=100,
                  save_every=100, grid_every=0, out_dir='out/demo'),
     # the smallest smoke run: tiny random generator + tiny random VQ + a weight-free reward
@@ -587,9 +587,11 @@ def main(argv=None):
     cfg = parse_config(TrainConfig, argv, presets=TRAIN_PRESETS)
     cfg.validate()
     try:
-        if cfg.world and not cfg.eval:  # the miniature world: build or load it, GRPO, the report
+        if cfg.world:  # the miniature world: build or load it, then GRPO + the report (or --eval in it)
             import world
-            return world.run_demo(cfg, train)
+            if not cfg.eval:
+                return world.run_demo(cfg, train)
+            world.prepare(cfg)
         return train(cfg)
     finally:
         if dist.is_initialized():

@@ -61,7 +61,7 @@ class WorldConfig:
     cfg_scale: float = 1.5  # CFG of the discriminator's fakes (= the GRPO demo's sampling CFG)
     eval_per_class: int = 10  # samples per class in the base-vs-tuned evaluation
     root: str = 'out/world'  # cache root; the world lives in root/<hash>
-    study: str = field(default='', metadata=dict(choices=['', 'sweep', 'seeds', 'all']))  # print the README's study tables
+    study: str = field(default='', metadata=dict(choices=['', 'sweep', 'seeds', 'all']))  # the README's tables
 
 
 WORLD_PRESETS = {
@@ -472,7 +472,8 @@ def prepare(tcfg, log=print):
         w = load_or_build(WorldConfig(**{**WORLD_PRESETS[tcfg.world], 'preset': tcfg.world}), log)
     else:
         w = World(tcfg.world)
-    tcfg.ckpt, tcfg.vq_ckpt = os.path.join(w.dir, 'gpt.safetensors'), os.path.join(w.dir, 'vq.safetensors')
+    tcfg.ckpt = tcfg.ckpt or os.path.join(w.dir, 'gpt.safetensors')  # '' = the world's pretrained base
+    tcfg.vq_ckpt = tcfg.vq_ckpt or os.path.join(w.dir, 'vq.safetensors')
     tcfg.world, tcfg.image_size = w.dir, w.config.image_size
     return w
 
