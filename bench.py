@@ -246,7 +246,7 @@ def bench_grpo_step(cfg, device, dtype):
     ref = copy.deepcopy(policy).requires_grad_(False)
     reward = build_reward(tc.rewards, device=device, clip_model=tc.clip_model, clip_pretrained=None)
     opt = torch.optim.AdamW(policy.parameters(), lr=tc.lr)
-    ctx = (policy, ref, vq, policy, opt, reward, None, None, 0, 1, device)
+    ctx = (policy, ref, vq, policy, opt, reward, None, None, 0, 1, device, ref)  # the last: kl_start's reference
     train.grpo_step(tc, ctx, 0)  # warm-up
     rows = [train.grpo_step(tc, ctx, s + 1)[0] for s in range(cfg.reps)]
     med = {k: statistics.median(r[k] for r in rows) for k in rows[0] if k.startswith('time_') or k == 'step_time'}

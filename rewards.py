@@ -46,7 +46,7 @@ from PIL import Image
 HPS_REPO, HPS_FILE = "xswu/HPSv2", "HPS_v2.1_compressed.pt"
 JUDGE = "Qwen/Qwen2.5-VL-3B-Instruct"  # the paper's judge
 SCORERS = ("clip", "quality", "hps", "colorfulness", "class_color", "clip_binned", "hps_binned",
-           "realism", "no_artifacts", "vlm_quality")
+           "realism", "no_artifacts", "vlm_quality", "world_class", "world_real")
 # the paper's total reward (its c2i and t2i scripts), MANIQA replaced by `quality`; its CLIP is ViT-B/32
 PAPER = dict(clip=5, clip_binned=1, hps=5, hps_binned=1, quality=2, vlm_quality=0.25, realism=0.25,
              no_artifacts=0.25)
@@ -224,6 +224,25 @@ class ClassColor(nn.Module):
             raise ValueError("class_color needs class ids, not prompts; use it for class-to-image.")
         mean = to_unit(images).mean((2, 3))  # (B, 3)
         return 1 - (mean - class_target_color(ids).to(mean.device)).norm(dim=-1) / math.sqrt(3)
+
+
+class WorldScorer(nn.Module):
+    """The miniature world's learned rewards (world.py), stand-ins for the paper's: 'class' = P(target
+    class) from the reward classifier (~ CLIP fidelity), 'real' = the discriminator's P(real) (~ a realism
+    judge). Both in (0, 1); one forward per batch on the images' device."""
+
+    def __init__(self, net, kind):
+        super().__init__()
+        self.net, self.kind = net, kind
+
+    @torch.no_grad()
+    def forward(self, images, conditions):
+        self.net.to(images.device)
+        logits = self.net(images.float().clamp(-1, 1))  # trained on [-1, 1] pixels at the world's size
+        if self.kind == "real":
+            return torch.sigmoid(logits[:, 0])
+        ids = torch.as_tensor([int(c) for c in conditions], device=images.device)
+        return logits.softmax(-1).gather(1, ids[:, None])[:, 0]
 
 
 # -----------------------------------------------------------------------------
@@ -500,12 +519,13 @@ class CombinedReward(nn.Module):
 
 def build_reward(spec, device="cpu", clip_model="ViT-L-14", clip_pretrained="openai", clip_templates=False,
                  hps_model="ViT-H-14", hps_ckpt=None, paper_clip=PAPER_CLIP, judge=JUDGE, judge_url="",
-                 judge_model=""):
+                 judge_model="", world=""):
     """spec -> CombinedReward. clip_model/clip_pretrained: open_clip arch and tag or file, shared by clip
     and quality (spec 'paper': clip and clip_binned on paper_clip instead); clip_templates: average CLIP's
     80 ImageNet prompts for class ids; hps_model/hps_ckpt: HPS architecture and checkpoint file (None = HF
     hub); judge: Hub name or directory of the judge, or a built judge (VLMJudge, ServedJudge); judge_url:
-    an OpenAI-compatible server (http://HOST:PORT/v1) to ask instead, for the model judge_model (or judge)."""
+    an OpenAI-compatible server (http://HOST:PORT/v1) to ask instead, for the model judge_model (or judge);
+    world: a world.py preset or directory, for world_class / world_real."""
     weights = parse_spec(spec)
     clip_arch = paper_clip if spec == "paper" else (clip_model, clip_pretrained)
     if judge_url:
@@ -520,6 +540,9 @@ def build_reward(spec, device="cpu", clip_model="ViT-L-14", clip_pretrained="ope
             scorers[name] = HPSv2(*load_hps(hps_ckpt, hps_model, str(device)))
         elif name in JUDGE_QUESTIONS:
             scorers[name] = JudgeScore(load_judge(judge, str(device)) if isinstance(judge, str) else judge, name)
+        elif name.startswith("world_"):
+            import world as world_py  # lazily: world.py imports the training stack
+            scorers[name] = WorldScorer(world_py.load_reward_net(world, name), name[6:])
         else:
             scorers[name] = Colorfulness() if name == "colorfulness" else ClassColor()
         if name != base:

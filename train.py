@@ -5,7 +5,8 @@ Each step: sample G images per condition with the KV cache and CFG -> decode wit
 score with the reward models -> group-relative advantages -> num_iterations passes of the
 clipped loss + beta * KL to the frozen starting model -> AdamW step with gradient clipping.
 
-    python train.py --preset demo                         # CPU, offline, ~1 min: the reward rises
+    python train.py --preset demo                         # CPU, offline: GRPO in world.py's miniature world
+    python train.py --preset demo_color                   # smallest smoke run: random GPT, colourfulness
     torchrun --nproc_per_node=8 train.py --preset c2i_xl  # the paper's class-to-image run (32 images a step)
     torchrun --nproc_per_node=8 train.py --preset t2i_xl --prompts prompts.txt
     python train.py --preset demo --resume                # continue out_dir exactly where it stopped
@@ -106,6 +107,11 @@ class TrainConfig:
     eval_conds: int = 8  # conditions to evaluate (first classes / prompts); 0 = all of them
     eval_images: int = 4  # images per condition in evaluation
     eval_ckpt: Optional[str] = None  # --eval: a tuned checkpoint compared with --ckpt on the same seeds (paired)
+    # the miniature world (world.py) and honest-reporting controls
+    world: str = ''  # world.py preset ('demo') or dir: GRPO in it + the report; ckpt/vq_ckpt '' = the world's
+    shuffle_rewards: bool = False  # control run: permute the rewards within each group before advantages
+    kl_images: int = 8  # images of each rollout scored under the frozen start for the logged kl_start; 0 = off
+
     # memory (scale.py; the README's "what fits where" table says which to use)
     grad_ckpt: bool = False  # activation checkpointing: recompute each block in backward (teacher-forced pass)
     fsdp: bool = False  # shard weights, grads and AdamW state over the torchrun ranks (FSDP2)
@@ -164,8 +170,19 @@ class TrainConfig:
         if self.fsdp and self.compile:  # FSDP's per-module hooks do not fit a CUDA-graphed full-graph decode step
             raise UserError("--fsdp does not support --compile of the decode step (the c2i/t2i presets turn it "
                             "on); add --no-compile")
+        check_range(self, 'kl_images', lo=0)
+        self.validate_world()
         self.validate_model_and_conditions()
         check_writable_dir(self.out_dir, '--out_dir')
+
+    def validate_world(self):
+        """The miniature world (world.py): a preset or a directory it built, and the rewards that need one."""
+        import world
+        if self.world and self.world not in world.WORLD_PRESETS and not os.path.isdir(self.world):
+            raise UserError(f"--world {self.world!r} is neither a world preset ({', '.join(world.WORLD_PRESETS)}) "
+                            f"nor a directory built by world.py; pass --world demo")
+        if 'world_' in self.rewards and not self.world:
+            raise UserError("the world_class / world_real rewards need a world; pass --world demo (or --preset demo)")
 
     def validate_model_and_conditions(self):
         """Contradictions visible before loading: a prompt file for a class model (or none for a text model),
@@ -191,10 +208,15 @@ class TrainConfig:
 
 
 TRAIN_PRESETS = {
-    # tiny random generator + tiny random VQ + a weight-free reward: runs offline on a CPU
-    'demo': dict(ckpt='', model='GPT-tiny', vq_ckpt='', image_size=16, classes=list(range(8)),
+    # the headline offline demo: world.py builds (once) a pretrained VQ, GPT, reward models and judges;
+    # GRPO from that GPT, then base vs tuned vs shuffled-reward control on held-out judges (CPU, minutes)
+    'demo': dict(world='demo', ckpt='', vq_ckpt='', image_size=16, classes=list(range(10)), rewards='world_class=1,world_real=0.5',
+                 conds_per_rank=8, group_size=8, cfg_scale=1.5, lr=3e-4, beta=0.05, max_steps=100,
+                 save_every=100, grid_every=0, out_dir='out/demo'),
+    # the smallest smoke run: tiny random generator + tiny random VQ + a weight-free reward
+    'demo_color': dict(ckpt='', model='GPT-tiny', vq_ckpt='', image_size=16, classes=list(range(8)),
                  rewards='colorfulness=1', conds_per_rank=4, group_size=8, cfg_scale=1.0, lr=3e-3,
-                 beta=0.01, max_steps=400, save_every=100, grid_every=100, out_dir='out/demo'),
+                 beta=0.01, max_steps=400, save_every=100, grid_every=100, out_dir='out/demo_color'),
     # the paper's settings (AR-GRPO scripts): LlamaGen c2i XL at 384 px and t2i XL at 256 px
     # (compile: CUDA graphs make the rollout ~12-20x faster on an H100 once compiled, in ~30-60 s)
     # (a global batch of images_per_step = 4 groups of 8 for c2i, 8 for t2i, split over the ranks)
@@ -208,7 +230,7 @@ TRAIN_PRESETS = {
 TINY_VQ = dict(codebook_size=64, encoder_ch_mult=[1, 1], decoder_ch_mult=[1, 1], z_channels=32, ch=128)
 # flags that may differ on --resume: they change neither the data nor the maths (out_dir: the run may move)
 RESUME_FREE = {'max_steps', 'resume', 'save_every', 'grid_every', 'eval', 'device', 'compile', 'out_dir',
-               'fsdp', 'grad_ckpt'}
+               'fsdp', 'grad_ckpt', 'kl_images'}
 
 # -----------------------------------------------------------------------------
 # set-up
@@ -433,7 +455,7 @@ def policy_update(cfg, ddp_model, opt, batch, device):
 
 def grpo_step(cfg, ctx, step):
     """One full step on this rank. Returns the metrics (this rank's, before averaging)."""
-    policy, ref, vq, ddp_model, opt, reward_fn, prompts, t5, rank, world, device = ctx
+    policy, ref, vq, ddp_model, opt, reward_fn, prompts, t5, rank, world, device, start = ctx
     G = cfg.group_size
     n_groups, B = step_layout(cfg, world)
     conds = draw_conditions(cfg, policy, prompts, step, n_groups)  # the global batch's conditions
@@ -451,7 +473,13 @@ def grpo_step(cfg, ctx, step):
     times['time_reward'] = _now(device) - t1
     total = gather_rewards(local, world)  # (B * world,) the whole batch, group-major, on every rank
     finite = torch.isfinite(local)  # a non-finite reward drops out of its group (grpo.group_advantages)
-    metrics = {'reward': local[finite].mean().item(), 'nonfinite': (~finite).sum().item(), **times}
+    metrics = {'reward': local[finite].mean().item(), 'nonfinite': (~finite).sum().item(), **times,
+               **token_diversity(tokens, group)}
+    if cfg.kl_images and start is not None:  # logged even at beta = 0: how far the policy moved from its start
+        n = cfg.kl_images
+        metrics['kl_start'] = kl_to_start(policy, start, tokens[:n], cond[:n], None if mask is None else mask[:n])
+    if cfg.shuffle_rewards:  # the control: same rollouts, rewards permuted within each group
+        total = shuffle_within_groups(total, G, cfg.seed * 1_000_003 + step)
     weights = getattr(reward_fn, 'weights', {})
     for k, v in raw.items():  # raw scores, and each term of the sum as it enters the reward
         v = v.float()[torch.isfinite(v)]
@@ -482,6 +510,32 @@ def gather_rewards(local, world):
     parts = [torch.empty_like(local) for _ in range(world)]
     dist.all_gather(parts, local.contiguous())
     return torch.cat(parts)
+
+
+def token_diversity(tokens, group):
+    """Collapse diagnostics of a rollout (B, N) whose rows belong to the groups `group` (B,): the share of
+    all tokens that are the most common token, and the mean Hamming distance (fraction of positions that
+    differ) between two images of the same group (NaN if no group has two images on this rank)."""
+    counts = torch.bincount(tokens.flatten())
+    pairs = (group[:, None] == group[None]) & ~torch.eye(len(group), dtype=torch.bool)  # (B, B) same group
+    diff = (tokens[:, None] != tokens[None]).float().mean(-1)  # (B, B) fraction of positions that differ
+    ham = (diff * pairs.to(diff.device)).sum() / pairs.sum()
+    return dict(top_token_share=(counts.max() / tokens.numel()).item(), hamming=ham.item())
+
+
+def shuffle_within_groups(total, G, seed):
+    """Rewards (B,) permuted inside each group of G by a seeded generator (the shuffled-reward control)."""
+    g = torch.Generator().manual_seed(seed)
+    perm = torch.stack([torch.randperm(G, generator=g) for _ in range(len(total) // G)])  # (groups, G)
+    return total.view(-1, G).gather(1, perm.to(total.device)).flatten()
+
+
+@torch.no_grad()
+def kl_to_start(policy, start, tokens, cond, mask=None):
+    """Mean per-token KL(pi || pi_start) of the conditional next-token distributions along sampled prefixes
+    (exact over the vocabulary, so it needs no reference log-probs from the loss)."""
+    lp, lq = (m(tokens[:, :-1], cond, cond_mask=mask).log_softmax(-1) for m in (policy, start))  # (b, N, V)
+    return (lp.exp() * (lp - lq)).sum(-1).mean().item()
 
 
 def average_metrics(metrics, world, device):
@@ -676,14 +730,16 @@ def read_metrics(path, upto=None):
 # main
 
 
-def train(cfg):
+def train(cfg, hook=None):
+    """The GRPO run. hook(step, policy) -> dict, if given, adds metrics to a step's log line (world.py
+    logs held-out judge accuracy this way)."""
     rank, world, device = setup_distributed(cfg)
     policy, ref, vq = build_models(cfg, device)
     check_config(cfg, policy, world)
     print_memory_plan(cfg, policy.config, world, device, rank)
     reward_fn = build_reward(cfg.rewards, device=device, clip_model=cfg.clip_model,
                              clip_pretrained=cfg.clip_pretrained, hps_ckpt=cfg.hps_ckpt, judge=cfg.judge,
-                             judge_url=cfg.judge_url, judge_model=cfg.judge_model)
+                             judge_url=cfg.judge_url, judge_model=cfg.judge_model, world=cfg.world)
     prompts = read_prompts(cfg.prompts) if policy.config.model_type == 't2i' else None
     t5 = load_t5(cfg.t5, device=device) if prompts else None
     if cfg.eval:  # rewards on fixed seeds, one or two checkpoints: metrics.py
@@ -705,18 +761,20 @@ def train(cfg):
     if rank == 0:  # drop lines past the checkpoint: the resumed run writes them again
         text = ''.join(json.dumps(r) + '\n' for r in rows)
         atomic_write({log_path: lambda tmp: Path(tmp).write_text(text)})
-    ctx = (policy, ref, vq, ddp_model, opt, reward_fn, prompts, t5, rank, world, device)
+    start = ref if ref is not None or not cfg.kl_images else copy.deepcopy(policy).requires_grad_(False)
+    ctx = (policy, ref, vq, ddp_model, opt, reward_fn, prompts, t5, rank, world, device, start)
     from tqdm import tqdm
     bar = tqdm(range(step, cfg.max_steps), initial=step, total=cfg.max_steps, disable=rank != 0, dynamic_ncols=True)
     for step in bar:
         metrics, (images, total) = grpo_step(cfg, ctx, step)
         metrics = {'step': step + 1, **average_metrics(metrics, world, device)}
+        metrics |= hook(step + 1, policy) if hook else {}
         bad = bad + 1 if metrics['skipped'] else 0
         if rank == 0:
             rows.append(metrics)
             with open(log_path, 'a') as f:
                 f.write(json.dumps(metrics) + '\n')
-            bar.set_postfix(reward=f"{metrics['reward']:.4f}", kl=f"{metrics.get('kl', 0):.4f}")
+            bar.set_postfix(reward=f"{metrics['reward']:.4f}", kl_start=f"{metrics.get('kl_start', 0):.4f}")
             if cfg.grid_every and (step + 1) % cfg.grid_every == 0:
                 write_grid(os.path.join(cfg.out_dir, f'grid_{step + 1:05d}.png'), images, total, cfg.group_size)
         stop = bad >= cfg.max_bad_steps
@@ -760,6 +818,11 @@ def print_memory_plan(cfg, gpt_config, world, device, rank):
 def main(argv=None):
     cfg = parse_config(TrainConfig, argv, presets=TRAIN_PRESETS)  # runs cfg.validate()
     try:
+        if cfg.world:  # the miniature world: build or load it, then GRPO + the report (or --eval in it)
+            import world
+            if not cfg.eval:
+                return world.run_demo(cfg, train)
+            world.prepare(cfg)
         return train(cfg)
     finally:
         if dist.is_initialized():
