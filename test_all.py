@@ -2364,7 +2364,7 @@ def test_world_grpo_raises_heldout_accuracy(tiny_world, tmp_path):
                                             'out_dir': str(tmp_path), 'ckpt': os.path.join(d, 'gpt.safetensors'),
                                             'vq_ckpt': os.path.join(d, 'vq.safetensors')}))
     assert all(np.isfinite(r['kl_start']) for r in rows) and rows[-1]['kl_start'] > 0  # logged at beta = 0
-    tuned = load_gpt(str(tmp_path / 'model.safetensors'))
+    tuned = load_gpt(str(tmp_path / 'latest' / 'model.safetensors'))
     b, _ = world.measure(tiny_world, tiny_world.gpt, 1.5, 40)
     t, _ = world.measure(tiny_world, tuned, 1.5, 40)
     se = math.hypot(b['judge_acc_se'], t['judge_acc_se'])
@@ -2394,10 +2394,15 @@ def test_world_mini_fid_is_the_frechet_distance():
 def test_world_token_diagnostics_against_brute_force():
     g = torch.Generator().manual_seed(0)
     tokens = torch.randint(5, (12, 7), generator=g)  # 3 groups of 4
-    d = train.token_diversity(tokens, 4)
+    d = train.token_diversity(tokens, torch.arange(12) // 4)
     ham = np.mean([np.mean([(tokens[4 * k + i] != tokens[4 * k + j]).float().mean().item()
                             for i in range(4) for j in range(4) if i != j]) for k in range(3)])
     assert d['hamming'] == pytest.approx(ham, rel=1e-6)
+    # a rank may hold part of a group (groups spanning ranks): the mean over all same-group pairs
+    group = torch.tensor([0, 0, 0, 1, 1, 2])  # the last image has no partner on this rank
+    pairs = [(i, j) for i in range(6) for j in range(6) if i != j and group[i] == group[j]]
+    ham = np.mean([(tokens[i] != tokens[j]).float().mean().item() for i, j in pairs])
+    assert train.token_diversity(tokens[:6], group)['hamming'] == pytest.approx(ham, rel=1e-6)
     assert d['top_token_share'] == pytest.approx(np.bincount(tokens.flatten().numpy()).max() / tokens.numel())
     r = torch.arange(12.0)
     s = train.shuffle_within_groups(r, 4, seed=1)

@@ -497,7 +497,7 @@ def run_pair(w, tcfg, train_fn, log=print):
         t = time.perf_counter()
         rows = train_fn(cfg, accuracy_hook(w, cfg))
         secs = time.perf_counter() - t
-        gpt = load_gpt(os.path.join(cfg.out_dir, 'model.safetensors')).requires_grad_(False)
+        gpt = load_gpt(os.path.join(cfg.out_dir, 'latest', 'model.safetensors')).requires_grad_(False)
         runs[name] = dict(rows=rows, seconds=secs, gpt=gpt)
         log(f"world: {name} run, {len(rows)} GRPO steps in {secs:.0f} s")
     return runs
@@ -605,7 +605,7 @@ def study_setup(wc):
     import train
     tcfg = train.TrainConfig(**{**train.TRAIN_PRESETS['demo'], 'world': wc.preset, 'out_dir': 'out/study'})
     w = prepare(tcfg)
-    measure_run = lambda cfg: measure(w, load_gpt(os.path.join(cfg.out_dir, 'model.safetensors')),
+    measure_run = lambda cfg: measure(w, load_gpt(os.path.join(cfg.out_dir, 'latest', 'model.safetensors')),
                                       cfg.cfg_scale, wc.eval_per_class)[0]
     return train, tcfg, w, measure_run, measure(w, w.gpt, tcfg.cfg_scale, wc.eval_per_class)[0]
 
