@@ -38,7 +38,8 @@ import torch.distributed as dist
 from PIL import Image
 
 from model import CheckpointError, generate, load_gpt
-from sample import UserError, check_writable, encode_prompts, image_grid, parse_config, to_uint8, write_outputs
+from cli import UserError, check_writable_file, parse_config, run
+from sample import encode_prompts, image_grid, to_uint8, write_outputs
 
 # -----------------------------------------------------------------------------
 # the metric math, on features (independent of the network, tested on random numbers)
@@ -251,7 +252,7 @@ class MetricsConfig:
         if self.device and self.device.startswith('cuda') and not torch.cuda.is_available():
             raise UserError(f"--device {self.device} was asked for but torch sees no GPU here; use --device cpu")
         if self.out:
-            check_writable(self.out, '--out')
+            check_writable_file(self.out, '--out')
 
 
 def main(argv=None):
@@ -416,8 +417,4 @@ if __name__ == '__main__':
     if len(sys.argv) == 1:
         _demo()
         sys.exit(0)
-    try:
-        main()
-    except (ValueError, CheckpointError, WeightsMissing) as e:  # errors a user can cause: one line
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(2)
+    sys.exit(run(main, errors=(ValueError, CheckpointError, WeightsMissing)))  # one sentence, exit 2

@@ -27,7 +27,7 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
-from cli import UserError, parse_config, run  # noqa: F401 (UserError, parse_config: re-exported)
+from cli import UserError, check_writable_file, parse_config, run  # noqa: F401 (UserError, parse_config: re-exported)
 from model import (CheckpointError, GPT_PRESETS, RELEASES, cache_only_if_offline, generate, hub_cache_dir, load_gpt,
                    sample_logits)
 from tokenizer import VQ_PRESETS, VQ_RELEASES, load_vq
@@ -98,7 +98,7 @@ class SampleConfig:
         ids = class_ids(self.classes) if self.classes else None  # bad names fail here
         self._check_against_checkpoint(ids)
         for path in filter(None, (self.out, self.npz)):
-            check_writable(path, '--out' if path == self.out else '--npz')
+            check_writable_file(path, '--out' if path == self.out else '--npz')
         if self.per_class is not None:
             check_shards(self, ids)
         return ids
@@ -183,21 +183,6 @@ def vq_downsample(spec):
     """The VQ's downsampling factor (16 for VQ-16) from the release table or the file's header, or None."""
     vq = _header(spec, 'vq_config') or (VQ_PRESETS[VQ_RELEASES[spec]['preset']] if spec in VQ_RELEASES else None)
     return 2 ** (len(vq['encoder_ch_mult']) - 1) if vq else None
-
-
-def check_writable(path, flag):
-    """Create the output's folder and prove a file can be written there, before any compute."""
-    folder = os.path.dirname(os.path.abspath(path))
-    try:
-        if os.path.isdir(path):
-            raise IsADirectoryError(path)
-        os.makedirs(folder, exist_ok=True)
-        probe = os.path.join(folder, f'.write_test_{os.getpid()}')
-        open(probe, 'wb').close()
-        os.remove(probe)
-    except OSError as e:
-        raise UserError(f"cannot write {flag} {path} ({type(e).__name__}: {e.strerror or 'is a directory'}); "
-                        f"choose a writable location") from None
 
 
 def load_t5(name='google/flan-t5-xl', device='cpu', dtype=torch.float32):

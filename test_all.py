@@ -1984,8 +1984,8 @@ def _bad_rows(ckpts, tmp):
             (['--class', '10'], '0..9'),  # read from the file's header, before loading
             (['--class', '1000', '--ckpt', 'c2i_B_256'], '0..999'),  # before the release is fetched
             (['--preset', 'fast'], 'invalid choice'),
-            (['--out', str(a_file / 'g.png')], 'cannot write --out'),  # a folder that is a file
-            (['--npz', str(tmp / 'dir.npz')], 'cannot write --npz'),  # a directory
+            (['--out', str(a_file / 'g.png')], '--out ' + str(a_file / 'g.png') + ' cannot be written'),  # a folder that is a file
+            (['--npz', str(tmp / 'dir.npz')], 'is a directory'),  # a directory
             (['--per_class', '1', '--npz', str(tmp / 'stale.npz')], 'other settings')]
     if not torch.cuda.is_available():
         rows.append((['--device', 'cuda'], 'no GPU'))

@@ -19,19 +19,16 @@ ratio and clipping then act) and logprob_mode='guided' (log-probs under the CFG 
 drew the tokens). Dropout is off throughout (the policy stays in eval mode) so that sampling
 and scoring see the same network, which is what makes the ratio exactly 1 at the first pass.
 Memory options (--grad_ckpt, --fsdp, --lora_rank) live in scale.py; a save is one step directory with a
-`latest` pointer switched last (see the checkpoints section), loadable at any world size.
+`latest` pointer switched last (checkpoint.py), loadable at any world size.
 """
 import copy
 import json
 import math
 import os
-import re
-import shutil
 import sys
 import time
-import warnings
 from contextlib import nullcontext
-from dataclasses import dataclass, field, asdict
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import List, Optional
 
@@ -42,7 +39,8 @@ from PIL import Image, ImageDraw
 
 import grpo
 import scale
-from model import GPT, CheckpointError, config_for, generate, load_gpt, peek_gpt_config, RELEASES, save_gpt
+from checkpoint import load_checkpoint, save_checkpoint
+from model import GPT, CheckpointError, config_for, generate, load_gpt, peek_gpt_config, RELEASES
 from tokenizer import VQ_PRESETS, VQ_RELEASES, VQConfig, VQModel, load_vq
 from rewards import build_reward, parse_spec, WeightsUnavailable
 from cli import UserError, atomic_write, check_device, check_range, check_writable_dir, parse_config, run
@@ -228,9 +226,6 @@ TRAIN_PRESETS = {
                    max_steps=600, images_per_step=64, rewards='paper', compile=True, out_dir='out/t2i_xl'),
 }
 TINY_VQ = dict(codebook_size=64, encoder_ch_mult=[1, 1], decoder_ch_mult=[1, 1], z_channels=32, ch=128)
-# flags that may differ on --resume: they change neither the data nor the maths (out_dir: the run may move)
-RESUME_FREE = {'max_steps', 'resume', 'save_every', 'grid_every', 'eval', 'device', 'compile', 'out_dir',
-               'fsdp', 'grad_ckpt', 'kl_images'}
 
 # -----------------------------------------------------------------------------
 # set-up
@@ -566,118 +561,6 @@ def check_in_sync(policy, world, device):
         raise RuntimeError("the ranks' weights have diverged; this is a bug, please report it")
     print0(f"ranks in sync: {world} replicas hold identical weights", rank=dist.get_rank())
 
-
-# One save = one directory, out_dir/step_NNNNNN/:
-#   model.safetensors   full weights (LoRA merged), LlamaGen keys + GPTConfig: sample.py --ckpt reads it
-#   adapter_model.safetensors, adapter_config.json   the LoRA adapter alone, in PEFT's format (LoRA only)
-#   dcp/                trained weights + AdamW state via torch.distributed.checkpoint: any world size loads it
-#   state.pt            step, bad-step count, RNG, config
-# It is written as .tmp_step_NNNNNN and renamed when whole, then the `latest` symlink is switched to it, then
-# older saves are deleted: a kill at any moment leaves at least one whole step_* directory.
-STEP_DIR = re.compile(r'step_(\d+)$')
-
-
-def _barrier(world):
-    if world > 1:
-        dist.barrier()
-
-
-def _dcp_state(cfg, policy, opt):
-    """{'model', 'optim'} keyed by parameter name, sharded or not (frozen LoRA base left out: it is --ckpt)."""
-    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict
-    msd, osd = get_state_dict(policy, opt, options=StateDictOptions(ignore_frozen_params=bool(cfg.lora_rank)))
-    return {'model': msd, 'optim': osd}
-
-
-def full_weights(policy):
-    """Every rank calls it (FSDP gathers); rank 0 gets the full state dict on the CPU, others may get {}."""
-    if scale.is_sharded(policy):
-        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
-        return get_model_state_dict(policy, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
-    return {k: v.detach().cpu() for k, v in policy.state_dict().items()}
-
-
-def save_checkpoint(cfg, policy, opt, step, bad_steps, rank=0, world=1):
-    """Write step_NNNNNN as one unit (see above). Called on every rank."""
-    import torch.distributed.checkpoint as dcp
-    name = f'step_{step:06d}'
-    tmp, final = os.path.join(cfg.out_dir, '.tmp_' + name), os.path.join(cfg.out_dir, name)
-    if rank == 0:
-        shutil.rmtree(tmp, ignore_errors=True)  # a save killed half-way
-        os.makedirs(tmp)
-    _barrier(world)
-    with warnings.catch_warnings():  # single process: DCP warns that it assumes one, which is the intent
-        warnings.filterwarnings('ignore', message='torch.distributed is disabled')
-        dcp.save(_dcp_state(cfg, policy, opt), checkpoint_id=os.path.join(tmp, 'dcp'), no_dist=world == 1)
-    sd = full_weights(policy)
-    if rank == 0:
-        if cfg.lora_rank:
-            scale.save_adapter(sd, tmp, cfg.lora_rank, cfg.lora_alpha, cfg.lora_targets, cfg.ckpt)
-            sd = scale.merge_lora(sd, cfg.lora_alpha / cfg.lora_rank)
-        save_gpt(policy, os.path.join(tmp, 'model.safetensors'), state_dict=sd, step=step)
-        torch.save(dict(step=step, bad_steps=bad_steps, config=asdict(cfg), rng_cpu=torch.get_rng_state(),
-                        rng_cuda=torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []),
-                   os.path.join(tmp, 'state.pt'))
-        shutil.rmtree(final, ignore_errors=True)  # only if this very step was saved before
-        os.replace(tmp, final)  # the save exists from here on
-        link = os.path.join(cfg.out_dir, '.latest_tmp')
-        if os.path.lexists(link):
-            os.remove(link)
-        os.symlink(name, link)
-        os.replace(link, os.path.join(cfg.out_dir, 'latest'))  # atomic switch of the pointer
-        for d in os.listdir(cfg.out_dir):  # older saves, and temp dirs of saves that were killed
-            if (STEP_DIR.match(d) and d != name) or d.startswith('.tmp_step_'):
-                shutil.rmtree(os.path.join(cfg.out_dir, d), ignore_errors=True)
-    _barrier(world)
-
-
-def newest_checkpoint(out_dir):
-    """The newest whole save in out_dir (a save is named step_* only once it is whole)."""
-    steps = [d for d in os.listdir(out_dir) if STEP_DIR.match(d)] if os.path.isdir(out_dir) else []
-    if not steps:
-        raise UserError(f"--resume: no checkpoint in {out_dir} (no step_* directory); drop --resume to start")
-    d = os.path.join(out_dir, max(steps, key=lambda n: int(STEP_DIR.match(n).group(1))))
-    for f in ('state.pt', 'model.safetensors', os.path.join('dcp', '.metadata')):
-        if not os.path.isfile(os.path.join(d, f)):
-            raise UserError(f"--resume: {os.path.join(d, f)} is missing; restore it or delete {d} to resume "
-                            f"from an older save")
-    return d
-
-
-def load_checkpoint(cfg, policy, opt):
-    """Restore weights, optimizer, RNG and step from the newest save in out_dir (every rank, any world size).
-    Returns (step, bad_steps)."""
-    import torch.distributed.checkpoint as dcp
-    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_state_dict
-    d = newest_checkpoint(cfg.out_dir)
-    try:
-        state = torch.load(os.path.join(d, 'state.pt'), map_location='cpu', weights_only=True)
-        saved = state['config']
-    except Exception as e:
-        raise UserError(f"--resume: {os.path.join(d, 'state.pt')} is truncated or corrupt ({type(e).__name__}); "
-                        f"delete {d} to resume from an older save, or drop --resume") from None
-    diff = [k for k, v in saved.items() if k not in RESUME_FREE and getattr(cfg, k, None) != v]
-    if diff:
-        raise UserError(f"--resume: the config differs from the checkpoint's in {', '.join(diff)} "
-                        f"(e.g. {diff[0]}={saved[diff[0]]!r} there); use the same settings")
-    from torch.distributed.checkpoint.api import CheckpointException  # a BaseException, not an Exception
-    target = _dcp_state(cfg, policy, opt)  # the layout to load into: this run's sharding and world size
-    try:
-        with warnings.catch_warnings():
-            warnings.filterwarnings('ignore', message='torch.distributed is disabled')
-            dcp.load(target, checkpoint_id=os.path.join(d, 'dcp'), no_dist=not dist.is_initialized())
-    except (Exception, CheckpointException) as e:
-        raise UserError(f"--resume: the sharded state in {os.path.join(d, 'dcp')} is truncated, corrupt or "
-                        f"from another model ({type(e).__name__}); delete {d} to resume from an older save") from None
-    # LoRA: the dict holds the adapters only (dcp.load above already failed if any was absent); the frozen base
-    # keys are not in it by design, hence strict=False there
-    lora = bool(cfg.lora_rank)
-    set_state_dict(policy, opt, model_state_dict=target['model'], optim_state_dict=target['optim'],
-                   options=StateDictOptions(ignore_frozen_params=lora, strict=not lora))
-    torch.set_rng_state(state['rng_cpu'])
-    if state['rng_cuda'] and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state['rng_cuda'])
-    return state['step'], state['bad_steps']
 
 # -----------------------------------------------------------------------------
 # logging: metrics.jsonl, image grids with rewards, the reward curve

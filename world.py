@@ -676,7 +676,7 @@ def study(wc):
 
 
 def main(argv=None):
-    from sample import parse_config
+    from cli import parse_config
     wc = parse_config(WorldConfig, argv, presets=WORLD_PRESETS)
     torch.set_num_threads(THREADS)  # see fixed_threads
     w = load_or_build(wc)
@@ -689,9 +689,5 @@ def main(argv=None):
 
 if __name__ == '__main__':
     import sys
-    from sample import UserError
-    try:
-        main()
-    except UserError as e:  # a bad flag: one sentence, exit code 2, as train.py
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(2)
+    from cli import run
+    sys.exit(run(main))  # a bad flag: one sentence, exit code 2, as train.py
