@@ -543,7 +543,7 @@ def _run_demo(tcfg, train_fn, log):
     table = report(w, tcfg, {k: v[0] for k, v in res.items()}, times)
     print(table, flush=True)
     open(os.path.join(tcfg.out_dir, 'report.md'), 'w').write(table)
-    write_before_after(os.path.join(tcfg.out_dir, 'before_after.png'), res['base'][1], res['tuned'][1], per)
+    write_before_after(os.path.join(tcfg.out_dir, 'before_after.png'), w, res['base'][1], res['tuned'][1], per)
     plot_lines(os.path.join(tcfg.out_dir, 'curves.png'), runs)
     return {k: v[0] for k, v in res.items()}
 
@@ -585,15 +585,36 @@ def report(w, tcfg, res, times):
     return '\n'.join(lines) + '\n'
 
 
-def write_before_after(path, before, after, per_class, cols=8, scale=4):
-    """One row per class: `cols` base samples | `cols` tuned samples drawn with the same seeds."""
+def write_before_after(path, w, before, after, per_class, cols=8, real=3, zoom=4):
+    """One row per class: `real` held-out images | `cols` base samples | `cols` GRPO samples drawn with the same
+    seeds. Under each sample a bar: green when the held-out judge (never a reward) recognises its class."""
     from sample import to_uint8
-    pick = lambda x: x.view(NUM_CLASSES, per_class, *x.shape[1:])[:, :cols]  # (10, cols, 3, H, W)
-    rows = torch.cat([pick(before), torch.ones_like(pick(before)[:, :1]), pick(after)], 1)  # white spacer
-    H, W = rows.shape[-2:]
-    grid = to_uint8(rows).permute(0, 3, 1, 4, 2).reshape(NUM_CLASSES * H, (2 * cols + 1) * W, 3)
-    Image.fromarray(grid.cpu().numpy()).resize(((2 * cols + 1) * W * scale, NUM_CLASSES * H * scale),
-                                               Image.NEAREST).save(path)
+    from PIL import ImageDraw
+    labels = torch.arange(NUM_CLASSES).repeat_interleave(per_class)
+    pick = lambda x: x.view(NUM_CLASSES, per_class, *x.shape[1:])[:, :cols]  # (10, cols, ...)
+    ok = {k: pick(predict(w.judge, x).argmax(1) == labels) for k, x in (('base', before), ('tuned', after))}
+    reals = torch.stack([w.heldout_x[w.heldout_y == c][:real] for c in range(NUM_CLASSES)])  # (10, real, 3, H, W)
+    H, W = before.shape[-2:]
+    t, gap, top, left = H * zoom, 6, 16, 70  # tile side, gap between blocks, header and label widths (px)
+    blocks = [('held-out real', reals, None), ('base', pick(before), ok['base']), ('GRPO', pick(after), ok['tuned'])]
+    xs = [left]
+    for _, imgs, _ in blocks[:-1]:
+        xs.append(xs[-1] + imgs.shape[1] * t + gap)
+    canvas = Image.new('RGB', (xs[-1] + cols * t, top + NUM_CLASSES * (t + 4)), 'white')
+    draw = ImageDraw.Draw(canvas)
+    for x0, (title, imgs, hits) in zip(xs, blocks):
+        draw.text((x0, 2), title, fill='black')
+        tiles = to_uint8(imgs).permute(0, 1, 3, 4, 2).cpu().numpy()  # (10, n, H, W, 3)
+        for c in range(NUM_CLASSES):
+            y = top + c * (t + 4)
+            for k in range(tiles.shape[1]):
+                canvas.paste(Image.fromarray(tiles[c, k]).resize((t, t), Image.NEAREST), (x0 + k * t, y))
+                if hits is not None:  # the judge's verdict: a 3-px bar under the tile
+                    colour = (40, 170, 60) if hits[c, k] else (210, 50, 40)
+                    draw.rectangle([x0 + k * t + 1, y + t, x0 + (k + 1) * t - 2, y + t + 2], fill=colour)
+    for c in range(NUM_CLASSES):
+        draw.text((2, top + c * (t + 4) + t // 2 - 6), f"{SHAPES[c % 5]}, {('warm', 'cool')[c // 5]}", fill='black')
+    canvas.save(path)
 
 
 def plot_lines(path, runs, size=(720, 300), pad=36):
