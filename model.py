@@ -623,22 +623,27 @@ def config_for(preset=None, image_size=256, downsample=16, **overrides):
     return GPTConfig(**kw)
 
 
+def header_config(path, key):
+    """A JSON config stored under `key` in a .safetensors header (save_gpt / save_vq write one), read without
+    the weights; None for anything else. Never raises: an unreadable file is reported by its loader later."""
+    if not (isinstance(path, str) and path.endswith('.safetensors') and os.path.isfile(path)):
+        return None
+    try:
+        from safetensors import safe_open
+        with safe_open(path, 'pt') as f:
+            return json.loads((f.metadata() or {})[key])
+    except Exception:
+        return None
+
+
 def peek_gpt_config(ckpt):
-    """What can be known of a checkpoint's GPT without reading its weights: a dict with any of model_type,
-    preset, image_size (release table) or the full GPTConfig fields (a self-describing .safetensors header).
-    {} for anything else; never raises. Lets a script reject contradictory flags before loading anything."""
+    """What can be known of a checkpoint's GPT without reading its weights: a dict with model_type, preset and
+    image_size (release table) or the GPTConfig fields (a self-describing .safetensors header), else {}.
+    Lets a script reject contradictory flags before loading anything."""
     if ckpt in RELEASES:
         rel = RELEASES[ckpt]
         return dict(model_type=rel.get('model_type', 'c2i'), preset=rel['preset'], image_size=rel['image_size'])
-    if isinstance(ckpt, str) and ckpt.endswith('.safetensors') and os.path.isfile(ckpt):
-        try:
-            from safetensors import safe_open
-            with safe_open(ckpt, 'pt') as f:
-                meta = f.metadata() or {}
-            return json.loads(meta['gpt_config']) if 'gpt_config' in meta else {}
-        except Exception:  # unreadable: load_gpt reports it properly later
-            return {}
-    return {}
+    return header_config(ckpt, 'gpt_config') or {}
 
 
 def load_gpt(ckpt, preset=None, image_size=None, device='cpu', dtype=torch.float32, downsample=16, **overrides):

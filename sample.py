@@ -28,9 +28,9 @@ import torch.distributed as dist
 import torch.nn.functional as F
 
 from cli import UserError, check_writable_file, parse_config, run  # noqa: F401 (UserError, parse_config: re-exported)
-from model import (CheckpointError, GPT_PRESETS, RELEASES, cache_only_if_offline, generate, hub_cache_dir, load_gpt,
+from model import (CheckpointError, GPT_PRESETS, peek_gpt_config, cache_only_if_offline, generate, hub_cache_dir, load_gpt,
                    sample_logits)
-from tokenizer import VQ_PRESETS, VQ_RELEASES, load_vq
+from tokenizer import load_vq, vq_downsample
 
 
 # Evaluation settings as presets (flags override them): the paper's class-to-image evaluation and LlamaGen's own.
@@ -144,9 +144,8 @@ class SampleConfig:
         """What the release table or a self-describing file's header tells before loading: the kind of
         model (class or text), the number of classes, the image size."""
         kind = 't2i' if self.prompts else 'c2i'
-        gpt = _header(self.ckpt, 'gpt_config') or (dict(model_type=RELEASES[self.ckpt].get('model_type', 'c2i'),
-                                                        num_classes=1000) if self.ckpt in RELEASES else None)
-        if gpt is None:  # a file without a config: checked once loaded
+        gpt = peek_gpt_config(self.ckpt)
+        if not gpt:  # a file without a config: checked once loaded
             return
         got = gpt.get('model_type', 'c2i')
         if got != kind:
@@ -165,24 +164,6 @@ class SampleConfig:
 def _check(ok, message):
     if not ok:
         raise UserError(message)
-
-
-def _header(path, key):
-    """A JSON config from a safetensors file's header (reads a few bytes, not the weights), or None."""
-    if not (isinstance(path, str) and path.endswith('.safetensors') and os.path.isfile(path)):
-        return None
-    try:
-        from safetensors import safe_open
-        with safe_open(path, 'pt') as f:
-            return json.loads((f.metadata() or {})[key])
-    except Exception:  # unreadable or no config: the loader reports it properly
-        return None
-
-
-def vq_downsample(spec):
-    """The VQ's downsampling factor (16 for VQ-16) from the release table or the file's header, or None."""
-    vq = _header(spec, 'vq_config') or (VQ_PRESETS[VQ_RELEASES[spec]['preset']] if spec in VQ_RELEASES else None)
-    return 2 ** (len(vq['encoder_ch_mult']) - 1) if vq else None
 
 
 def load_t5(name='google/flan-t5-xl', device='cpu', dtype=torch.float32):

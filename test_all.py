@@ -1338,6 +1338,19 @@ BAD_INPUTS = [  # (script, argv with {placeholders}, phrase of the message)
     ('bench', ['--model', 'GPT-Q'], '--model must be one of'),
     ('bench', ['--out', '{file}/b.jsonl'], 'cannot be written'),
     ('bench', ['--out', '{tmp}'], 'is a directory'),
+    ('bench', ['--judge_batch', '0'], '--judge_batch must be >= 1'),
+    ('bench', ['--judge_tokens', '0'], '--judge_tokens must be >= 1'),
+    # the flags of the judge, the global batch, evaluation, the miniature world and the memory options
+    ('train', TRAIN + ['--images_per_step', '12'], 'must be a multiple of --group_size'),
+    ('train', TRAIN + ['--judge_url', 'localhost:8000'], 'is not an http(s) URL'),
+    ('train', TRAIN + ['--eval_ckpt', '{ckpt}'], 'add --eval'),
+    ('train', TRAIN + ['--eval', '--eval_ckpt', '{tmp}/nope.safetensors'], 'is not a release'),
+    ('train', TRAIN + ['--world', 'nowhere'], 'is neither a world preset'),
+    ('train', TRAIN + ['--rewards', 'world_class=1'], 'need a world'),
+    ('train', TRAIN + ['--kl_images', '-1'], '--kl_images must be >= 0'),
+    ('train', TRAIN + ['--lora_rank', '-2'], '--lora_rank must be >= 0'),
+    ('train', TRAIN + ['--lora_rank', '4', '--lora_targets', 'wq'], '--lora_targets must name'),
+    ('train', TRAIN + ['--fsdp'], 'launch with torchrun'),
 ]
 if not torch.cuda.is_available():
     BAD_INPUTS += [('bench', ['--device', 'cuda'], 'torch sees no GPU'),

@@ -15,7 +15,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from model import read_state_dict, resolve_checkpoint, load_into, LLAMAGEN, LLAMAGEN_T2I
+from model import header_config, read_state_dict, resolve_checkpoint, load_into, LLAMAGEN, LLAMAGEN_T2I
 
 
 @dataclass
@@ -42,6 +42,13 @@ VQ_PRESETS = {'VQ-16': dict(encoder_ch_mult=[1, 1, 2, 2, 4], decoder_ch_mult=[1,
 VQ_RELEASES = {'vq_ds16_c2i': dict(repo=LLAMAGEN, file='vq_ds16_c2i.pt', preset='VQ-16'),
                'vq_ds8_c2i': dict(repo=LLAMAGEN, file='vq_ds8_c2i.pt', preset='VQ-8'),
                'vq_ds16_t2i': dict(repo=LLAMAGEN_T2I, file='vq_ds16_t2i.pt', preset='VQ-16')}
+
+
+def vq_downsample(spec):
+    """A VQ's downsampling factor (16 for VQ-16) from the release table or a save_vq file's header, without
+    loading it; None when neither says."""
+    vq = header_config(spec, 'vq_config') or (VQ_PRESETS[VQ_RELEASES[spec]['preset']] if spec in VQ_RELEASES else None)
+    return 2 ** (len(vq['encoder_ch_mult']) - 1) if vq else None
 
 
 def Normalize(ch):

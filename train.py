@@ -14,8 +14,9 @@ clipped loss + beta * KL to the frozen starting model -> AdamW step with gradien
     torchrun --nproc_per_node=8 train.py --preset c2i_xl --fsdp --no-compile # big models: see scale.py
     python train.py --preset c2i_xl --lora_rank 16 --micro_batch_size 4       # XL on one 24 GB card
 
-How this departs from the paper's code (see grpo.py for the loss): rewards are scored batched on the device; optional num_iterations > 1 (PPO-style reuse, the
-ratio and clipping then act) and logprob_mode='guided' (log-probs under the CFG mixture that
+How this departs from the paper's code (see grpo.py for the loss): a group may span ranks (its
+rewards are gathered); rewards are scored batched on the device; optional num_iterations > 1 (PPO-style
+reuse, the ratio and clipping then act) and logprob_mode='guided' (log-probs under the CFG mixture that
 drew the tokens). Dropout is off throughout (the policy stays in eval mode) so that sampling
 and scoring see the same network, which is what makes the ratio exactly 1 at the first pass.
 Memory options (--grad_ckpt, --fsdp, --lora_rank) live in scale.py; a save is one step directory with a
@@ -41,7 +42,7 @@ import grpo
 import scale
 from checkpoint import load_checkpoint, save_checkpoint
 from model import GPT, CheckpointError, config_for, generate, load_gpt, peek_gpt_config, RELEASES
-from tokenizer import VQ_PRESETS, VQ_RELEASES, VQConfig, VQModel, load_vq
+from tokenizer import VQConfig, VQModel, load_vq, vq_downsample
 from rewards import build_reward, parse_spec, WeightsUnavailable
 from cli import UserError, atomic_write, check_device, check_range, check_writable_dir, parse_config, run
 from sample import load_t5, encode_prompts, to_uint8
@@ -197,8 +198,8 @@ class TrainConfig:
         if kind == 'c2i' and known.get('num_classes', 1000) <= max(self.classes, default=-1):
             raise UserError(f"--classes must be in 0..{known.get('num_classes', 1000) - 1} for "
                             f"{self.ckpt or 'this model'}, got {self.classes}")
-        if 'block_size' in known and self.vq_ckpt in VQ_RELEASES:  # both grids known before loading
-            ds = 2 ** (len(VQ_PRESETS[VQ_RELEASES[self.vq_ckpt]['preset']]['encoder_ch_mult']) - 1)
+        ds = vq_downsample(self.vq_ckpt)
+        if 'block_size' in known and ds:  # both grids known before loading
             side = math.isqrt(known['block_size']) * ds
             if side != self.image_size:
                 raise UserError(f"--image_size {self.image_size} contradicts {self.ckpt}, a {side}-px model "
@@ -208,7 +209,8 @@ class TrainConfig:
 TRAIN_PRESETS = {
     # the headline offline demo: world.py builds (once) a pretrained VQ, GPT, reward models and judges;
     # GRPO from that GPT, then base vs tuned vs shuffled-reward control on held-out judges (CPU, minutes)
-    'demo': dict(world='demo', ckpt='', vq_ckpt='', image_size=16, classes=list(range(10)), rewards='world_class=1,world_real=0.5',
+    'demo': dict(world='demo', ckpt='', vq_ckpt='', image_size=16, classes=list(range(10)),
+                 rewards='world_class=1,world_real=0.5',
                  conds_per_rank=8, group_size=8, cfg_scale=1.5, lr=3e-4, beta=0.05, max_steps=100,
                  save_every=100, grid_every=0, out_dir='out/demo'),
     # the smallest smoke run: tiny random generator + tiny random VQ + a weight-free reward
@@ -323,7 +325,8 @@ def check_config(cfg, policy, world=1):
     if c.model_type == 't2i' and not cfg.prompts:
         raise UserError(f"{cfg.ckpt} is a text-to-image model; pass --prompts FILE")
     if c.model_type == 'c2i' and any(not 0 <= k < c.num_classes for k in cfg.classes):
-        raise UserError(f"--classes must be in 0..{c.num_classes - 1} for {cfg.ckpt or 'this model'}, got {cfg.classes}")
+        raise UserError(f"--classes must be in 0..{c.num_classes - 1} for {cfg.ckpt or 'this model'}, "
+                        f"got {cfg.classes}")
 
 # -----------------------------------------------------------------------------
 # one GRPO step
@@ -632,8 +635,7 @@ def train(cfg, hook=None):
     opt = torch.optim.AdamW(trained, lr=cfg.lr, weight_decay=cfg.weight_decay, betas=(0.9, 0.999))
     step, bad = load_checkpoint(cfg, policy, opt) if cfg.resume else (0, 0)
     if step >= cfg.max_steps:  # a finished run: nothing to do (raise --max_steps to go on)
-        print0(f"--resume: {cfg.out_dir} is already at step {step} >= --max_steps {cfg.max_steps}; nothing to do",
-               rank=rank)
+        print0(f"--resume: {cfg.out_dir} is at step {step} of --max_steps {cfg.max_steps}; nothing to do", rank=rank)
         return read_metrics(os.path.join(cfg.out_dir, 'metrics.jsonl'), upto=step)
     ddp_model = policy  # FSDP2 shards the policy in place: no wrapper
     if world > 1 and not cfg.fsdp:
