@@ -5,14 +5,14 @@ bench.py -- measured speed of sampling, rewards and a GRPO step, each against a 
     python bench.py --device cuda    # GPU: GPT-B at 256 px (256 tokens), LlamaGen's sampling settings, bf16
     python bench.py --quick          # tiny shapes, seconds: shows that everything runs
     python bench.py --only memory    # bytes per rank of one GRPO update: GPT-B / GPT-XL x {DDP, grad_ckpt,
-                                     # LoRA r=16, FSDP 2 ranks} (scale.memory_plan), next to a measured peak
+                                     # LoRA r=16, FSDP 2 ranks} (memory.memory_plan), next to a measured peak
     torchrun --nproc_per_node 2 bench.py --only gather   # FSDP rollout: per-block all-gathers vs gathered once
 
 Prints one JSON line per measurement (name, value, unit, and for comparisons baseline and ratio), then a
 table. Timings are medians of --reps runs after one warm-up. All weights are random: speed does not
 depend on them. Never used for assertions: tests only run --quick to show it works. The memory section
 measures the peak of one forward/backward (torch.cuda.max_memory_allocated on a GPU; on a CPU the profiler's
-allocation events of a tiny model) and prints it next to scale.py's estimate of the same thing.
+allocation events of a tiny model) and prints it next to memory.py's estimate of the same thing.
 """
 import copy
 import json
@@ -182,7 +182,7 @@ def bench_rewards(cfg, device):
     import open_clip
     from PIL import Image
     from rewards import ClipScore, load_clip
-    from sample import to_uint8
+    from tokenizer import to_uint8
     arch = 'ViT-B-32' if cfg.quick else (cfg.clip_model or ('ViT-L-14' if device.type == 'cuda' else 'ViT-B-32'))
     model, tok = load_clip(arch, None, device)  # random weights: speed does not depend on them
     scorer = ClipScore(model, tok)
@@ -209,8 +209,9 @@ def bench_rewards(cfg, device):
 def bench_judge(cfg, device):
     """The judge as rewards.py asks it (one batched forward, answers read from the next-token logits) vs
     as the paper's code does (one image at a time, generating a short answer at temperature 0.6), on the
-    same random tiny Qwen2.5-VL (rewards.tiny_judge) and the same images."""
-    from rewards import JudgeScore, JUDGE_QUESTIONS, tiny_judge
+    same random tiny Qwen2.5-VL (judge.tiny_judge) and the same images."""
+    from judge import tiny_judge
+    from rewards import JudgeScore, JUDGE_QUESTIONS
     judge = tiny_judge()
     judge.model.to(device)
     B, T = (4, 4) if cfg.quick else (cfg.judge_batch, cfg.judge_tokens)
@@ -246,9 +247,9 @@ def bench_grpo_step(cfg, device, dtype):
     ref = copy.deepcopy(policy).requires_grad_(False)
     reward = build_reward(tc.rewards, device=device, clip_model=tc.clip_model, clip_pretrained=None)
     opt = torch.optim.AdamW(policy.parameters(), lr=tc.lr)
-    ctx = (policy, ref, vq, policy, opt, reward, None, None, 0, 1, device, ref)  # the last: kl_start's reference
-    train.grpo_step(tc, ctx, 0)  # warm-up
-    rows = [train.grpo_step(tc, ctx, s + 1)[0] for s in range(cfg.reps)]
+    run = train.Run(policy, ref, ref, vq, policy, opt, reward, None, None, device=device)  # start = ref (kl_start)
+    train.grpo_step(tc, run, 0)  # warm-up
+    rows = [train.grpo_step(tc, run, s + 1)[0] for s in range(cfg.reps)]
     med = {k: statistics.median(r[k] for r in rows) for k in rows[0] if k.startswith('time_') or k == 'step_time'}
     shape = f"{'GPT-tiny' if cfg.quick else cfg.model} {tc.conds_per_rank}x{tc.group_size} images, " \
             f"N={policy.config.block_size}, {tc.image_size}px, rewards {tc.rewards} on {tc.clip_model}, " \
@@ -284,8 +285,10 @@ def peak_bytes(fn, device):
 def bench_memory(cfg, device):
     """The memory plan of one GRPO step (train.py defaults: 2 conditions x G=8 per rank, CFG, one micro-batch
     of 16) for GPT-B at 256 px and GPT-XL at 384 px under each option, and a measured activation peak of one
-    teacher-forced forward/backward against scale.activation_bytes for the same shape."""
-    import scale, train
+    teacher-forced forward/backward against memory.activation_bytes for the same shape."""
+    import lora
+    import memory
+    import train
     from model import GPT
     options = {'ddp': {}, 'grad_ckpt': dict(grad_ckpt=True), 'lora16': dict(lora_rank=16),
                'fsdp2': dict(fsdp=True), 'lora16+grad_ckpt': dict(lora_rank=16, grad_ckpt=True),
@@ -293,7 +296,7 @@ def bench_memory(cfg, device):
     for name, size in (('GPT-B', 256), ('GPT-XL', 384), ('GPT-XXL', 384), ('GPT-3B', 384)):
         gc = config_for(name, size)
         for opt, kw in options.items():
-            plan = scale.memory_plan(gc, world=2 if kw.get('fsdp') else 1, micro_batch=16, rollout_batch=16, **kw)
+            plan = memory.memory_plan(gc, world=2 if kw.get('fsdp') else 1, micro_batch=16, rollout_batch=16, **kw)
             report('memory_plan', plan['peak'] / 2**30, 'GiB', model=name, image_size=size, option=opt,
                    **{k: round(plan[k] / 2**30, 2) for k in ('weights', 'grads', 'optimizer', 'reference',
                                                                'activations', 'kv_cache', 'gathered')})
@@ -305,7 +308,7 @@ def bench_memory(cfg, device):
         gc = config_for(name, size, **kw)
         for gpu in (24, 80):
             for world in (1, 8):
-                fits = scale.fitting_options(gc, gpu * 1e9 - rewards, world, micro_batch=16, rollout_batch=16)
+                fits = memory.fitting_options(gc, gpu * 1e9 - rewards, world, micro_batch=16, rollout_batch=16)
                 if fits or world == 8:
                     report('fits', float(bool(fits)), 'bool', model=f"{name} {gc.model_type} {size}px", gpu=f"{gpu}GB",
                            gpus=world, option=fits[0] if fits else 'does not fit', also=fits[1:3])
@@ -320,7 +323,7 @@ def bench_memory(cfg, device):
         model = GPT(gc).to(device).eval()
         model.grad_ckpt = kw.get('grad_ckpt', False)
         if kw.get('lora_rank'):
-            scale.add_lora(model, 16, 32)
+            lora.add_lora(model, 16, 32)
         grads = 4 * sum(p.numel() for p in model.parameters() if p.requires_grad)
         x = torch.randint(vocab, (B, gc.block_size), device=device)
         y = torch.randint(10, (B,), device=device)
@@ -330,7 +333,7 @@ def bench_memory(cfg, device):
                 train.sequence_logprobs(tc, model, x, y, None)[0].mean().backward()
         step()  # warm-up, then measure with the gradients already allocated
         measured = peak_bytes(step, device)
-        est = scale.activation_bytes(gc, B, kw.get('grad_ckpt', False), bf16=device.type == 'cuda')
+        est = memory.activation_bytes(gc, B, kw.get('grad_ckpt', False), bf16=device.type == 'cuda')
         report('activation_peak', measured / 2**20, 'MiB', estimate=round(est / 2**20, 2), option=opt,
                shape=f"{name} B={B} N={gc.block_size} V={vocab}", grads_MiB=round(grads / 2**20, 2),
                measured_on=device.type)
@@ -338,18 +341,18 @@ def bench_memory(cfg, device):
 
 def bench_gather(cfg, device, dtype):
     """Sampling from an FSDP2-sharded policy (needs torchrun): FSDP's default, an all-gather of every block
-    at every decode step, against scale.gathered (every block gathered once for the whole decode)."""
+    at every decode step, against distributed.gathered (every block gathered once for the whole decode)."""
     import contextlib
     import torch.distributed as dist
-    import scale
+    import distributed
     if not dist.is_initialized():
         dist.init_process_group('nccl' if device.type == 'cuda' else 'gloo')
     model = build_gpt(cfg, device, torch.float32)
-    scale.shard(model, device)
+    distributed.shard(model, device)
     cond = torch.randint(0, 1000, (cfg.batch,), generator=torch.Generator().manual_seed(0)).to(device)
 
     def sample(once):
-        with scale.gathered(model) if once else contextlib.nullcontext():
+        with distributed.gathered(model) if once else contextlib.nullcontext():
             return generate(model, cond, cfg_scale=cfg.cfg_scale, top_k=cfg.top_k,
                             generator=torch.Generator(device).manual_seed(0))[0]
     same = torch.equal(sample(True), sample(False))

@@ -1,5 +1,17 @@
 """
-checkpoint.py -- train.py's checkpoints: one save is one step directory, switched into place atomically.
+checkpoint.py -- every file a model comes from or goes to: the released-checkpoint table, Hugging Face Hub
+downloads (offline: one sentence, at once), readers for every LlamaGen checkpoint layout, self-describing
+safetensors for the GPT and the VQ, and train.py's step-directory saves.
+
+    python checkpoint.py     # smoke demo: save a tiny policy twice, resume it, compare
+
+model.py and tokenizer.py hold the networks and do no file I/O; everything that touches a file or the Hub for
+them lives here, so a reader looking for "how is a checkpoint read / written / resumed" finds it in one place.
+The readers accept LlamaGen's .pt layouts (weights under `model`, `module`, `state_dict`, or bare), .safetensors,
+the `module.` / `_orig_mod.` prefixes and AR-GRPO's `gpt_model.` / `vq_model.` wrapper halves; everything goes
+through torch.load(weights_only=True) with only argparse.Namespace allow-listed.
+
+train.py's saves: one save is one step directory, switched into place atomically.
 
     out_dir/step_NNNNNN/   model.safetensors, state.pt, dcp/ (and the LoRA adapter): one whole save
     out_dir/latest         a symlink to the newest whole save, switched last
@@ -8,9 +20,11 @@ A kill at any moment (tested with kill -9 at random moments and inside a save) l
 and `--resume` continues from the newest one bitwise. The sharded state goes through torch.distributed.checkpoint
 (DCP), so a run saved on N ranks resumes on any number of ranks, sharded (FSDP2) or not; model.safetensors is
 the usual single file that sample.py --ckpt and LlamaGen-format loaders read.
-
-    python checkpoint.py     # smoke demo: save a tiny policy twice, resume it, compare
 """
+import argparse
+import contextlib
+import json
+import math
 import os
 import re
 import shutil
@@ -20,9 +34,309 @@ from dataclasses import asdict
 import torch
 import torch.distributed as dist
 
-import scale
+import distributed
+import lora
 from cli import UserError
-from model import save_gpt
+from model import GPT, GPT_PRESETS, GPTConfig, config_for, precompute_freqs_cis_2d
+from tokenizer import VQ_PRESETS, VQConfig, VQModel
+
+# -----------------------------------------------------------------------------
+# released checkpoints and the Hub
+
+# Known releases: name -> (Hub repo, file, how to build it). c2i models sample with vq_ds16_c2i.
+LLAMAGEN, LLAMAGEN_T2I = 'FoundationVision/LlamaGen', 'peizesun/llamagen_t2i'
+RELEASES = {
+    'c2i_B_256': dict(repo=LLAMAGEN, file='c2i_B_256.pt', preset='GPT-B', image_size=256),
+    'c2i_B_384': dict(repo=LLAMAGEN, file='c2i_B_384.pt', preset='GPT-B', image_size=384),
+    'c2i_L_256': dict(repo=LLAMAGEN, file='c2i_L_256.pt', preset='GPT-L', image_size=256),
+    'c2i_L_384': dict(repo=LLAMAGEN, file='c2i_L_384.pt', preset='GPT-L', image_size=384),
+    'c2i_XL_384': dict(repo=LLAMAGEN, file='c2i_XL_384.pt', preset='GPT-XL', image_size=384),
+    'c2i_XXL_384': dict(repo=LLAMAGEN, file='c2i_XXL_384.pt', preset='GPT-XXL', image_size=384),
+    'c2i_3B_384': dict(repo=LLAMAGEN, file='c2i_3B_384.pt', preset='GPT-3B', image_size=384),
+    't2i_XL_stage1_256': dict(repo=LLAMAGEN_T2I, file='t2i_XL_stage1_256.pt', preset='GPT-XL',
+                              image_size=256, model_type='t2i', cls_token_num=120),
+    't2i_XL_stage2_512': dict(repo=LLAMAGEN_T2I, file='t2i_XL_stage2_512.pt', preset='GPT-XL',
+                              image_size=512, model_type='t2i', cls_token_num=120),
+    # AR-GRPO's RL-tuned models, saved by a HF Trainer around a wrapper holding `gpt_model` and
+    # `vq_model`: the reader below accepts those prefixes as well as bare keys.
+    'AR-GRPO_C2I_B_256': dict(repo='CSshihao/AR-GRPO_C2I_B_256', file='model.safetensors',
+                              preset='GPT-B', image_size=256),
+    'AR-GRPO_C2I_B_384': dict(repo='CSshihao/AR-GRPO_C2I_B_384', file='model.safetensors',
+                              preset='GPT-B', image_size=384),
+    'AR-GRPO_C2I_L_384': dict(repo='CSshihao/AR-GRPO_C2I_L_384', file='model.safetensors',
+                              preset='GPT-L', image_size=384),
+    'AR-GRPO_C2I_XL_384': dict(repo='CSshihao/AR-GRPO_C2I_XL_384', file='model.safetensors',
+                               preset='GPT-XL', image_size=384),
+    'AR-GRPO_T2I_XL_256': dict(repo='CSshihao/AR-GRPO_T2I_XL_256', file='model.safetensors',
+                               preset='GPT-XL', image_size=256, model_type='t2i', cls_token_num=120),
+}
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint that cannot be found, read or loaded; the message is one sentence for the user."""
+
+
+def hub_cache_dir():
+    """The huggingface_hub cache, read from the environment now (not at import, so tests can move it)."""
+    home = os.environ.get('HF_HOME', os.path.join(os.path.expanduser('~'), '.cache', 'huggingface'))
+    return os.environ.get('HF_HUB_CACHE', os.path.join(home, 'hub'))
+
+
+def hub_unreachable():
+    """Why the Hub cannot be reached right now (HF_HUB_OFFLINE is set, or its host does not resolve), or None."""
+    import socket
+    from urllib.parse import urlparse
+    from huggingface_hub import constants
+    if os.environ.get('HF_HUB_OFFLINE', '0').lower() in ('1', 'true', 'yes', 'on'):
+        return 'HF_HUB_OFFLINE is set'
+    try:
+        socket.getaddrinfo(urlparse(constants.ENDPOINT).hostname, 443)
+    except OSError:
+        return 'no network'
+    return None
+
+
+@contextlib.contextmanager
+def cache_only_if_offline():
+    """Inside, Hub lookups answer from the local cache alone when the Hub cannot be reached, so a missing
+    file fails at once instead of after huggingface_hub's ~25 s of retries."""
+    from huggingface_hub import constants
+    saved = constants.HF_HUB_OFFLINE  # read by huggingface_hub at call time
+    constants.HF_HUB_OFFLINE = saved or hub_unreachable() is not None
+    try:
+        yield
+    finally:
+        constants.HF_HUB_OFFLINE = saved
+
+
+def hub_file(repo, filename, flag='--ckpt'):
+    """Local path of `filename` from Hub `repo`: the huggingface_hub cache, else a download."""
+    from huggingface_hub import hf_hub_download
+    cache = hub_cache_dir()
+    try:
+        with cache_only_if_offline():
+            return hf_hub_download(repo, filename, cache_dir=cache)
+    except Exception as e:
+        raise CheckpointError(f"could not get {filename} from the Hugging Face Hub repo {repo}: it is not in the "
+                              f"cache {cache} and the Hub is unreachable or refused ({type(e).__name__}); download "
+                              f"it where there is network (or point HF_HOME at a cache that has it), or pass a "
+                              f"local file with {flag} PATH") from None
+
+
+class WeightsUnavailable(RuntimeError):
+    """Pretrained reward or judge weights that are neither in the local cache nor downloadable (e.g. offline)."""
+
+
+def fetch_weights(what, download, arg, local="a local file"):
+    """download() inside cache_only_if_offline; any failure -> WeightsUnavailable, one sentence naming the flag."""
+    try:
+        with cache_only_if_offline():  # offline: fail at once instead of retrying for ~25 s
+            return download()
+    except Exception as e:  # offline, not in the cache, or a hub error
+        raise WeightsUnavailable(f"{what} are not in the Hugging Face cache {hub_cache_dir()} and "
+                                 f"could not be downloaded ({type(e).__name__}); set HF_HOME to a cache that "
+                                 f"has them or pass {local} as {arg}.") from None
+
+
+def resolve_checkpoint(spec, releases=RELEASES, flag='--ckpt'):
+    """A release name, `hf://OWNER/REPO/FILE` or a local path -> a local file path."""
+    if spec in releases:
+        return hub_file(releases[spec]['repo'], releases[spec]['file'], flag)
+    if spec.startswith('hf://'):
+        parts = spec[5:].split('/')
+        if len(parts) < 3:
+            raise CheckpointError(f"{spec} is not of the form hf://OWNER/REPO/FILE")
+        return hub_file('/'.join(parts[:2]), '/'.join(parts[2:]), flag)
+    if not os.path.isfile(spec):
+        raise CheckpointError(f"checkpoint {spec} is not a known release ({', '.join(releases)}) nor an "
+                              f"existing file; pass a local file with {flag} PATH")
+    return spec
+
+
+KNOWN_PREFIXES = ('module.', '_orig_mod.')  # DDP / DeepSpeed and torch.compile wrappers
+
+
+def read_state_dict(path, submodel='gpt_model'):
+    """Read a checkpoint file into a plain state_dict, whatever its layout.
+
+    .safetensors or .pt; a .pt may hold the weights under 'model' (DDP), 'module' (DeepSpeed),
+    'state_dict', or be the dict itself (FSDP). `submodel` picks one half of a wrapper checkpoint
+    (AR-GRPO's `gpt_model.` / `vq_model.` keys); bare keys are taken as they are. Returns
+    (state_dict, metadata) where metadata is the safetensors header metadata or {}.
+    """
+    try:
+        if path.endswith('.safetensors'):
+            from safetensors import safe_open
+            with safe_open(path, 'pt') as f:
+                sd, meta = {k: f.get_tensor(k) for k in f.keys()}, f.metadata() or {}
+        else:
+            # training checkpoints carry an argparse.Namespace; allow that one class and nothing else
+            with torch.serialization.safe_globals([argparse.Namespace]):
+                obj = torch.load(path, map_location='cpu', weights_only=True)
+            meta = {}
+            sd = next((obj[k] for k in ('model', 'module', 'state_dict') if isinstance(obj, dict) and k in obj), obj)
+    except Exception as e:
+        raise CheckpointError(f"could not read checkpoint {path}: it is truncated, corrupt or not a PyTorch / "
+                              f"safetensors file ({type(e).__name__})") from None
+    if not isinstance(sd, dict) or not all(isinstance(v, torch.Tensor) for v in sd.values()):
+        raise CheckpointError(f"checkpoint {path} holds no state_dict of tensors")
+    for p in KNOWN_PREFIXES:
+        sd = {k[len(p):] if k.startswith(p) else k: v for k, v in sd.items()}
+    if any(k.startswith(submodel + '.') for k in sd):
+        sd = {k[len(submodel) + 1:]: v for k, v in sd.items() if k.startswith(submodel + '.')}
+    sd.pop('freqs_cis', None)  # LlamaGen quirk: some files carry the RoPE table; it is recomputed
+    return sd, meta
+
+
+def load_into(model, sd, path):
+    """load_state_dict(strict=True), with a one-sentence error instead of a wall of key names."""
+    own = model.state_dict()
+    missing = [k for k in own if k not in sd]
+    unexpected = [k for k in sd if k not in own]
+    bad = [k for k in own if k in sd and own[k].shape != sd[k].shape]
+    if missing or unexpected or bad:
+        eg = (missing + unexpected + bad)[0]
+        raise CheckpointError(f"checkpoint {path} does not fit this model ({len(missing)} missing, {len(unexpected)} "
+                              f"unexpected, {len(bad)} wrong-shape keys, e.g. {eg}); check the model preset, "
+                              f"image size and --ckpt")
+    model.load_state_dict(sd, strict=True)
+    return model
+
+
+def save_gpt(model, path, state_dict=None, **metadata):
+    """Write the weights as safetensors, keyed like LlamaGen, with the GPTConfig in the header so
+    load_gpt / sample.py --ckpt can rebuild the model. Written to a temp file, then renamed.
+    `state_dict` replaces model.state_dict() (train.py passes gathered or LoRA-merged weights)."""
+    from safetensors.torch import save_file
+    meta = {'gpt_config': json.dumps(asdict(model.config)), **{k: str(v) for k, v in metadata.items()}}
+    sd = {k: v.detach().contiguous().cpu() for k, v in (state_dict or model.state_dict()).items()}
+    save_file(sd, path + '.tmp', metadata=meta)
+    os.replace(path + '.tmp', path)
+
+
+def header_config(path, key):
+    """A JSON config stored under `key` in a .safetensors header (save_gpt / save_vq write one), read without
+    the weights; None for anything else. Never raises: an unreadable file is reported by its loader later."""
+    if not (isinstance(path, str) and path.endswith('.safetensors') and os.path.isfile(path)):
+        return None
+    try:
+        from safetensors import safe_open
+        with safe_open(path, 'pt') as f:
+            return json.loads((f.metadata() or {})[key])
+    except Exception:
+        return None
+
+
+def peek_gpt_config(ckpt):
+    """What can be known of a checkpoint's GPT without reading its weights: a dict with model_type, preset and
+    image_size (release table) or the GPTConfig fields (a self-describing .safetensors header), else {}.
+    Lets a script reject contradictory flags before loading anything."""
+    if ckpt in RELEASES:
+        rel = RELEASES[ckpt]
+        return dict(model_type=rel.get('model_type', 'c2i'), preset=rel['preset'], image_size=rel['image_size'])
+    return header_config(ckpt, 'gpt_config') or {}
+
+
+def load_gpt(ckpt, preset=None, image_size=None, device='cpu', dtype=torch.float32, downsample=16, **overrides):
+    """Build and load a GPT from a release name, hf://REPO/FILE or a local file.
+
+    The config comes from the file's own metadata when it has one (files written by save_gpt, e.g. by
+    train.py); otherwise from the release table and the preset / image_size / overrides given here.
+    """
+    rel = RELEASES.get(ckpt, {})
+    path = resolve_checkpoint(ckpt)
+    sd, meta = read_state_dict(path, 'gpt_model')
+    if 'gpt_config' in meta:  # a file we wrote knows its own config: preset and overrides are not needed
+        cfg = GPTConfig(**json.loads(meta['gpt_config']))
+        shape = dict(n_layer=cfg.n_layer, n_head=cfg.n_head, dim=cfg.dim)
+        if preset is not None and GPT_PRESETS.get(preset) != shape:
+            raise CheckpointError(f"checkpoint {path} holds a {shape} model, not {preset}; drop the preset or "
+                                  f"check --ckpt")
+    else:
+        kw = {k: v for k, v in rel.items() if k in ('model_type', 'cls_token_num')}
+        kw.update(overrides)
+        cfg = config_for(preset or rel.get('preset') or 'GPT-B', image_size or rel.get('image_size', 256), downsample,
+                         **kw)
+    with torch.device('meta'):
+        model = GPT(cfg)
+    model = model.to_empty(device='cpu')
+    model.freqs_cis = precompute_freqs_cis_2d(math.isqrt(cfg.block_size), cfg.head_dim, cfg.rope_base,
+                                              cfg.cls_token_num)
+    load_into(model, sd, path)
+    return model.to(device=device, dtype=dtype).eval()
+
+
+
+def check_generator(known, name, prompts=False, classes=(), image_size=None, downsample=None,
+                    flags=('--prompts FILE', '--classes')):
+    """Does the generator `name` fit the command's flags? `known`: what is known of it, before loading
+    (peek_gpt_config: the release table or a self-describing file's header) or after (its GPTConfig as a dict):
+    class- or text-to-image, the number of classes, the token grid. flags: (prompt flag, class flag) as this
+    command spells them. Raises UserError in one sentence; checks only what `known` says."""
+    prompt_flag, class_flag = flags
+    kind = known.get('model_type')
+    if kind == 'c2i' and prompts:
+        raise UserError(f"{prompt_flag.split()[0]} was given but {name} is a class-to-image model; use {class_flag} "
+                        f"or pass a text-to-image --ckpt")
+    if kind == 't2i' and not prompts:
+        raise UserError(f"{name} is a text-to-image model; pass {prompt_flag}")
+    n = known.get('num_classes', 1000)
+    if kind == 'c2i' and any(not 0 <= c < n for c in classes):
+        raise UserError(f"{class_flag} must be in 0..{n - 1} for {name}, got {list(classes)}")
+    if 'block_size' in known and downsample and image_size:  # both token grids known
+        side = math.isqrt(known['block_size']) * downsample
+        if side != image_size:
+            raise UserError(f"--image_size {image_size} contradicts {name}, a {side}-px model ({known['block_size']} "
+                            f"tokens); pass --image_size {side} or drop it")
+
+
+def check_pair(gpt, vq, gpt_name, vq_name, image_size=None):
+    """A loaded GPT and VQ fit each other (vocabulary = codebook) and the image size (tokens = grid squared)."""
+    if vq.config.codebook_size != gpt.config.vocab_size:
+        raise UserError(f"the VQ {vq_name or '(random)'} has {vq.config.codebook_size} codes but the GPT "
+                        f"{gpt_name or '(random)'} predicts {gpt.config.vocab_size}; pass a matching --vq_ckpt")
+    check_generator(asdict(gpt.config), gpt_name or 'the generator', prompts=gpt.config.model_type == 't2i',
+                    image_size=image_size, downsample=vq.config.downsample)
+
+
+# -----------------------------------------------------------------------------
+# the VQ tokenizer: the same readers, its own release table
+
+VQ_RELEASES = {'vq_ds16_c2i': dict(repo=LLAMAGEN, file='vq_ds16_c2i.pt', preset='VQ-16'),
+               'vq_ds8_c2i': dict(repo=LLAMAGEN, file='vq_ds8_c2i.pt', preset='VQ-8'),
+               'vq_ds16_t2i': dict(repo=LLAMAGEN_T2I, file='vq_ds16_t2i.pt', preset='VQ-16')}
+
+
+def vq_downsample(spec):
+    """A VQ's downsampling factor (16 for VQ-16) from the release table or a save_vq file's header, without
+    loading it; None when neither says."""
+    vq = header_config(spec, 'vq_config') or (VQ_PRESETS[VQ_RELEASES[spec]['preset']] if spec in VQ_RELEASES else None)
+    return 2 ** (len(vq['encoder_ch_mult']) - 1) if vq else None
+
+def save_vq(vq, path):
+    """safetensors with the VQConfig in the header, so load_vq(path) rebuilds it."""
+    from safetensors.torch import save_file
+    sd = {k: v.detach().contiguous().cpu() for k, v in vq.state_dict().items()}
+    save_file(sd, path, metadata={'vq_config': json.dumps(asdict(vq.config))})
+
+
+def load_vq(ckpt='vq_ds16_c2i', preset=None, device='cpu', dtype=torch.float32, **overrides):
+    """Build and load a VQModel from a release name, hf://REPO/FILE or a local file."""
+    rel = VQ_RELEASES.get(ckpt)
+    path = resolve_checkpoint(ckpt, VQ_RELEASES, '--vq_ckpt')
+    preset = preset or (rel or {}).get('preset', 'VQ-16')
+    if preset not in VQ_PRESETS:
+        raise ValueError(f"unknown VQ preset {preset!r}; known: {', '.join(VQ_PRESETS)}")
+    sd, meta = read_state_dict(path, 'vq_model')
+    # files we wrote carry their VQConfig; otherwise the preset plus overrides
+    kw = json.loads(meta['vq_config']) if 'vq_config' in meta else {**VQ_PRESETS[preset], **overrides}
+    with torch.device('meta'):
+        vq = VQModel(VQConfig(**kw))
+    vq = load_into(vq.to_empty(device='cpu'), sd, path)
+    return vq.to(device=device, dtype=dtype).eval()
+
+# -----------------------------------------------------------------------------
+# train.py's step-directory saves
 
 # flags that may differ on --resume: they change neither the data nor the maths (out_dir: the run may move)
 RESUME_FREE = {'max_steps', 'resume', 'save_every', 'grid_every', 'eval', 'device', 'compile', 'out_dir',
@@ -52,7 +366,7 @@ def _dcp_state(cfg, policy, opt):
 
 def full_weights(policy):
     """Every rank calls it (FSDP gathers); rank 0 gets the full state dict on the CPU, others may get {}."""
-    if scale.is_sharded(policy):
+    if distributed.is_sharded(policy):
         from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
         return get_model_state_dict(policy, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
     return {k: v.detach().cpu() for k, v in policy.state_dict().items()}
@@ -73,8 +387,8 @@ def save_checkpoint(cfg, policy, opt, step, bad_steps, rank=0, world=1):
     sd = full_weights(policy)
     if rank == 0:
         if cfg.lora_rank:
-            scale.save_adapter(sd, tmp, cfg.lora_rank, cfg.lora_alpha, cfg.lora_targets, cfg.ckpt)
-            sd = scale.merge_lora(sd, cfg.lora_alpha / cfg.lora_rank)
+            lora.save_adapter(sd, tmp, cfg.lora_rank, cfg.lora_alpha, cfg.lora_targets, cfg.ckpt)
+            sd = lora.merge_lora(sd, cfg.lora_alpha / cfg.lora_rank)
         save_gpt(policy, os.path.join(tmp, 'model.safetensors'), state_dict=sd, step=step)
         torch.save(dict(step=step, bad_steps=bad_steps, config=asdict(cfg), rng_cpu=torch.get_rng_state(),
                         rng_cuda=torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []),
@@ -144,7 +458,6 @@ def load_checkpoint(cfg, policy, opt):
 if __name__ == '__main__':
     import tempfile
     from dataclasses import dataclass
-    from model import GPT, GPTConfig
 
     @dataclass
     class Run:  # the TrainConfig fields a save reads

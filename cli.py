@@ -163,6 +163,13 @@ def atomic_write(writers):
         raise
 
 
+def save_npz(path, **arrays):
+    """np.savez to exactly `path` (given a name, np.savez would append .npz to a temp file's name)."""
+    import numpy as np
+    with open(path, 'wb') as f:
+        np.savez(f, **arrays)
+
+
 # -----------------------------------------------------------------------------
 # the entry point wrapper
 

@@ -1,6 +1,7 @@
 """
-metrics.py -- how good are the images: FID, sFID, Inception Score, precision/recall against a reference set
-(class-to-image, the paper's table), and a paired reward benchmark of two checkpoints (text-to-image).
+metrics.py -- evaluation: how good are the images. FID, sFID, Inception Score, precision/recall against a
+reference set (class-to-image, the paper's table); the sharded, resumable sampling of the 50,000 images they
+need (sample.py --per_class); and a paired reward benchmark of two checkpoints (text-to-image, train.py --eval).
 
     python metrics.py samples.npz VIRTUAL_imagenet256_labeled.npz     # IS, FID, sFID, precision, recall
     python metrics.py samples.npz ref_images/ --out metrics.json       # a folder of reference images
@@ -18,6 +19,12 @@ the Frechet distance comes from the eigenvalues of sigma1 @ sigma2 (as torchmetr
 distances for precision/recall are float32 (ADM tries float16 first). For paper-identical numbers run the ADM
 evaluator on the same npz (see the README).
 
+FID sampling follows LlamaGen's sample_c2i_ddp.py (bicubic resize of 384-px images to 256 before rounding, the
+ADM evaluator's npz layout) and departs from it in three ways: every image has its own seed (seed, class,
+index), so the npz does not depend on the number of ranks or the batch size; each finished batch is a shard on
+disk, so a killed run continues where it stopped; the npz is written from the shards in one pass, without a
+folder of 50,000 PNGs.
+
 The reward benchmark samples `eval_images` images per condition (class or prompt) with a seed per condition,
 shards the conditions over ranks, and reports every reward's mean +- standard error over conditions; with a
 second checkpoint, both see the same seeds and it reports paired differences, their standard errors and the
@@ -26,38 +33,31 @@ tuned model's win rate, and writes a side-by-side grid (base left, tuned right) 
 import json
 import math
 import os
+import shutil
 import sys
 import zipfile
 from contextlib import nullcontext
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Optional
 
 import numpy as np
 import torch
 import torch.distributed as dist
+import torch.nn.functional as F
 from PIL import Image
 
-from model import CheckpointError, generate, load_gpt
-from cli import UserError, check_writable_file, parse_config, run
-from sample import encode_prompts, image_grid, to_uint8, write_outputs
+from checkpoint import CheckpointError, load_gpt
+from cli import UserError, atomic_write, check_writable_file, parse_config, run
+from conditions import encode_prompts
+from fid import frechet_distance, mean_cov
+from model import generate, sample_logits
+from plots import side_by_side
+from tokenizer import to_uint8
 
 # -----------------------------------------------------------------------------
-# the metric math, on features (independent of the network, tested on random numbers)
-
-
-def frechet_distance(mu1, sigma1, mu2, sigma2):
-    """|mu1 - mu2|^2 + tr(sigma1 + sigma2 - 2 (sigma1 sigma2)^(1/2)) in float64.
-    tr((sigma1 sigma2)^(1/2)) = sum of the square roots of the eigenvalues of sigma1 sigma2 (real and >= 0:
-    the product is similar to sigma1^(1/2) sigma2 sigma1^(1/2)); round-off may leave tiny imaginary parts."""
-    mu1, mu2, s1, s2 = (torch.as_tensor(np.asarray(a), dtype=torch.float64) for a in (mu1, mu2, sigma1, sigma2))
-    tr_covmean = torch.linalg.eigvals(s1 @ s2).sqrt().real.sum()
-    return float((mu1 - mu2).square().sum() + s1.trace() + s2.trace() - 2 * tr_covmean)
-
-
-def mean_cov(features):
-    """(N, D) -> mean (D,) and the unbiased covariance (D, D), float64, as np.mean / np.cov(rowvar=False)."""
-    x = torch.as_tensor(np.asarray(features), dtype=torch.float64)
-    return x.mean(0).numpy(), torch.cov(x.T).numpy()
+# the metric math, on features (independent of the network, tested on random numbers); the Frechet
+# distance itself is fid.py's
 
 
 def inception_score(logits, split_size=5000):
@@ -222,53 +222,148 @@ def compute_metrics(samples, ref, extractor, device='cpu', batch=64, split_size=
     return out
 
 
-@dataclass
-class MetricsConfig:
-    samples: str = ''  # .npz of generated images (uint8 NHWC `arr_0`), e.g. from sample.py --per_class
-    ref: str = ''  # reference: an ADM reference batch .npz (mu/sigma + images) or a folder of images
-    inception: Optional[str] = None  # torch-fidelity Inception weights (.pth); None = torch hub cache / download
-    device: Optional[str] = None  # None = cuda if available, else cpu
-    batch: int = 64  # images per Inception forward
-    split_size: int = 5000  # Inception Score split size (ADM: 5000)
-    out: str = ''  # also write the numbers as JSON here; '' = print only
-
-    def validate(self):
-        for flag, path in (('samples', self.samples), ('ref', self.ref)):
-            if not path or not os.path.exists(path):
-                raise UserError(f"{flag} {path!r} does not exist; usage: python metrics.py SAMPLES.npz REF.npz|DIR")
-            if os.path.isdir(path):
-                if flag == 'samples':
-                    raise UserError(f"samples {path} is a folder; pass the .npz that sample.py --per_class wrote")
-                if not any(f.lower().endswith(IMAGE_EXTENSIONS) for f in os.listdir(path)):
-                    raise UserError(f"ref {path} holds no .png/.jpg/.webp images; pass a folder of images or an .npz")
-                continue
-            names = zipfile.ZipFile(path).namelist() if zipfile.is_zipfile(path) else []
-            if 'arr_0.npy' not in names and not (flag == 'ref' and 'mu.npy' in names):
-                raise UserError(f"{flag} {path} is not an .npz with images `arr_0`" +
-                                (" or ADM statistics `mu`/`sigma`" if flag == 'ref' else "") +
-                                "; write one with sample.py --per_class (or np.savez)")
-        if self.batch < 1 or self.split_size < 1:
-            raise UserError(f"--batch and --split_size must be at least 1, got {self.batch} and {self.split_size}")
-        if self.device and self.device.startswith('cuda') and not torch.cuda.is_available():
-            raise UserError(f"--device {self.device} was asked for but torch sees no GPU here; use --device cpu")
-        if self.out:
-            check_writable_file(self.out, '--out')
+# -----------------------------------------------------------------------------
+# FID sampling (sample.py --per_class): images in class-major order, image g seeded by (seed, g), batches as
+# shards on disk, merged into the ADM evaluator's npz
 
 
-def main(argv=None):
-    argv = list(sys.argv[1:] if argv is None else argv)
-    pos = [a for a in argv[:2] if not a.startswith('--')]  # SAMPLES REF may come first, without flags
-    argv = [x for k, v in zip(('--samples', '--ref'), pos) for x in (k, v)] + argv[len(pos):]
-    cfg = parse_config(MetricsConfig, argv)
-    cfg.validate()
-    device = cfg.device or ('cuda' if torch.cuda.is_available() else 'cpu')
-    out = compute_metrics(cfg.samples, cfg.ref, load_inception(cfg.inception, device), device, cfg.batch,
-                          cfg.split_size)
-    for k, v in out.items():
-        print(f"{k}: {v}")
-    if cfg.out:
-        write_outputs({cfg.out: lambda f: f.write(json.dumps(out, indent=1).encode())})
-    return out
+def decode_uint8(vq, tokens, size=0):
+    """tokens (B, T) -> images (B, S, S, 3) uint8. With a `size` other than the native one, the decoder
+    output is first resized bicubically, as LlamaGen's sample_c2i_ddp.py does for FID (384 -> 256)."""
+    side = math.isqrt(tokens.shape[1])  # the token grid is square
+    with torch.no_grad():
+        x = vq.decode(tokens.view(-1, side, side))  # (B, 3, H, W), about [-1, 1]
+    if size and size != x.shape[-1]:
+        x = F.interpolate(x, size=(size, size), mode='bicubic')
+    return to_uint8(x).permute(0, 2, 3, 1).cpu().numpy()
+
+
+FID_SETTINGS = ('ckpt', 'vq_ckpt', 'model', 'image_size', 'dtype', 'seed', 'cfg', 'cfg_interval', 'top_k', 'top_p',
+                'temperature', 'per_class', 'batch', 'eval_size')  # what the images depend on
+
+
+def fid_settings(cfg, ids):
+    return json.loads(json.dumps({**{k: getattr(cfg, k) for k in FID_SETTINGS}, 'classes': ids}))
+
+
+def shard_dir(cfg):
+    return cfg.npz + '.shards'
+
+
+def shard_path(cfg, s):
+    return os.path.join(shard_dir(cfg), f'{s:06d}.npz')
+
+
+def check_shards(cfg, ids):
+    """Before loading: the shards of an interrupted run are reused only if made with the same settings.
+    (They live beside --npz, whose folder validate() has found writable.)"""
+    path = os.path.join(shard_dir(cfg), 'settings.json')
+    if cfg.resume and os.path.isfile(path):
+        old, new = json.load(open(path)), fid_settings(cfg, ids)
+        diff = [k for k in new if old.get(k) != new[k]]
+        if diff:
+            raise UserError(f"{shard_dir(cfg)} holds shards of an interrupted run made with other settings "
+                            f"({diff[0]}={old.get(diff[0])!r} there); use the same settings, or --no-resume to "
+                            f"start afresh")
+
+
+def image_seed(seed, g):
+    """The seed of image g (its place in class-major order): the same whatever rank or batch draws it."""
+    return seed * 2 ** 32 + g
+
+
+def per_image_sampler(seeds, n_tokens, cfg, device):
+    """A generate() sample_fn whose row i draws token j by inverse CDF from uniform j of seeds[i]'s stream."""
+    u = torch.stack([torch.rand(n_tokens, generator=torch.Generator().manual_seed(s), dtype=torch.float64)
+                     for s in seeds]).to(device)  # (B, T)
+    columns = iter(u.unbind(1))  # generate() samples the tokens in order, one call per position
+    return lambda logits: sample_logits(logits, cfg.temperature, cfg.top_k, cfg.top_p, uniform=next(columns))
+
+
+def write_shard(path, images, labels, index):
+    with open(path + '.tmp', 'wb') as f:  # a file object: np.savez would append .npz to a path
+        np.savez(f, images=images, labels=labels, index=index)
+    os.replace(path + '.tmp', path)  # a killed run leaves whole shards only
+
+
+def sample_shards(cfg, gpt, vq, labels, rank, world, device):
+    """This rank's shards (s = rank, rank + world, ...) that are not on disk yet."""
+    from tqdm import tqdm
+    starts = range(0, len(labels), cfg.batch)
+    todo = [s for s in range(rank, len(starts), world) if not os.path.isfile(shard_path(cfg, s))]
+    done = sum(min(cfg.batch, len(labels) - a) for s, a in enumerate(starts) if os.path.isfile(shard_path(cfg, s)))
+    bar = tqdm(total=len(labels), initial=done, unit='img', disable=rank != 0, dynamic_ncols=True)
+    for s in todo:
+        a, b = starts[s], min(starts[s] + cfg.batch, len(labels))
+        sampler = per_image_sampler([image_seed(cfg.seed, g) for g in range(a, b)], gpt.config.block_size, cfg, device)
+        tokens, _ = generate(gpt, torch.as_tensor(labels[a:b], device=device), cfg_scale=cfg.cfg,
+                             cfg_interval=cfg.cfg_interval, compile=cfg.compile, sample_fn=sampler)  # (b - a, T)
+        write_shard(shard_path(cfg, s), decode_uint8(vq, tokens, cfg.eval_size), labels[a:b], np.arange(a, b))
+        bar.update(min((b - a) * world, bar.total - bar.n))  # the ranks run in step: rank 0 counts for all
+    bar.close()
+
+
+def merge_shards(cfg, labels):
+    """Check that the shards hold images 0..N-1 exactly once, in order, and stream them into one npz in the
+    ADM evaluator's layout (uint8 NHWC `arr_0`, labels `arr_1`): temp file, then rename; then drop the shards."""
+    paths = [shard_path(cfg, s) for s in range(-(-len(labels) // cfg.batch))]
+    missing = [p for p in paths if not os.path.isfile(p)]
+    if missing:
+        raise UserError(f"{len(missing)} of {len(paths)} shards are missing (e.g. {missing[0]}); run the same "
+                        f"command again to sample them")
+    shape = (len(labels), *np.load(paths[0])['images'].shape[1:])  # (N, H, W, 3)
+    seen = 0
+    try:
+        with zipfile.ZipFile(cfg.npz + '.tmp', 'w', allowZip64=True) as z:  # stored, not compressed, as np.savez
+            with z.open('arr_0.npy', 'w', force_zip64=True) as f:
+                np.lib.format.write_array_header_1_0(f, dict(descr='|u1', fortran_order=False, shape=shape))
+                for p in paths:  # one shard in memory at a time
+                    shard = np.load(p)
+                    n = len(shard['index'])
+                    if not (np.array_equal(shard['index'], np.arange(seen, seen + n)) and seen + n <= len(labels)
+                            and np.array_equal(shard['labels'], labels[seen:seen + n])
+                            and shard['images'].shape[1:] == shape[1:]):
+                        raise UserError(f"shard {p} does not hold images {seen}.. of this run; delete "
+                                        f"{shard_dir(cfg)} and sample again")
+                    f.write(np.ascontiguousarray(shard['images']).tobytes())
+                    seen += n
+            with z.open('arr_1.npy', 'w') as f:
+                np.lib.format.write_array(f, np.asarray(labels, dtype=np.int64))
+        if seen != len(labels):
+            raise UserError(f"the shards hold {seen} images, not {len(labels)}; delete {shard_dir(cfg)} and "
+                            f"sample again")
+    except BaseException:
+        os.remove(cfg.npz + '.tmp')  # all or nothing
+        raise
+    os.replace(cfg.npz + '.tmp', cfg.npz)
+    shutil.rmtree(shard_dir(cfg))
+    print(f"wrote {shape} uint8 images and their labels to {cfg.npz}")
+
+
+def prepare_shards(cfg, ids):
+    """Rank 0, before sampling: the shard folder, with the settings a resumed run is checked against."""
+    if not cfg.resume:
+        shutil.rmtree(shard_dir(cfg), ignore_errors=True)
+    os.makedirs(shard_dir(cfg), exist_ok=True)
+    atomic_write({os.path.join(shard_dir(cfg), 'settings.json'):
+                  lambda tmp: Path(tmp).write_text(json.dumps(fid_settings(cfg, ids)))})
+
+
+def sample_fid(cfg, gpt, vq, ids, rank, world, device):
+    """--per_class images of every class, sharded over ranks; rank 0 merges them into cfg.npz."""
+    labels = np.repeat(np.asarray(ids if ids is not None else range(gpt.config.num_classes), np.int64),
+                       cfg.per_class)  # (N,) class-major
+    if rank == 0:
+        prepare_shards(cfg, ids)
+    if world > 1:
+        dist.barrier()
+    sample_shards(cfg, gpt, vq, labels, rank, world, device)
+    if world > 1:
+        dist.barrier()
+    if rank == 0:
+        merge_shards(cfg, labels)
+    return labels
+
 
 # -----------------------------------------------------------------------------
 # reward benchmark: every configured reward on fixed conditions and seeds, one or two checkpoints
@@ -343,15 +438,6 @@ def score_conditions(cfg, models, vq, reward_fn, conds, t5, device, rank, world,
     return out
 
 
-def side_by_side(rows, path, max_images=8, gap=8):
-    """rows: [(base (n, H, W, 3), tuned (n, H, W, 3))] -> one PNG: a row per condition, base left, tuned right."""
-    n = min(max_images, len(rows[0][0]))
-    left = image_grid(np.concatenate([b[:n] for b, _ in rows]), n)
-    right = image_grid(np.concatenate([t[:n] for _, t in rows]), n)
-    white = np.full((left.shape[0], gap, 3), 255, np.uint8)
-    Image.fromarray(np.concatenate([left, white, right], 1)).save(path, format='PNG')
-
-
 def summarize(cfg, conds, results, verbose=True):
     """Gathered per-condition results -> the JSON summary (and the printed table)."""
     names = list(results[0][1])
@@ -389,13 +475,65 @@ def reward_eval(cfg, policy, vq, reward_fn, prompts, t5, device, rank=0, world=1
     results = sorted((r for part in everything for r in part), key=lambda r: r[0])
     summary = summarize(cfg, conds, results, verbose=rank == 0)
     if rank == 0:
-        outputs = {os.path.join(cfg.out_dir, 'eval.json'): lambda f: f.write(json.dumps(summary, indent=1).encode())}
+        outputs = {os.path.join(cfg.out_dir, 'eval.json'): lambda tmp: Path(tmp).write_text(json.dumps(summary, indent=1))}
         if 'tuned' in models:
             rows = [(p['base'], p['tuned']) for _, _, p in results if p]
-            outputs[os.path.join(cfg.out_dir, 'eval_side_by_side.png')] = lambda f: side_by_side(rows, f)
-        write_outputs(outputs)
+            outputs[os.path.join(cfg.out_dir, 'eval_side_by_side.png')] = lambda tmp: side_by_side(rows, tmp)
+        atomic_write(outputs)
         print(f"wrote {', '.join(outputs)}")
     return summary
+
+# -----------------------------------------------------------------------------
+# the command: python metrics.py SAMPLES.npz REF.npz|DIR
+
+
+@dataclass
+class MetricsConfig:
+    samples: str = ''  # .npz of generated images (uint8 NHWC `arr_0`), e.g. from sample.py --per_class
+    ref: str = ''  # reference: an ADM reference batch .npz (mu/sigma + images) or a folder of images
+    inception: Optional[str] = None  # torch-fidelity Inception weights (.pth); None = torch hub cache / download
+    device: Optional[str] = None  # None = cuda if available, else cpu
+    batch: int = 64  # images per Inception forward
+    split_size: int = 5000  # Inception Score split size (ADM: 5000)
+    out: str = ''  # also write the numbers as JSON here; '' = print only
+
+    def validate(self):
+        for flag, path in (('samples', self.samples), ('ref', self.ref)):
+            if not path or not os.path.exists(path):
+                raise UserError(f"{flag} {path!r} does not exist; usage: python metrics.py SAMPLES.npz REF.npz|DIR")
+            if os.path.isdir(path):
+                if flag == 'samples':
+                    raise UserError(f"samples {path} is a folder; pass the .npz that sample.py --per_class wrote")
+                if not any(f.lower().endswith(IMAGE_EXTENSIONS) for f in os.listdir(path)):
+                    raise UserError(f"ref {path} holds no .png/.jpg/.webp images; pass a folder of images or an .npz")
+                continue
+            names = zipfile.ZipFile(path).namelist() if zipfile.is_zipfile(path) else []
+            if 'arr_0.npy' not in names and not (flag == 'ref' and 'mu.npy' in names):
+                raise UserError(f"{flag} {path} is not an .npz with images `arr_0`" +
+                                (" or ADM statistics `mu`/`sigma`" if flag == 'ref' else "") +
+                                "; write one with sample.py --per_class (or np.savez)")
+        if self.batch < 1 or self.split_size < 1:
+            raise UserError(f"--batch and --split_size must be at least 1, got {self.batch} and {self.split_size}")
+        if self.device and self.device.startswith('cuda') and not torch.cuda.is_available():
+            raise UserError(f"--device {self.device} was asked for but torch sees no GPU here; use --device cpu")
+        if self.out:
+            check_writable_file(self.out, '--out')
+
+
+def main(argv=None):
+    argv = list(sys.argv[1:] if argv is None else argv)
+    pos = [a for a in argv[:2] if not a.startswith('--')]  # SAMPLES REF may come first, without flags
+    argv = [x for k, v in zip(('--samples', '--ref'), pos) for x in (k, v)] + argv[len(pos):]
+    cfg = parse_config(MetricsConfig, argv)
+    cfg.validate()
+    device = cfg.device or ('cuda' if torch.cuda.is_available() else 'cpu')
+    out = compute_metrics(cfg.samples, cfg.ref, load_inception(cfg.inception, device), device, cfg.batch,
+                          cfg.split_size)
+    for k, v in out.items():
+        print(f"{k}: {v}")
+    if cfg.out:
+        atomic_write({cfg.out: lambda tmp: Path(tmp).write_text(json.dumps(out, indent=1))})
+    return out
 
 # -----------------------------------------------------------------------------
 # smoke demo: the metric math on random features (no network, no weights)

@@ -9,15 +9,12 @@ and mark it `# LlamaGen quirk:`.
 The sequence is [condition tokens (cls_token_num)] + [image tokens (block_size, raster order)].
 There is one forward path, `forward(tokens, cond, kv_cache=None)`, used for teacher-forced
 log-probs in training and, with a KV cache, for sampling. `logits[:, j]` predicts image token j.
+The network does no file I/O: released checkpoints, the Hub and every reader/writer live in checkpoint.py.
 
     python model.py      # smoke demo: cached decoding equals the full forward on a tiny model
 """
-import argparse
-import contextlib
-import json
 import math
-import os
-from dataclasses import dataclass, asdict, fields
+from dataclasses import dataclass, fields
 from typing import Optional
 
 import torch
@@ -87,6 +84,23 @@ GPT_PRESETS = {
 
 def find_multiple(n, k):
     return n if n % k == 0 else n + k - n % k
+
+
+def config_for(preset=None, image_size=256, downsample=16, **overrides):
+    """A GPTConfig from a preset name, the image size and any field overrides."""
+    if preset is not None and preset not in GPT_PRESETS:
+        raise ValueError(f"unknown model preset {preset!r}; known: {', '.join(GPT_PRESETS)}")
+    if image_size % downsample:
+        raise ValueError(f"image_size {image_size} is not a multiple of the VQ downsampling {downsample}")
+    kw = dict(GPT_PRESETS.get(preset, {}), block_size=(image_size // downsample) ** 2)
+    if overrides.get('model_type') == 't2i':
+        kw['cls_token_num'] = 120
+    kw.update(overrides)
+    names = {f.name for f in fields(GPTConfig)}
+    unknown = set(kw) - names
+    if unknown:
+        raise ValueError(f"unknown GPTConfig fields: {', '.join(sorted(unknown))}")
+    return GPTConfig(**kw)
 
 
 # -----------------------------------------------------------------------------
@@ -445,234 +459,6 @@ def generate(model, cond, cond_mask=None, cfg_scale=4.0, cfg_interval=-1, temper
             use = cfg_interval == -1 or j <= cfg_interval  # this step predicts token j + 1
             logits = step(model, x, cache, cfg_scale, use)
     return tokens, logps
-
-
-# -----------------------------------------------------------------------------
-# released checkpoints and loading
-
-# Known releases: name -> (Hub repo, file, how to build it). c2i models sample with vq_ds16_c2i.
-LLAMAGEN, LLAMAGEN_T2I = 'FoundationVision/LlamaGen', 'peizesun/llamagen_t2i'
-RELEASES = {
-    'c2i_B_256': dict(repo=LLAMAGEN, file='c2i_B_256.pt', preset='GPT-B', image_size=256),
-    'c2i_B_384': dict(repo=LLAMAGEN, file='c2i_B_384.pt', preset='GPT-B', image_size=384),
-    'c2i_L_256': dict(repo=LLAMAGEN, file='c2i_L_256.pt', preset='GPT-L', image_size=256),
-    'c2i_L_384': dict(repo=LLAMAGEN, file='c2i_L_384.pt', preset='GPT-L', image_size=384),
-    'c2i_XL_384': dict(repo=LLAMAGEN, file='c2i_XL_384.pt', preset='GPT-XL', image_size=384),
-    'c2i_XXL_384': dict(repo=LLAMAGEN, file='c2i_XXL_384.pt', preset='GPT-XXL', image_size=384),
-    'c2i_3B_384': dict(repo=LLAMAGEN, file='c2i_3B_384.pt', preset='GPT-3B', image_size=384),
-    't2i_XL_stage1_256': dict(repo=LLAMAGEN_T2I, file='t2i_XL_stage1_256.pt', preset='GPT-XL',
-                              image_size=256, model_type='t2i', cls_token_num=120),
-    't2i_XL_stage2_512': dict(repo=LLAMAGEN_T2I, file='t2i_XL_stage2_512.pt', preset='GPT-XL',
-                              image_size=512, model_type='t2i', cls_token_num=120),
-    # AR-GRPO's RL-tuned models, saved by a HF Trainer around a wrapper holding `gpt_model` and
-    # `vq_model`: the reader below accepts those prefixes as well as bare keys.
-    'AR-GRPO_C2I_B_256': dict(repo='CSshihao/AR-GRPO_C2I_B_256', file='model.safetensors',
-                              preset='GPT-B', image_size=256),
-    'AR-GRPO_C2I_B_384': dict(repo='CSshihao/AR-GRPO_C2I_B_384', file='model.safetensors',
-                              preset='GPT-B', image_size=384),
-    'AR-GRPO_C2I_L_384': dict(repo='CSshihao/AR-GRPO_C2I_L_384', file='model.safetensors',
-                              preset='GPT-L', image_size=384),
-    'AR-GRPO_C2I_XL_384': dict(repo='CSshihao/AR-GRPO_C2I_XL_384', file='model.safetensors',
-                               preset='GPT-XL', image_size=384),
-    'AR-GRPO_T2I_XL_256': dict(repo='CSshihao/AR-GRPO_T2I_XL_256', file='model.safetensors',
-                               preset='GPT-XL', image_size=256, model_type='t2i', cls_token_num=120),
-}
-
-
-class CheckpointError(RuntimeError):
-    """A checkpoint that cannot be found, read or loaded; the message is one sentence for the user."""
-
-
-def hub_cache_dir():
-    """The huggingface_hub cache, read from the environment now (not at import, so tests can move it)."""
-    home = os.environ.get('HF_HOME', os.path.join(os.path.expanduser('~'), '.cache', 'huggingface'))
-    return os.environ.get('HF_HUB_CACHE', os.path.join(home, 'hub'))
-
-
-def hub_unreachable():
-    """Why the Hub cannot be reached right now (HF_HUB_OFFLINE is set, or its host does not resolve), or None."""
-    import socket
-    from urllib.parse import urlparse
-    from huggingface_hub import constants
-    if os.environ.get('HF_HUB_OFFLINE', '0').lower() in ('1', 'true', 'yes', 'on'):
-        return 'HF_HUB_OFFLINE is set'
-    try:
-        socket.getaddrinfo(urlparse(constants.ENDPOINT).hostname, 443)
-    except OSError:
-        return 'no network'
-    return None
-
-
-@contextlib.contextmanager
-def cache_only_if_offline():
-    """Inside, Hub lookups answer from the local cache alone when the Hub cannot be reached, so a missing
-    file fails at once instead of after huggingface_hub's ~25 s of retries."""
-    from huggingface_hub import constants
-    saved = constants.HF_HUB_OFFLINE  # read by huggingface_hub at call time
-    constants.HF_HUB_OFFLINE = saved or hub_unreachable() is not None
-    try:
-        yield
-    finally:
-        constants.HF_HUB_OFFLINE = saved
-
-
-def hub_file(repo, filename, flag='--ckpt'):
-    """Local path of `filename` from Hub `repo`: the huggingface_hub cache, else a download."""
-    from huggingface_hub import hf_hub_download
-    cache = hub_cache_dir()
-    try:
-        with cache_only_if_offline():
-            return hf_hub_download(repo, filename, cache_dir=cache)
-    except Exception as e:
-        raise CheckpointError(f"could not get {filename} from the Hugging Face Hub repo {repo}: it is not in the "
-                              f"cache {cache} and the Hub is unreachable or refused ({type(e).__name__}); download "
-                              f"it where there is network (or point HF_HOME at a cache that has it), or pass a "
-                              f"local file with {flag} PATH") from None
-
-
-def resolve_checkpoint(spec, releases=RELEASES, flag='--ckpt'):
-    """A release name, `hf://OWNER/REPO/FILE` or a local path -> a local file path."""
-    if spec in releases:
-        return hub_file(releases[spec]['repo'], releases[spec]['file'], flag)
-    if spec.startswith('hf://'):
-        parts = spec[5:].split('/')
-        if len(parts) < 3:
-            raise CheckpointError(f"{spec} is not of the form hf://OWNER/REPO/FILE")
-        return hub_file('/'.join(parts[:2]), '/'.join(parts[2:]), flag)
-    if not os.path.isfile(spec):
-        raise CheckpointError(f"checkpoint {spec} is not a known release ({', '.join(releases)}) nor an "
-                              f"existing file; pass a local file with {flag} PATH")
-    return spec
-
-
-KNOWN_PREFIXES = ('module.', '_orig_mod.')  # DDP / DeepSpeed and torch.compile wrappers
-
-
-def read_state_dict(path, submodel='gpt_model'):
-    """Read a checkpoint file into a plain state_dict, whatever its layout.
-
-    .safetensors or .pt; a .pt may hold the weights under 'model' (DDP), 'module' (DeepSpeed),
-    'state_dict', or be the dict itself (FSDP). `submodel` picks one half of a wrapper checkpoint
-    (AR-GRPO's `gpt_model.` / `vq_model.` keys); bare keys are taken as they are. Returns
-    (state_dict, metadata) where metadata is the safetensors header metadata or {}.
-    """
-    try:
-        if path.endswith('.safetensors'):
-            from safetensors import safe_open
-            with safe_open(path, 'pt') as f:
-                sd, meta = {k: f.get_tensor(k) for k in f.keys()}, f.metadata() or {}
-        else:
-            # training checkpoints carry an argparse.Namespace; allow that one class and nothing else
-            with torch.serialization.safe_globals([argparse.Namespace]):
-                obj = torch.load(path, map_location='cpu', weights_only=True)
-            meta = {}
-            sd = next((obj[k] for k in ('model', 'module', 'state_dict') if isinstance(obj, dict) and k in obj), obj)
-    except Exception as e:
-        raise CheckpointError(f"could not read checkpoint {path}: it is truncated, corrupt or not a PyTorch / "
-                              f"safetensors file ({type(e).__name__})") from None
-    if not isinstance(sd, dict) or not all(isinstance(v, torch.Tensor) for v in sd.values()):
-        raise CheckpointError(f"checkpoint {path} holds no state_dict of tensors")
-    for p in KNOWN_PREFIXES:
-        sd = {k[len(p):] if k.startswith(p) else k: v for k, v in sd.items()}
-    if any(k.startswith(submodel + '.') for k in sd):
-        sd = {k[len(submodel) + 1:]: v for k, v in sd.items() if k.startswith(submodel + '.')}
-    sd.pop('freqs_cis', None)  # LlamaGen quirk: some files carry the RoPE table; it is recomputed
-    return sd, meta
-
-
-def load_into(model, sd, path):
-    """load_state_dict(strict=True), with a one-sentence error instead of a wall of key names."""
-    own = model.state_dict()
-    missing = [k for k in own if k not in sd]
-    unexpected = [k for k in sd if k not in own]
-    bad = [k for k in own if k in sd and own[k].shape != sd[k].shape]
-    if missing or unexpected or bad:
-        eg = (missing + unexpected + bad)[0]
-        raise CheckpointError(f"checkpoint {path} does not fit this model ({len(missing)} missing, {len(unexpected)} "
-                              f"unexpected, {len(bad)} wrong-shape keys, e.g. {eg}); check the model preset, "
-                              f"image size and --ckpt")
-    model.load_state_dict(sd, strict=True)
-    return model
-
-
-def save_gpt(model, path, state_dict=None, **metadata):
-    """Write the weights as safetensors, keyed like LlamaGen, with the GPTConfig in the header so
-    load_gpt / sample.py --ckpt can rebuild the model. Written to a temp file, then renamed.
-    `state_dict` replaces model.state_dict() (train.py passes gathered or LoRA-merged weights)."""
-    from safetensors.torch import save_file
-    meta = {'gpt_config': json.dumps(asdict(model.config)), **{k: str(v) for k, v in metadata.items()}}
-    sd = {k: v.detach().contiguous().cpu() for k, v in (state_dict or model.state_dict()).items()}
-    save_file(sd, path + '.tmp', metadata=meta)
-    os.replace(path + '.tmp', path)
-
-
-def config_for(preset=None, image_size=256, downsample=16, **overrides):
-    """A GPTConfig from a preset name, the image size and any field overrides."""
-    if preset is not None and preset not in GPT_PRESETS:
-        raise ValueError(f"unknown model preset {preset!r}; known: {', '.join(GPT_PRESETS)}")
-    if image_size % downsample:
-        raise ValueError(f"image_size {image_size} is not a multiple of the VQ downsampling {downsample}")
-    kw = dict(GPT_PRESETS.get(preset, {}), block_size=(image_size // downsample) ** 2)
-    if overrides.get('model_type') == 't2i':
-        kw['cls_token_num'] = 120
-    kw.update(overrides)
-    names = {f.name for f in fields(GPTConfig)}
-    unknown = set(kw) - names
-    if unknown:
-        raise ValueError(f"unknown GPTConfig fields: {', '.join(sorted(unknown))}")
-    return GPTConfig(**kw)
-
-
-def header_config(path, key):
-    """A JSON config stored under `key` in a .safetensors header (save_gpt / save_vq write one), read without
-    the weights; None for anything else. Never raises: an unreadable file is reported by its loader later."""
-    if not (isinstance(path, str) and path.endswith('.safetensors') and os.path.isfile(path)):
-        return None
-    try:
-        from safetensors import safe_open
-        with safe_open(path, 'pt') as f:
-            return json.loads((f.metadata() or {})[key])
-    except Exception:
-        return None
-
-
-def peek_gpt_config(ckpt):
-    """What can be known of a checkpoint's GPT without reading its weights: a dict with model_type, preset and
-    image_size (release table) or the GPTConfig fields (a self-describing .safetensors header), else {}.
-    Lets a script reject contradictory flags before loading anything."""
-    if ckpt in RELEASES:
-        rel = RELEASES[ckpt]
-        return dict(model_type=rel.get('model_type', 'c2i'), preset=rel['preset'], image_size=rel['image_size'])
-    return header_config(ckpt, 'gpt_config') or {}
-
-
-def load_gpt(ckpt, preset=None, image_size=None, device='cpu', dtype=torch.float32, downsample=16, **overrides):
-    """Build and load a GPT from a release name, hf://REPO/FILE or a local file.
-
-    The config comes from the file's own metadata when it has one (files written by save_gpt, e.g. by
-    train.py); otherwise from the release table and the preset / image_size / overrides given here.
-    """
-    rel = RELEASES.get(ckpt, {})
-    path = resolve_checkpoint(ckpt)
-    sd, meta = read_state_dict(path, 'gpt_model')
-    if 'gpt_config' in meta:  # a file we wrote knows its own config: preset and overrides are not needed
-        cfg = GPTConfig(**json.loads(meta['gpt_config']))
-        shape = dict(n_layer=cfg.n_layer, n_head=cfg.n_head, dim=cfg.dim)
-        if preset is not None and GPT_PRESETS.get(preset) != shape:
-            raise CheckpointError(f"checkpoint {path} holds a {shape} model, not {preset}; drop the preset or "
-                                  f"check --ckpt")
-    else:
-        kw = {k: v for k, v in rel.items() if k in ('model_type', 'cls_token_num')}
-        kw.update(overrides)
-        cfg = config_for(preset or rel.get('preset') or 'GPT-B', image_size or rel.get('image_size', 256), downsample,
-                         **kw)
-    with torch.device('meta'):
-        model = GPT(cfg)
-    model = model.to_empty(device='cpu')
-    model.freqs_cis = precompute_freqs_cis_2d(math.isqrt(cfg.block_size), cfg.head_dim, cfg.rope_base,
-                                              cfg.cls_token_num)
-    load_into(model, sd, path)
-    return model.to(device=device, dtype=dtype).eval()
 
 
 # -----------------------------------------------------------------------------

@@ -4,33 +4,34 @@ or, with --per_class, tens of thousands of them into one FID .npz, sharded over 
 
 Follows LlamaGen's autoregressive/sample/sample_c2i.py and sample_t2i.py: their sampling defaults
 (c2i cfg 4.0, top_k 2000; t2i cfg 7.5, top_k 1000), FLAN-T5-XL captions of 120 tokens left-padded as
-sample_t2i.py does, save_image's rounding. The grid has a row of --n images per condition.
+sample_t2i.py does, save_image's rounding. The grid has a row of --n images per condition. With --per_class
+the images are drawn by metrics.py's sharded, resumable FID sampler (its docstring says how it departs from
+LlamaGen's sample_c2i_ddp.py).
 
     python sample.py                          # LlamaGen's 8 demo classes with c2i_B_256 + vq_ds16_c2i
     python sample.py --class 207 "golden retriever" --n 4 --seed 0
     python sample.py --prompt "a blue Porsche 356 parked in front of a yellow brick wall"
     python sample.py --class 207 --ckpt out/run/latest/model.safetensors --npz samples.npz
     torchrun --nproc_per_node=8 sample.py --preset paper_c2i --ckpt c2i_XL_384 --per_class 50 --npz xl.npz
-
-FID sampling (--per_class) follows LlamaGen's sample_c2i_ddp.py (bicubic resize of 384-px images to
-256 before rounding, the ADM evaluator's npz layout) and departs from it in three ways: every image
-has its own seed (seed, class, index), so the npz does not depend on the number of ranks or the
-batch size; each finished batch is a shard on disk, so a killed run continues where it stopped;
-the npz is written from the shards in one pass, without a folder of 50,000 PNGs.
 """
-import datetime, difflib, json, math, os, shutil, sys, zipfile
-from dataclasses import dataclass, field
+import math
+import os
+import sys
+from dataclasses import asdict, dataclass, field
 from typing import List, Optional
 
 import numpy as np
 import torch
 import torch.distributed as dist
-import torch.nn.functional as F
+from PIL import Image
 
-from cli import UserError, check_writable_file, parse_config, run  # noqa: F401 (UserError, parse_config: re-exported)
-from model import (CheckpointError, GPT_PRESETS, peek_gpt_config, cache_only_if_offline, generate, hub_cache_dir, load_gpt,
-                   sample_logits)
-from tokenizer import load_vq, vq_downsample
+import distributed
+from checkpoint import CheckpointError, check_generator, check_pair, load_gpt, load_vq, peek_gpt_config, vq_downsample
+from cli import UserError, atomic_write, check_writable_file, parse_config, run, save_npz
+from conditions import class_ids, encode_prompts, load_t5
+from metrics import check_shards, decode_uint8, sample_fid
+from model import GPT_PRESETS, generate
+from plots import image_grid
 
 
 # Evaluation settings as presets (flags override them): the paper's class-to-image evaluation and LlamaGen's own.
@@ -96,7 +97,8 @@ class SampleConfig:
         self._check_ranges()
         self._check_combinations()
         ids = class_ids(self.classes) if self.classes else None  # bad names fail here
-        self._check_against_checkpoint(ids)
+        check_generator(peek_gpt_config(self.ckpt), self.ckpt, bool(self.prompts), ids or (), self.image_size,
+                        vq_downsample(self.vq_ckpt), flags=('--prompt', '--class'))
         for path in filter(None, (self.out, self.npz)):
             check_writable_file(path, '--out' if path == self.out else '--npz')
         if self.per_class is not None:
@@ -140,158 +142,23 @@ class SampleConfig:
                              "images go to --npz)")
         _check(bool(self.npz), "--per_class needs an --npz file to write the images to")
 
-    def _check_against_checkpoint(self, ids):
-        """What the release table or a self-describing file's header tells before loading: the kind of
-        model (class or text), the number of classes, the image size."""
-        kind = 't2i' if self.prompts else 'c2i'
-        gpt = peek_gpt_config(self.ckpt)
-        if not gpt:  # a file without a config: checked once loaded
-            return
-        got = gpt.get('model_type', 'c2i')
-        if got != kind:
-            raise UserError(f"{self.ckpt} is a {got} model; pass {'--prompt' if got == 't2i' else '--class'} instead")
-        n = gpt.get('num_classes', 1000)
-        if ids is not None and any(not 0 <= i < n for i in ids):
-            raise UserError(f"class ids must be in 0..{n - 1} for {self.ckpt}, got {ids}")
-        ds = vq_downsample(self.vq_ckpt)
-        if not (self.image_size and ds and 'block_size' in gpt):  # otherwise checked once loaded
-            return
-        if (self.image_size // ds) ** 2 != gpt['block_size']:
-            raise UserError(f"--image_size {self.image_size} contradicts {self.ckpt}, which holds a "
-                            f"{math.isqrt(gpt['block_size']) * ds}-px model; drop --image_size")
-
-
 def _check(ok, message):
     if not ok:
         raise UserError(message)
-
-
-def load_t5(name='google/flan-t5-xl', device='cpu', dtype=torch.float32):
-    """(tokenizer, T5 encoder in eval mode) from a local directory, the Hugging Face cache or the Hub.
-    Offline it fails at once with CheckpointError (cache-only lookups when the Hub is unreachable)."""
-    from transformers import AutoTokenizer, T5EncoderModel
-    try:
-        with cache_only_if_offline():
-            kw = dict(cache_dir=hub_cache_dir())
-            tok = AutoTokenizer.from_pretrained(name, **kw)
-            return tok, T5EncoderModel.from_pretrained(name, dtype=dtype, **kw).to(device).eval()
-    except Exception as e:
-        raise CheckpointError(f"could not load the text encoder {name} ({type(e).__name__}): it is not a "
-                              f"save_pretrained directory nor in the cache {hub_cache_dir()}, and the Hub is "
-                              f"unreachable or refused; download it where there is network (or point HF_HOME at a "
-                              f"cache that has it), or pass --t5 DIR") from None
-
-
-@torch.no_grad()
-def encode_prompts(prompts, tokenizer, encoder, max_length=120):
-    """B prompts -> (emb (B, L, D) float32, mask (B, L) int64) with L = max_length, left-padded.
-    LlamaGen quirk (sample_t2i.py): T5 encodes right-padded tokens, then each row is rotated so its
-    n valid rows come last (row j <- row (j + n) mod L), padded rows are zeroed and the mask flipped.
-    Prompts are lowercased and whitespace-folded, as LlamaGen's clean_caption (minus URL/HTML rules).
-    """
-    texts = [' '.join(p.lower().split()) for p in prompts]
-    batch = tokenizer(texts, max_length=max_length, padding='max_length', truncation=True,
-                      padding_side='right', return_tensors='pt')
-    dev = next(encoder.parameters()).device
-    ids, mask = batch['input_ids'].to(dev), batch['attention_mask'].to(dev)  # (B, L); mask 1..1 0..0
-    emb = encoder(input_ids=ids, attention_mask=mask).last_hidden_state.float()  # (B, L, D)
-    src = (torch.arange(ids.shape[1], device=dev) + mask.sum(1, keepdim=True)) % ids.shape[1]  # (B, L)
-    emb = emb.gather(1, src[..., None].expand_as(emb))
-    mask = mask.flip(-1)  # 0..0 1..1
-    return emb * mask[..., None], mask
-
-
-def class_ids(specs):
-    """--class values (ids, or ImageNet names matched case-insensitively) -> list of int."""
-    keys = [' '.join(str(s).lower().split()) for s in specs]
-    if all(k.lstrip('-').isdigit() for k in keys):
-        return [int(k) for k in keys]
-    import open_clip  # IMAGENET_CLASSNAMES: 1000 names, index = class id (~2 s to import, so only here)
-    names = [c.lower() for c in open_clip.IMAGENET_CLASSNAMES]
-    for s, k in zip(specs, keys):
-        if not k.lstrip('-').isdigit() and k not in names:
-            close = ' or '.join(map(repr, difflib.get_close_matches(k, names, n=3))) or 'none'
-            raise UserError(f"unknown ImageNet class name {s!r} (close matches: {close}); or pass a class id")
-    return [int(k) if k.lstrip('-').isdigit() else names.index(k) for k in keys]  # repeated names: first id
-
-
-def to_uint8(x):
-    """Decoder output in [-1, 1] -> uint8 of the same shape, rounded as LlamaGen's torchvision
-    save_image(normalize=True, value_range=(-1, 1)) does: clamp, to [0, 1], * 255 + 0.5, truncate."""
-    return ((x.float().clamp(-1, 1) + 1) / 2 * 255 + 0.5).clamp(0, 255).to(torch.uint8)
-
-
-def image_grid(images, ncol, pad=2):
-    """(N, H, W, 3) uint8 -> (rows*(H+pad)+pad, ncol*(W+pad)+pad, 3) with black gaps, as make_grid."""
-    N, H, W, _ = images.shape
-    rows = -(-N // ncol)
-    x = np.pad(images, ((0, rows * ncol - N), (pad, 0), (pad, 0), (0, 0)))  # (rows*ncol, H+pad, W+pad, 3)
-    x = x.reshape(rows, ncol, H + pad, W + pad, 3).transpose(0, 2, 1, 3, 4).reshape(rows * (H + pad), -1, 3)
-    return np.pad(x, ((0, pad), (0, pad), (0, 0)))
 
 
 # -----------------------------------------------------------------------------
 # sampling: a grid of a few conditions, or sharded FID sampling
 
 
-def init_distributed(device):
-    """torchrun -> (rank, world, this rank's device); plain python -> (0, 1, device)."""
-    if int(os.environ.get('WORLD_SIZE', '1')) == 1:
-        return 0, 1, device
-    rank, world, local = (int(os.environ[k]) for k in ('RANK', 'WORLD_SIZE', 'LOCAL_RANK'))
-    if device.startswith('cuda'):
-        device = f'cuda:{local}'
-        torch.cuda.set_device(device)
-    # a long timeout: rank 0 merges 50,000 images while the others wait at the last barrier
-    dist.init_process_group('nccl' if device.startswith('cuda') else 'gloo', timeout=datetime.timedelta(hours=2))
-    return rank, world, device
-
-
 def load_models(cfg, ids, device):
-    """(GPT, VQ) with the checks that need the loaded models (files without a config)."""
-    kind = 't2i' if cfg.prompts else 'c2i'
-    gpt = load_gpt(cfg.ckpt, preset=cfg.model, image_size=cfg.image_size, device=device,
-                   dtype=getattr(torch, cfg.dtype), downsample=vq_downsample(cfg.vq_ckpt) or 16, model_type=kind)
-    if gpt.config.model_type != kind:
-        raise UserError(f"{cfg.ckpt} is a {gpt.config.model_type} model; pass "
-                        f"{'--prompt' if gpt.config.model_type == 't2i' else '--class'} instead")
+    """(GPT, VQ), with the checks that need the loaded models (a file without a config says less)."""
+    gpt = load_gpt(cfg.ckpt, preset=cfg.model, image_size=cfg.image_size, device=device, dtype=getattr(torch, cfg.dtype),
+                   downsample=vq_downsample(cfg.vq_ckpt) or 16, model_type='t2i' if cfg.prompts else 'c2i')
     vq = load_vq(cfg.vq_ckpt, device=device)  # float32, as LlamaGen decodes
-    if vq.config.codebook_size != gpt.config.vocab_size:
-        raise UserError(f"the VQ {cfg.vq_ckpt} has {vq.config.codebook_size} codes but the GPT predicts "
-                        f"{gpt.config.vocab_size}; pass a matching --vq_ckpt")
-    if cfg.image_size and (cfg.image_size // vq.config.downsample) ** 2 != gpt.config.block_size:
-        raise UserError(f"--image_size {cfg.image_size} contradicts {cfg.ckpt}, which holds "
-                        f"{gpt.config.block_size} image tokens; drop --image_size")
-    if ids is not None and any(not 0 <= i < gpt.config.num_classes for i in ids):
-        raise UserError(f"class ids must be in 0..{gpt.config.num_classes - 1} for {cfg.ckpt}, got {ids}")
+    check_generator(asdict(gpt.config), cfg.ckpt, bool(cfg.prompts), ids or (), flags=('--prompt', '--class'))
+    check_pair(gpt, vq, cfg.ckpt, cfg.vq_ckpt, cfg.image_size)
     return gpt, vq
-
-
-def decode_uint8(vq, tokens, size=0):
-    """tokens (B, T) -> images (B, S, S, 3) uint8. With a `size` other than the native one, the decoder
-    output is first resized bicubically, as LlamaGen's sample_c2i_ddp.py does for FID (384 -> 256)."""
-    side = math.isqrt(tokens.shape[1])  # the token grid is square
-    with torch.no_grad():
-        x = vq.decode(tokens.view(-1, side, side))  # (B, 3, H, W), about [-1, 1]
-    if size and size != x.shape[-1]:
-        x = F.interpolate(x, size=(size, size), mode='bicubic')
-    return to_uint8(x).permute(0, 2, 3, 1).cpu().numpy()
-
-
-def write_outputs(outputs):
-    """{path: write(file object)}: all to temp files first, then all renamed, so a failure leaves nothing."""
-    tmps = []
-    try:
-        for path, write in outputs.items():
-            with open(path + '.tmp', 'wb') as f:
-                tmps.append(path + '.tmp')
-                write(f)
-    except BaseException:
-        for t in tmps:
-            os.remove(t)
-        raise
-    for path in outputs:
-        os.replace(path + '.tmp', path)
 
 
 def sample_grid(cfg, gpt, vq, ids, device):
@@ -306,146 +173,15 @@ def sample_grid(cfg, gpt, vq, ids, device):
     tokens, _ = generate(gpt, cond, mask, cfg_scale=cfg.cfg, cfg_interval=cfg.cfg_interval, top_k=cfg.top_k,
                          top_p=cfg.top_p, temperature=cfg.temperature, generator=gen, compile=cfg.compile)  # (N, T)
     images = decode_uint8(vq, tokens)  # (N, H, W, 3)
-    from PIL import Image
     outputs = {}
     if cfg.out:
-        outputs[cfg.out] = lambda f: Image.fromarray(image_grid(images, cfg.n)).save(f, format='PNG')
+        outputs[cfg.out] = lambda tmp: Image.fromarray(image_grid(images, cfg.n)).save(tmp, format='PNG')
     if cfg.npz:
         labels = {} if ids is None else dict(arr_1=np.repeat(ids, cfg.n))
-        outputs[cfg.npz] = lambda f: np.savez(f, arr_0=images, **labels)
-    write_outputs(outputs)  # only now that everything has succeeded
+        outputs[cfg.npz] = lambda tmp: save_npz(tmp, arr_0=images, **labels)
+    atomic_write(outputs)  # only now that everything has succeeded
     print(f"wrote {images.shape} uint8 images to {' and '.join(outputs) or 'no file'}")
     return images
-
-# -----------------------------------------------------------------------------
-# FID sampling: images in class-major order, image g seeded by (seed, g), batches as shards on disk
-
-
-FID_SETTINGS = ('ckpt', 'vq_ckpt', 'model', 'image_size', 'dtype', 'seed', 'cfg', 'cfg_interval', 'top_k', 'top_p',
-                'temperature', 'per_class', 'batch', 'eval_size')  # what the images depend on
-
-
-def fid_settings(cfg, ids):
-    return json.loads(json.dumps({**{k: getattr(cfg, k) for k in FID_SETTINGS}, 'classes': ids}))
-
-
-def shard_dir(cfg):
-    return cfg.npz + '.shards'
-
-
-def shard_path(cfg, s):
-    return os.path.join(shard_dir(cfg), f'{s:06d}.npz')
-
-
-def check_shards(cfg, ids):
-    """Before loading: the shards of an interrupted run are reused only if made with the same settings.
-    (They live beside --npz, whose folder validate() has found writable.)"""
-    path = os.path.join(shard_dir(cfg), 'settings.json')
-    if cfg.resume and os.path.isfile(path):
-        old, new = json.load(open(path)), fid_settings(cfg, ids)
-        diff = [k for k in new if old.get(k) != new[k]]
-        if diff:
-            raise UserError(f"{shard_dir(cfg)} holds shards of an interrupted run made with other settings "
-                            f"({diff[0]}={old.get(diff[0])!r} there); use the same settings, or --no-resume to "
-                            f"start afresh")
-
-
-def image_seed(seed, g):
-    """The seed of image g (its place in class-major order): the same whatever rank or batch draws it."""
-    return seed * 2 ** 32 + g
-
-
-def per_image_sampler(seeds, n_tokens, cfg, device):
-    """A generate() sample_fn whose row i draws token j by inverse CDF from uniform j of seeds[i]'s stream."""
-    u = torch.stack([torch.rand(n_tokens, generator=torch.Generator().manual_seed(s), dtype=torch.float64)
-                     for s in seeds]).to(device)  # (B, T)
-    columns = iter(u.unbind(1))  # generate() samples the tokens in order, one call per position
-    return lambda logits: sample_logits(logits, cfg.temperature, cfg.top_k, cfg.top_p, uniform=next(columns))
-
-
-def write_shard(path, images, labels, index):
-    with open(path + '.tmp', 'wb') as f:  # a file object: np.savez would append .npz to a path
-        np.savez(f, images=images, labels=labels, index=index)
-    os.replace(path + '.tmp', path)  # a killed run leaves whole shards only
-
-
-def sample_shards(cfg, gpt, vq, labels, rank, world, device):
-    """This rank's shards (s = rank, rank + world, ...) that are not on disk yet."""
-    from tqdm import tqdm
-    starts = range(0, len(labels), cfg.batch)
-    todo = [s for s in range(rank, len(starts), world) if not os.path.isfile(shard_path(cfg, s))]
-    done = sum(min(cfg.batch, len(labels) - a) for s, a in enumerate(starts) if os.path.isfile(shard_path(cfg, s)))
-    bar = tqdm(total=len(labels), initial=done, unit='img', disable=rank != 0, dynamic_ncols=True)
-    for s in todo:
-        a, b = starts[s], min(starts[s] + cfg.batch, len(labels))
-        sampler = per_image_sampler([image_seed(cfg.seed, g) for g in range(a, b)], gpt.config.block_size, cfg, device)
-        tokens, _ = generate(gpt, torch.as_tensor(labels[a:b], device=device), cfg_scale=cfg.cfg,
-                             cfg_interval=cfg.cfg_interval, compile=cfg.compile, sample_fn=sampler)  # (b - a, T)
-        write_shard(shard_path(cfg, s), decode_uint8(vq, tokens, cfg.eval_size), labels[a:b], np.arange(a, b))
-        bar.update(min((b - a) * world, bar.total - bar.n))  # the ranks run in step: rank 0 counts for all
-    bar.close()
-
-
-def merge_shards(cfg, labels):
-    """Check that the shards hold images 0..N-1 exactly once, in order, and stream them into one npz in the
-    ADM evaluator's layout (uint8 NHWC `arr_0`, labels `arr_1`): temp file, then rename; then drop the shards."""
-    paths = [shard_path(cfg, s) for s in range(-(-len(labels) // cfg.batch))]
-    missing = [p for p in paths if not os.path.isfile(p)]
-    if missing:
-        raise UserError(f"{len(missing)} of {len(paths)} shards are missing (e.g. {missing[0]}); run the same "
-                        f"command again to sample them")
-    shape = (len(labels), *np.load(paths[0])['images'].shape[1:])  # (N, H, W, 3)
-    seen = 0
-    try:
-        with zipfile.ZipFile(cfg.npz + '.tmp', 'w', allowZip64=True) as z:  # stored, not compressed, as np.savez
-            with z.open('arr_0.npy', 'w', force_zip64=True) as f:
-                np.lib.format.write_array_header_1_0(f, dict(descr='|u1', fortran_order=False, shape=shape))
-                for p in paths:  # one shard in memory at a time
-                    shard = np.load(p)
-                    n = len(shard['index'])
-                    if not (np.array_equal(shard['index'], np.arange(seen, seen + n)) and seen + n <= len(labels)
-                            and np.array_equal(shard['labels'], labels[seen:seen + n])
-                            and shard['images'].shape[1:] == shape[1:]):
-                        raise UserError(f"shard {p} does not hold images {seen}.. of this run; delete "
-                                        f"{shard_dir(cfg)} and sample again")
-                    f.write(np.ascontiguousarray(shard['images']).tobytes())
-                    seen += n
-            with z.open('arr_1.npy', 'w') as f:
-                np.lib.format.write_array(f, np.asarray(labels, dtype=np.int64))
-        if seen != len(labels):
-            raise UserError(f"the shards hold {seen} images, not {len(labels)}; delete {shard_dir(cfg)} and "
-                            f"sample again")
-    except BaseException:
-        os.remove(cfg.npz + '.tmp')  # all or nothing
-        raise
-    os.replace(cfg.npz + '.tmp', cfg.npz)
-    shutil.rmtree(shard_dir(cfg))
-    print(f"wrote {shape} uint8 images and their labels to {cfg.npz}")
-
-
-def prepare_shards(cfg, ids):
-    """Rank 0, before sampling: the shard folder, with the settings a resumed run is checked against."""
-    if not cfg.resume:
-        shutil.rmtree(shard_dir(cfg), ignore_errors=True)
-    os.makedirs(shard_dir(cfg), exist_ok=True)
-    write_outputs({os.path.join(shard_dir(cfg), 'settings.json'):
-                   lambda f: f.write(json.dumps(fid_settings(cfg, ids)).encode())})
-
-
-def sample_fid(cfg, gpt, vq, ids, rank, world, device):
-    """--per_class images of every class, sharded over ranks; rank 0 merges them into cfg.npz."""
-    labels = np.repeat(np.asarray(ids if ids is not None else range(gpt.config.num_classes), np.int64),
-                       cfg.per_class)  # (N,) class-major
-    if rank == 0:
-        prepare_shards(cfg, ids)
-    if world > 1:
-        dist.barrier()
-    sample_shards(cfg, gpt, vq, labels, rank, world, device)
-    if world > 1:
-        dist.barrier()
-    if rank == 0:
-        merge_shards(cfg, labels)
-    return labels
 
 
 def main(argv=None):
@@ -453,7 +189,7 @@ def main(argv=None):
     (grid) or the labels of the npz (--per_class)."""
     cfg = parse_config(SampleConfig, argv, presets=SAMPLE_PRESETS)  # runs cfg.validate() before any load
     ids = class_ids(cfg.classes) if cfg.classes else None
-    rank, world, device = init_distributed(cfg.device)
+    rank, world, device = distributed.init(cfg.device, timeout_min=120)  # rank 0 merges while the others wait
     try:
         gpt, vq = load_models(cfg, ids, device)
         if cfg.per_class is None:

@@ -2,20 +2,17 @@
 tokenizer.py -- LlamaGen's VQGAN image tokenizer: images <-> grids of codebook indices.
 
 Follows FoundationVision/LlamaGen tokenizer/tokenizer_image/vq_model.py with the same module and
-parameter names, so the released vq_ds16_c2i.pt / vq_ds8_c2i.pt / vq_ds16_t2i.pt load with
-strict=True. VQ-16 maps a 256x256 image to a 16x16 grid of indices into a 16384 x 8 codebook.
+parameter names, so the released vq_ds16_c2i.pt / vq_ds8_c2i.pt / vq_ds16_t2i.pt load with strict=True
+(checkpoint.load_vq). VQ-16 maps a 256x256 image to a 16x16 grid of indices into a 16384 x 8 codebook.
 
     python tokenizer.py      # smoke demo: encode and decode a random image with a tiny VQ
 """
-import json
-from dataclasses import dataclass, field, asdict
+from dataclasses import dataclass, field
 from typing import List
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-
-from model import header_config, read_state_dict, resolve_checkpoint, load_into, LLAMAGEN, LLAMAGEN_T2I
 
 
 @dataclass
@@ -39,16 +36,6 @@ class VQConfig:
 
 VQ_PRESETS = {'VQ-16': dict(encoder_ch_mult=[1, 1, 2, 2, 4], decoder_ch_mult=[1, 1, 2, 2, 4]),
               'VQ-8': dict(encoder_ch_mult=[1, 2, 2, 4], decoder_ch_mult=[1, 2, 2, 4])}
-VQ_RELEASES = {'vq_ds16_c2i': dict(repo=LLAMAGEN, file='vq_ds16_c2i.pt', preset='VQ-16'),
-               'vq_ds8_c2i': dict(repo=LLAMAGEN, file='vq_ds8_c2i.pt', preset='VQ-8'),
-               'vq_ds16_t2i': dict(repo=LLAMAGEN_T2I, file='vq_ds16_t2i.pt', preset='VQ-16')}
-
-
-def vq_downsample(spec):
-    """A VQ's downsampling factor (16 for VQ-16) from the release table or a save_vq file's header, without
-    loading it; None when neither says."""
-    vq = header_config(spec, 'vq_config') or (VQ_PRESETS[VQ_RELEASES[spec]['preset']] if spec in VQ_RELEASES else None)
-    return 2 ** (len(vq['encoder_ch_mult']) - 1) if vq else None
 
 
 def Normalize(ch):
@@ -229,27 +216,15 @@ class VQModel(nn.Module):
         return self.decoder(self.post_quant_conv(zq))
 
 
-def save_vq(vq, path):
-    """safetensors with the VQConfig in the header, so load_vq(path) rebuilds it."""
-    from safetensors.torch import save_file
-    sd = {k: v.detach().contiguous().cpu() for k, v in vq.state_dict().items()}
-    save_file(sd, path, metadata={'vq_config': json.dumps(asdict(vq.config))})
+def to_unit(images):
+    """Decoder output (B, 3, H, W) in [-1, 1], possibly overshooting -> float32 in [0, 1] (what reward models see)."""
+    return (images.float().clamp(-1, 1) + 1) / 2
 
 
-def load_vq(ckpt='vq_ds16_c2i', preset=None, device='cpu', dtype=torch.float32, **overrides):
-    """Build and load a VQModel from a release name, hf://REPO/FILE or a local file."""
-    rel = VQ_RELEASES.get(ckpt)
-    path = resolve_checkpoint(ckpt, VQ_RELEASES, '--vq_ckpt')
-    preset = preset or (rel or {}).get('preset', 'VQ-16')
-    if preset not in VQ_PRESETS:
-        raise ValueError(f"unknown VQ preset {preset!r}; known: {', '.join(VQ_PRESETS)}")
-    sd, meta = read_state_dict(path, 'vq_model')
-    # files we wrote carry their VQConfig; otherwise the preset plus overrides
-    kw = json.loads(meta['vq_config']) if 'vq_config' in meta else {**VQ_PRESETS[preset], **overrides}
-    with torch.device('meta'):
-        vq = VQModel(VQConfig(**kw))
-    vq = load_into(vq.to_empty(device='cpu'), sd, path)
-    return vq.to(device=device, dtype=dtype).eval()
+def to_uint8(x):
+    """Decoder output in [-1, 1] -> uint8 of the same shape, rounded as LlamaGen's torchvision
+    save_image(normalize=True, value_range=(-1, 1)) does: clamp, to [0, 1], * 255 + 0.5, truncate."""
+    return ((x.float().clamp(-1, 1) + 1) / 2 * 255 + 0.5).clamp(0, 255).to(torch.uint8)
 
 
 if __name__ == '__main__':

@@ -5,7 +5,7 @@ generator, rewards and held-out judges, all trained here from a seed (nanoGPT's 
     python world.py                        # smoke demo: the tests' tiny world (about a minute), its summary
     python world.py --preset demo          # build (or load) the demo world and print its summary
     python train.py --preset demo          # the headline: GRPO in this world, base vs tuned vs control
-    python world.py --preset demo --study all    # the (lr, beta) sweep and 3 seeds, real vs shuffled rewards
+    python study.py --preset demo --study all    # the (lr, beta) sweep and 3 seeds, real vs shuffled rewards
 
 What each part stands for in the paper (AR-GRPO, arXiv 2508.06924, on ImageNet with LlamaGen):
   data        procedural shapes: 10 classes (5 shapes x 2 colour families) with random position, size,
@@ -28,7 +28,7 @@ import json
 import math
 import os
 import time
-from dataclasses import dataclass, asdict, field, replace
+from dataclasses import dataclass, asdict, fields, replace
 
 import numpy as np
 import torch
@@ -37,8 +37,11 @@ import torch.nn.functional as F
 from PIL import Image, ImageDraw
 from safetensors.torch import save_file, load_file
 
-from model import GPT, config_for, generate, load_gpt, save_gpt
-from tokenizer import VQConfig, VQModel, load_vq, save_vq
+from checkpoint import load_gpt, load_vq, save_gpt, save_vq
+from fid import frechet_distance, mean_cov
+from model import GPT, config_for, generate
+from rewards import parse_spec
+from tokenizer import VQConfig, VQModel, to_uint8
 
 VERSION = 3  # bump when the world's code changes what a config builds
 
@@ -62,7 +65,6 @@ class WorldConfig:
     cfg_scale: float = 1.5  # CFG of the discriminator's fakes (= the GRPO demo's sampling CFG)
     eval_per_class: int = 10  # samples per class in the base-vs-tuned evaluation
     root: str = 'out/world'  # cache root; the world lives in root/<hash>
-    study: str = field(default='', metadata=dict(choices=['', 'sweep', 'seeds', 'all']))  # the README's tables
 
 
 WORLD_PRESETS = {
@@ -71,7 +73,7 @@ WORLD_PRESETS = {
     'demo': dict(n_train=8000, n_heldout=2000, codebook_size=128, vq_images=1500, vq_epochs=3, gpt_layers=4,
                  gpt_dim=128, gpt_epochs=8, net_epochs=10, fakes=4000, eval_per_class=50),
 }
-NOT_KEYED = {'preset', 'root', 'study', 'eval_per_class'}  # fields that do not change what is built
+NOT_KEYED = {'preset', 'root', 'eval_per_class'}  # fields that do not change what is built
 
 # -----------------------------------------------------------------------------
 # data: procedural class-conditional images
@@ -364,7 +366,8 @@ class World:
         if not os.path.isfile(os.path.join(d, 'world.json')):
             raise FileNotFoundError(f"no world in {d}; build it with python world.py --preset demo")
         self.dir, self.summary = d, json.load(open(os.path.join(d, 'world.json')))
-        self.config = WorldConfig(**self.summary['config'])
+        known = {f.name for f in fields(WorldConfig)}  # a world.json of an older version may hold other keys
+        self.config = WorldConfig(**{k: v for k, v in self.summary['config'].items() if k in known})
         self.vq = load_vq(os.path.join(d, 'vq.safetensors')).requires_grad_(False)
         self.gpt = load_gpt(os.path.join(d, 'gpt.safetensors')).requires_grad_(False)
         self.classifier = load_net(os.path.join(d, 'classifier.safetensors'), reward_classifier())
@@ -411,18 +414,6 @@ def load_or_build(wc, log=print):
 # measuring a generator: rewards, held-out judges, diversity, KL to the base
 
 
-def frechet_distance(f1, f2):
-    """FID's formula on two feature sets (n, d): |mu1 - mu2|^2 + tr(C1 + C2 - 2 (C1 C2)^(1/2)).
-    tr (C1 C2)^(1/2) = sum of sqrt(eigenvalues of C1^(1/2) C2 C1^(1/2)), a symmetric PSD matrix, so
-    eigh suffices (no scipy); float64 throughout."""
-    f1, f2 = f1.double(), f2.double()
-    mu1, mu2, c1, c2 = f1.mean(0), f2.mean(0), torch.cov(f1.T), torch.cov(f2.T)
-    w, v = torch.linalg.eigh(c1)
-    s1 = (v * w.clamp(min=0).sqrt()) @ v.T  # C1^(1/2)
-    tr_sqrt = torch.linalg.eigvalsh(s1 @ c2 @ s1).clamp(min=0).sqrt().sum()
-    return ((mu1 - mu2).pow(2).sum() + c1.trace() + c2.trace() - 2 * tr_sqrt).item()
-
-
 def pairwise_mean(x, labels, fn):
     """Mean of fn(a, b) over all pairs of distinct rows with the same label (within-class diversity)."""
     vals = []
@@ -465,20 +456,58 @@ def measure(w, gpt, cfg_scale, per_class, seed=1234):
     out = dict(world_class=predict(w.classifier, images).softmax(-1).gather(1, labels[:, None]).mean().item(),
                world_real=torch.sigmoid(predict(w.discriminator, images)).mean().item(),
                judge_acc=hit.mean().item(), judge_acc_se=(hit.std() / math.sqrt(len(hit))).item(),
-               mini_fid=frechet_distance(feats(w.heldout_x), feats(images)),
+               mini_fid=frechet_distance(*mean_cov(feats(w.heldout_x)), *mean_cov(feats(images))),
                pixel_div=pairwise_mean(images.flatten(1), labels, lambda a, b: (a - b).pow(2).mean(-1).sqrt()))
     out |= token_stats(tokens, labels) | model_stats(gpt, w.gpt, tokens, labels)
     return out, images
 
 
-def load_reward_net(world, name):
-    """rewards.py's hook: 'world_class' -> the reward classifier, 'world_real' -> the discriminator."""
+REWARDS = ('world_class', 'world_real')  # the world's rewards, by the names --rewards takes
+
+
+class WorldScorer(nn.Module):
+    """The miniature world's learned rewards (world.py), stand-ins for the paper's: 'class' = P(target
+    class) from the reward classifier (~ CLIP fidelity), 'real' = the discriminator's P(real) (~ a realism
+    judge). Both in (0, 1); one forward per batch on the images' device."""
+
+    def __init__(self, net, kind):
+        super().__init__()
+        self.net, self.kind = net, kind
+
+    @torch.no_grad()
+    def forward(self, images, conditions):
+        self.net.to(images.device)
+        logits = self.net(images.float().clamp(-1, 1))  # trained on [-1, 1] pixels at the world's size
+        if self.kind == "real":
+            return torch.sigmoid(logits[:, 0])
+        ids = torch.as_tensor([int(c) for c in conditions], device=images.device)
+        return logits.softmax(-1).gather(1, ids[:, None])[:, 0]
+
+
+def check_flags(world, rewards):
+    """train.py's --world and the world's rewards, before anything is built. Raises UserError."""
+    from cli import UserError
+    if world and world not in WORLD_PRESETS and not os.path.isdir(world):
+        raise UserError(f"--world {world!r} is neither a world preset ({', '.join(WORLD_PRESETS)}) "
+                        f"nor a directory built by world.py; pass --world demo")
+    if 'world_' in rewards and not world:
+        raise UserError("the world_class / world_real rewards need a world; pass --world demo (or --preset demo)")
+
+
+def reward_scorers(world, spec):
+    """{name: scorer} of the world's rewards that the reward spec names, to hand to rewards.build_reward."""
+    return {n: reward_scorer(world, n) for n in parse_spec(spec, REWARDS) if n in REWARDS}
+
+
+def reward_scorer(world, name):
+    """The scorer named `name` (one of REWARDS) of a world (a preset or a directory), to hand to
+    rewards.build_reward: 'world_class' -> the reward classifier, 'world_real' -> the discriminator."""
     d = resolve(world)
     if not os.path.isfile(os.path.join(d, 'world.json')):
         raise FileNotFoundError(f"the world {world!r} is not built ({d}); run python world.py --preset {world}")
     if name == 'world_class':
-        return load_net(os.path.join(d, 'classifier.safetensors'), reward_classifier())
-    return load_net(os.path.join(d, 'discriminator.safetensors'), discriminator())
+        return WorldScorer(load_net(os.path.join(d, 'classifier.safetensors'), reward_classifier()), 'class')
+    return WorldScorer(load_net(os.path.join(d, 'discriminator.safetensors'), discriminator()), 'real')
 
 # -----------------------------------------------------------------------------
 # the demo: GRPO in the world (train.py's own loop), a shuffled-reward control, the report
@@ -588,8 +617,6 @@ def report(w, tcfg, res, times):
 def write_before_after(path, w, before, after, per_class, cols=8, real=3, zoom=4):
     """One row per class: `real` held-out images | `cols` base samples | `cols` GRPO samples drawn with the same
     seeds. Under each sample a bar: green when the held-out judge (never a reward) recognises its class."""
-    from sample import to_uint8
-    from PIL import ImageDraw
     labels = torch.arange(NUM_CLASSES).repeat_interleave(per_class)
     pick = lambda x: x.view(NUM_CLASSES, per_class, *x.shape[1:])[:, :cols]  # (10, cols, ...)
     ok = {k: pick(predict(w.judge, x).argmax(1) == labels) for k, x in (('base', before), ('tuned', after))}
@@ -638,62 +665,7 @@ def plot_lines(path, runs, size=(720, 300), pad=36):
     img.save(path)
 
 # -----------------------------------------------------------------------------
-# the study: where GRPO learns without collapsing (lr, beta), and the spread over seeds
-
-SWEEP = [dict(lr=1e-4, beta=0.0), dict(lr=3e-4, beta=0.0), dict(lr=1e-3, beta=0.0), dict(lr=3e-4, beta=0.05),
-         dict(lr=3e-4, beta=0.2)]
-STUDY_KEYS = ('world_class', 'judge_acc', 'mini_fid', 'pixel_div', 'hamming', 'top_token_share', 'kl_to_base')
-
-
-def study_setup(wc):
-    """The demo's TrainConfig in world wc, the world, and a function run -> its measured results."""
-    import train
-    tcfg = train.TrainConfig(**{**train.TRAIN_PRESETS['demo'], 'world': wc.preset, 'out_dir': 'out/study'})
-    w = prepare(tcfg)
-    measure_run = lambda cfg: measure(w, load_gpt(os.path.join(cfg.out_dir, 'latest', 'model.safetensors')),
-                                      cfg.cfg_scale, wc.eval_per_class)[0]
-    return train, tcfg, w, measure_run, measure(w, w.gpt, tcfg.cfg_scale, wc.eval_per_class)[0]
-
-
-def sweep(wc):
-    """The (lr, beta) sweep at seed 0 with the real rewards: a table, one row per setting."""
-    train, tcfg, w, measure_run, base = study_setup(wc)
-    row = lambda r: ' | '.join(f"{r[k]:.3f}" for k in STUDY_KEYS) + ' |'
-    lines = ['sweep (seed 0, real rewards):', '| lr | beta | ' + ' | '.join(STUDY_KEYS) + ' |',
-             '|---' * (2 + len(STUDY_KEYS)) + '|', '| base | | ' + row(base)]
-    for s in SWEEP:
-        cfg = replace(tcfg, **s, out_dir=f"out/study/lr{s['lr']}_beta{s['beta']}")
-        train.train(cfg)
-        lines.append(f"| {s['lr']} | {s['beta']} | " + row(measure_run(cfg)))
-    return lines
-
-
-def seeds(wc, seeds=(0, 1, 2)):
-    """The shipped setting (train.py's demo preset) over `seeds`, GRPO vs shuffled control: mean +- spread
-    (sample std across seeds) of each measure."""
-    train, tcfg, w, measure_run, base = study_setup(wc)
-    runs = {'tuned': [], 'control': []}
-    for seed in seeds:
-        for name, shuffle in (('tuned', False), ('control', True)):
-            cfg = replace(tcfg, seed=seed, shuffle_rewards=shuffle, out_dir=f"out/study/seed{seed}_{name}")
-            train.train(cfg)
-            runs[name].append(measure_run(cfg))
-    ms = lambda rs, k: f"{np.mean([r[k] for r in rs]):.3f} ± {np.std([r[k] for r in rs], ddof=1):.3f}"
-    lines = [f"seeds {list(seeds)} (lr {tcfg.lr}, beta {tcfg.beta}): mean ± spread (sample std)",
-             '| metric | base | GRPO | shuffled control |', '|---|---|---|---|']
-    return lines + [f"| {k} | {base[k]:.3f} | {ms(runs['tuned'], k)} | {ms(runs['control'], k)} |" for k in STUDY_KEYS]
-
-
-def study(wc):
-    """python world.py --preset demo --study all|sweep|seeds: prints the tables (and out/study/<part>.md)."""
-    for part in ('sweep', 'seeds') if wc.study == 'all' else (wc.study,):
-        lines = (sweep if part == 'sweep' else seeds)(wc)
-        print('\n'.join(lines), flush=True)
-        os.makedirs('out/study', exist_ok=True)
-        open(f'out/study/{part}.md', 'w').write('\n'.join(lines) + '\n')
-
-# -----------------------------------------------------------------------------
-# main: build and summarise (and the study)
+# main: build and summarise
 
 
 def main(argv=None):
@@ -704,8 +676,6 @@ def main(argv=None):
     print(json.dumps({k: v for k, v in w.summary.items() if k != 'config'}, indent=1))
     base, _ = measure(w, w.gpt, wc.cfg_scale, wc.eval_per_class)
     print("base generator at cfg", wc.cfg_scale, json.dumps({k: round(v, 4) for k, v in base.items()}))
-    if wc.study:
-        study(wc)
 
 
 if __name__ == '__main__':

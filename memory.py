@@ -1,0 +1,120 @@
+"""
+memory.py -- what a GRPO run needs per rank, said up front: bytes of weights, grads, AdamW state, the KL
+reference, activations and the KV cache, and the memory options that would make a run fit a card.
+
+    python memory.py     # smoke demo: the plan of GPT-B ... GPT-3B at 384 px
+
+train.py prints the plan at start-up (`print_plan`) and, on a GPU, warns when it exceeds 90% of the memory it
+can use, listing the options that would fit; bench.py --only memory prints the README's table and compares the
+activation estimate with a measured peak.
+"""
+import torch
+
+from lora import LORA_TARGETS, add_lora
+from model import GPT, find_multiple
+
+
+def count_params(gpt_config, lora_rank=0, lora_targets=LORA_TARGETS):
+    """(all parameters, adapter parameters) of a GPT built on the meta device (no memory, no time)."""
+    with torch.device('meta'):
+        m = GPT(gpt_config)
+        n_lora = add_lora(m, lora_rank, 1.0, lora_targets) if lora_rank else 0
+    return sum(p.numel() for p in m.parameters()) - n_lora, n_lora
+
+
+def activation_bytes(gpt_config, images, grad_ckpt, bf16, guided=False):
+    """Estimated bytes autograd keeps for one teacher-forced forward of `images` sequences, peak at the logits.
+
+    Counted tensor by tensor from the block's code (saved for backward, per token and layer):
+      bf16 autocast (GPU): 44 d + 8 h bytes  (fp32 residual and norms, bf16 q/k/v, SwiGLU's four h-wide tensors)
+      float32 (CPU):       52 d + 16 h bytes
+    plus 12 V bytes per token at the logits (float32 logits, log-softmax). With grad_ckpt each block keeps only
+    its float32 input (4 d) and one block is rebuilt at a time in backward. Attention is assumed flash /
+    memory-efficient (no T x T matrix). bench.py --only memory compares this with a CPU measurement.
+    """
+    c = gpt_config
+    h = find_multiple(int(2 * 4 * c.dim / 3), c.multiple_of)
+    T = (c.cls_token_num + c.block_size) * images * (2 if guided else 1)  # tokens in the micro-batch
+    per_layer = (44 * c.dim + 8 * h) if bf16 else (52 * c.dim + 16 * h)
+    blocks = T * (c.n_layer * 4 * c.dim + per_layer) if grad_ckpt else T * c.n_layer * per_layer
+    return blocks + T * 12 * c.vocab_size
+
+
+def memory_plan(gpt_config, world=1, fsdp=False, grad_ckpt=False, lora_rank=0, lora_targets=LORA_TARGETS,
+                beta=0.1, micro_batch=16, rollout_batch=16, cfg=True, guided=False, bf16=True):
+    """Bytes per rank, by kind, for one GRPO step. Full fine-tuning keeps float32 master weights (4 B/param),
+    float32 grads (4), AdamW moments (8) and, with beta > 0, a frozen float32 reference (4); LoRA trains only
+    the adapters and its reference is the base itself; FSDP divides all of it by the world size and adds the
+    bf16 weights gathered for the rollout. The peak is the larger of the rollout (weights, reference, gathered
+    copy, KV cache), the forward/backward (weights, grads, AdamW, reference, activations) and the AdamW step
+    (foreach AdamW allocates a temporary the size of its state's sqrt(v): 4 B per trained param). Not counted:
+    the reward models, the VQ decode's transients, the CUDA context and fragmentation (keep ~10% spare)."""
+    P, L = count_params(gpt_config, lora_rank, lora_targets)
+    trained = L if lora_rank else P
+    div = world if fsdp else 1
+    c = gpt_config
+    plan = dict(params=P, trained_params=trained,
+                weights=4 * (P + L) / div, grads=4 * trained / div, optimizer=8 * trained / div,
+                reference=(4 * P / div) if beta > 0 and not lora_rank else 0,
+                gathered=2 * P if fsdp else 0,  # bf16 copy of every block while sampling (see `gathered`)
+                activations=activation_bytes(c, micro_batch, grad_ckpt, bf16, guided),
+                kv_cache=2 * c.n_layer * rollout_batch * (2 if cfg else 1) * (c.cls_token_num + c.block_size)
+                * c.dim * (2 if bf16 else 4))
+    rollout = plan['weights'] + plan['reference'] + plan['gathered'] + plan['kv_cache']
+    held = plan['weights'] + plan['grads'] + plan['optimizer'] + plan['reference']
+    plan['peak'] = max(rollout, held + plan['activations'], held + 4 * trained / div)
+    return plan
+
+
+def format_plan(plan, options):
+    gb = lambda b: f"{b / 2**30:.2f} GiB"
+    parts = [f"{k} {gb(plan[k])}" for k in ('weights', 'grads', 'optimizer', 'reference', 'gathered',
+                                              'activations', 'kv_cache') if plan[k]]
+    return (f"memory plan per rank ({options}): {plan['params'] / 1e6:.4g}M params, "
+            f"{plan['trained_params'] / 1e6:.4g}M trained; " + ', '.join(parts) + f"; peak ~{gb(plan['peak'])}")
+
+
+def fitting_options(gpt_config, limit, world, **base):
+    """Which memory options (alone or combined, then with smaller micro-batches) bring the peak under 90% of
+    `limit` bytes (the 10% the plan does not count): flag strings, least intrusive first ('' = as it is);
+    the FSDP options only when world > 1."""
+    tries = [('', {}), ('--grad_ckpt', dict(grad_ckpt=True)), ('--lora_rank 16', dict(lora_rank=16)),
+             ('--grad_ckpt --lora_rank 16', dict(grad_ckpt=True, lora_rank=16))]
+    if world > 1:
+        tries += [('--fsdp', dict(fsdp=True)), ('--fsdp --grad_ckpt', dict(fsdp=True, grad_ckpt=True))]
+    out = []
+    for flags, kw in tries:
+        for mb in sorted({base['micro_batch'], 4, 1}, reverse=True):
+            opts = {**base, **kw, 'micro_batch': mb}
+            if mb <= base['micro_batch'] and memory_plan(gpt_config, world, **opts)['peak'] < 0.9 * limit:
+                out.append((flags + ('' if mb == base['micro_batch'] else f' --micro_batch_size {mb}')).strip())
+                break
+    return out
+
+
+
+def print_plan(cfg, gpt_config, world, device, batch):
+    """Say up front what a train.py run (TrainConfig cfg, `batch` images per rank per step) needs per rank; on a
+    GPU, warn when it exceeds the memory and list the options that would fit."""
+    from distributed import print0
+    opts = dict(fsdp=cfg.fsdp, grad_ckpt=cfg.grad_ckpt, lora_rank=cfg.lora_rank, lora_targets=cfg.lora_targets,
+                beta=cfg.beta, micro_batch=cfg.micro_batch_size or cfg.minibatch_size or batch, rollout_batch=batch,
+                cfg=cfg.cfg_scale > 1, guided=cfg.logprob_mode == 'guided', bf16=device.type == 'cuda')
+    plan = memory_plan(gpt_config, world, **opts)
+    names = [n for n, on in (('fsdp', cfg.fsdp), ('grad_ckpt', cfg.grad_ckpt), (f'lora r={cfg.lora_rank}',
+                                                                                 cfg.lora_rank)) if on]
+    print0(format_plan(plan, ', '.join(names or ['full fine-tuning']) + f', micro-batch {opts["micro_batch"]}'))
+    if device.type == 'cuda':
+        free, _ = torch.cuda.mem_get_info(device)
+        limit = free + torch.cuda.memory_allocated(device)  # what this process may use, counting what it holds
+        if plan['peak'] > 0.9 * limit:  # 10% for what the plan does not count (rewards, VQ decode, context)
+            fits = [f for f in fitting_options(gpt_config, limit, world, **opts) if f]
+            print0(f"warning: the plan ({plan['peak'] / 2**30:.1f} GiB) exceeds this GPU's {limit / 2**30:.1f} GiB; "
+                   f"options that fit: {'; '.join(fits) or 'none on this many GPUs, add GPUs and use --fsdp'}")
+
+
+if __name__ == '__main__':
+    from model import config_for
+    for name in ('GPT-B', 'GPT-XL', 'GPT-XXL', 'GPT-3B'):
+        c = config_for(name, 384)
+        print(name, format_plan(memory_plan(c, micro_batch=8), 'DDP, micro-batch 8, 384 px'))

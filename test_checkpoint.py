@@ -1,0 +1,201 @@
+"""
+test_checkpoint.py -- checkpoint.py: every checkpoint layout the readers accept, bad files, the Hub cache offline,
+self-describing round trips, and train.py's step-directory saves (resume across world sizes, kill -9).
+"""
+import argparse
+import json
+import os
+import signal
+import time
+
+import numpy as np
+import pytest
+from safetensors.torch import load_file, save_file
+import torch
+
+import checkpoint
+import distributed
+import train
+from checkpoint import CheckpointError, RELEASES, load_gpt, read_state_dict, save_gpt, load_vq, save_vq
+from cli import parse_config
+from conftest import ATOL, SCALE_ARGS, assert_same_weights, fixture, latest_weights, on_ranks, tiny_gpt, tiny_vq, train_on
+from model import config_for
+
+
+def _expected_logits():
+    e = load_file(fixture('c2i_tiny_expected.safetensors'))
+    return e['input.class_ids'], e['input.tokens'], e['logits.teacher_forced']
+
+
+TINY_KW = dict(preset=None, image_size=64, dim=64, n_layer=2, n_head=4, vocab_size=64, num_classes=10)
+
+
+@pytest.mark.parametrize('layout', ['model', 'module', 'state_dict', 'bare', 'safetensors', 'prefix_module',
+                                    'prefix_orig_mod', 'wrapper', 'freqs_cis', 'namespace'])
+def test_checkpoint_layouts(tmp_path, layout):
+    sd, _ = read_state_dict(fixture('c2i_tiny.pt'))
+    path = str(tmp_path / 'ckpt.pt')
+    if layout in ('model', 'module', 'state_dict'):
+        torch.save({layout: sd}, path)
+    elif layout == 'bare':
+        torch.save(sd, path)
+    elif layout == 'safetensors':
+        path = str(tmp_path / 'ckpt.safetensors')
+        save_file(sd, path)
+    elif layout == 'prefix_module':
+        torch.save({'model': {'module.' + k: v for k, v in sd.items()}}, path)
+    elif layout == 'prefix_orig_mod':
+        torch.save({'model': {'_orig_mod.' + k: v for k, v in sd.items()}}, path)
+    elif layout == 'wrapper':  # AR-GRPO's HF Trainer files: gpt_model.* and vq_model.* in one file
+        vq, _ = read_state_dict(fixture('vq_tiny.pt'))
+        path = str(tmp_path / 'model.safetensors')
+        save_file({**{'gpt_model.' + k: v for k, v in sd.items()}, **{'vq_model.' + k: v for k, v in vq.items()}},
+                  path)
+        c = json.load(open(fixture('vq_tiny_config.json')))
+        v = load_vq(path, **c['model_args'], ch=32)
+        torch.testing.assert_close(v.state_dict()['decoder.conv_out.weight'], vq['decoder.conv_out.weight'])
+    elif layout == 'freqs_cis':
+        torch.save({'model': {**sd, 'freqs_cis': torch.zeros(17, 8, 2)}}, path)
+    elif layout == 'namespace':  # a LlamaGen training checkpoint: weights_only=True needs the allow-list
+        torch.save({'model': sd, 'optimizer': {}, 'steps': 5, 'args': argparse.Namespace(lr=1e-4)}, path)
+    m = load_gpt(path, **TINY_KW)
+    cls, tok, want = _expected_logits()
+    with torch.no_grad():
+        torch.testing.assert_close(m(tok[:, :-1], cls), want, atol=ATOL, rtol=0)
+
+
+def test_bad_checkpoints(tmp_path):
+    good = fixture('c2i_tiny.pt')
+    truncated = tmp_path / 'trunc.pt'
+    truncated.write_bytes(open(good, 'rb').read()[:5000])
+    junk = tmp_path / 'junk.safetensors'
+    junk.write_bytes(b'not a checkpoint at all')
+    for path in (truncated, junk):
+        with pytest.raises(CheckpointError, match='could not read'):
+            load_gpt(str(path), **TINY_KW)
+    with pytest.raises(CheckpointError, match='does not fit'):  # wrong width
+        load_gpt(good, **{**TINY_KW, 'dim': 128, 'n_head': 8})
+    with pytest.raises(CheckpointError, match='not a known release'):
+        load_gpt(str(tmp_path / 'missing.pt'), **TINY_KW)
+    with pytest.raises(ValueError, match='unknown model preset'):
+        config_for('GPT-Z')
+    for e in (CheckpointError('x'),):
+        assert '\n' not in str(e)
+
+
+def test_self_describing_roundtrip(tmp_path):
+    m, vq = tiny_gpt(), tiny_vq()
+    save_gpt(m, str(tmp_path / 'g.safetensors'), step=3)
+    save_vq(vq, str(tmp_path / 'v.safetensors'))
+    m2, vq2 = load_gpt(str(tmp_path / 'g.safetensors')), load_vq(str(tmp_path / 'v.safetensors'))
+    assert m2.config == m.config and vq2.config == vq.config
+    for a, b in ((m, m2), (vq, vq2)):
+        for k, v in a.state_dict().items():
+            assert torch.equal(v, b.state_dict()[k]), k
+    # the file stays LlamaGen-keyed: a plain safetensors reader sees the reference names
+    assert set(load_file(str(tmp_path / 'g.safetensors'))) == set(load_file(fixture('c2i_tiny.safetensors')))
+
+
+def _lay_into_hub_cache(home, repo, filename, src):
+    """Place a file exactly as huggingface_hub stores a download: snapshots/REV/FILE + refs/main."""
+    rev = 'a' * 40
+    base = home / 'hub' / ('models--' + repo.replace('/', '--'))
+    (base / 'snapshots' / rev).mkdir(parents=True)
+    (base / 'refs').mkdir()
+    (base / 'refs' / 'main').write_text(rev)
+    (base / 'snapshots' / rev / filename).write_bytes(open(src, 'rb').read())
+
+
+def test_release_from_hub_cache_offline(tmp_path, monkeypatch):
+    monkeypatch.setenv('HF_HOME', str(tmp_path))
+    monkeypatch.delenv('HF_HUB_CACHE', raising=False)
+    monkeypatch.setenv('HF_HUB_OFFLINE', '1')
+    monkeypatch.setitem(RELEASES, 'tiny_test', dict(repo='FoundationVision/LlamaGen', file='c2i_tiny_test.pt',
+                                                     preset=None, image_size=64))
+    with pytest.raises(CheckpointError, match='not in the cache') as err:
+        load_gpt('tiny_test', dim=64, n_layer=2, n_head=4, vocab_size=64, num_classes=10)
+    assert str(tmp_path) in str(err.value) and '--ckpt PATH' in str(err.value)
+    _lay_into_hub_cache(tmp_path, 'FoundationVision/LlamaGen', 'c2i_tiny_test.pt', fixture('c2i_tiny.pt'))
+    m = load_gpt('tiny_test', preset=None, dim=64, n_layer=2, n_head=4, vocab_size=64, num_classes=10)
+    cls, tok, want = _expected_logits()
+    with torch.no_grad():
+        torch.testing.assert_close(m(tok[:, :-1], cls), want, atol=ATOL, rtol=0)
+
+
+def resave(src, dst, world, *args):
+    """Load the newest save of src on `world` ranks and write it again, unchanged, as a save of dst."""
+    def fn():
+        cfg = parse_config(train.TrainConfig, [*SCALE_ARGS, '--out_dir', str(src), '--resume', *args],
+                           presets=train.TRAIN_PRESETS)
+        rank, w, device = distributed.init(cfg.device)
+        policy, _, _ = train.build_models(cfg, device)
+        opt = torch.optim.AdamW([p for p in policy.parameters() if p.requires_grad])
+        step, bad = checkpoint.load_checkpoint(cfg, policy, opt)
+        cfg.out_dir = str(dst)
+        os.makedirs(dst, exist_ok=True)
+        checkpoint.save_checkpoint(cfg, policy, opt, step, bad, rank, w)
+    assert on_ranks(world, fn, distributed=world > 1 or '--fsdp' in args)
+
+
+def test_resume_across_world_sizes(tmp_path):
+    """A save made by 2 FSDP ranks is loaded by 1 rank and written again; 2 ranks resume from that and end
+    where an uninterrupted 2-rank run ends. And the other way: 1 rank -> 2 FSDP ranks -> 1 rank."""
+    for world, other, flags in ((2, 1, ['--fsdp']), (1, 2, [])):
+        d = tmp_path / f'w{world}'
+        train_on(world, d / 'full', '--max_steps', '4', '--save_every', '2', *flags)
+        train_on(world, d / 'half', '--max_steps', '2', '--save_every', '2', *flags)
+        resave(d / 'half', d / 'moved', other, '--fsdp' if other > 1 else '--no-fsdp')
+        assert os.readlink(d / 'moved' / 'latest') == 'step_000002'
+        moved = os.path.relpath(d / 'moved')  # and re-spelt relative: not a config change
+        train_on(world, moved, '--max_steps', '4', '--save_every', '2', '--resume', *flags)
+        assert_same_weights(latest_weights(d / 'full'), latest_weights(d / 'moved'), atol=1e-6)
+
+
+def test_kill_9_then_resume_is_bitwise(tmp_path):
+    """kill -9 at 10 moments of a run that saves every step: 5 at random times, 5 from inside a save (the
+    process kills itself just before its n-th os.replace, i.e. between the files, the directory rename and
+    the `latest` switch). After each, --resume continues from the newest whole save; the end is bitwise the
+    uninterrupted run."""
+    args = ['--max_steps', '12', '--save_every', '1']
+    train_on(1, tmp_path / 'ref', *args)
+    rng, run, in_save, resumed = np.random.default_rng(0), tmp_path / 'run', 0, 0
+
+    def segment(kill_at_replace):
+        has_save = os.path.isdir(run) and any(d.startswith('step_') for d in os.listdir(run))
+        argv = [*SCALE_ARGS, '--out_dir', str(run), *args] + (['--resume'] if has_save else [])
+        if kill_at_replace:
+            real, calls = os.replace, [0]
+
+            def replace(a, b):
+                calls[0] += 1
+                if calls[0] == kill_at_replace:
+                    os.kill(os.getpid(), signal.SIGKILL)
+                return real(a, b)
+            os.replace = replace  # in the forked child only
+        train.main(argv)
+        return has_save
+
+    for i in range(10):
+        if i % 2 == 0:  # from inside a save
+            on_ranks(1, lambda: segment(int(rng.integers(4, 12))), distributed=False)
+            in_save += 1
+            continue
+        pid = os.fork()  # at a random time
+        if pid == 0:
+            torch.set_num_threads(1)
+            try:
+                segment(0)
+            finally:
+                os._exit(0)
+        time.sleep(float(rng.uniform(0.05, 0.6)))
+        os.kill(pid, signal.SIGKILL)
+        os.waitpid(pid, 0)
+    steps = [d for d in os.listdir(run) if d.startswith('step_')]
+    assert steps  # a whole save exists after every kill (the first one waits for 4 os.replace calls)
+    train_on(1, run, *args, '--resume')
+    a, b = latest_weights(tmp_path / 'ref'), latest_weights(run)
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    strip = lambda d: [{k: v for k, v in json.loads(x).items() if 'time' not in k and 'per_s' not in k}
+                       for x in open(d / 'metrics.jsonl')]
+    assert strip(tmp_path / 'ref') == strip(run)
+    assert not [d for d in os.listdir(run) if d.startswith('.tmp_')]
