@@ -3,6 +3,8 @@ conftest.py -- the stand-ins every test file shares: the LlamaGen fixtures' path
 CLIP, a tiny random judge, self-describing tiny checkpoints with a tiny T5, the tiny world, and a forker that runs
 a function on N torchrun-like CPU ranks (gloo) in seconds.
 """
+import huggingface_hub.constants as hf_constants
+from transformers import ByT5Tokenizer, T5Config, T5EncoderModel
 import json
 import os
 import signal
@@ -18,7 +20,6 @@ import torch.nn.functional as F
 
 import checkpoint
 import model
-import sample
 import tokenizer
 import train
 import world
@@ -107,17 +108,10 @@ def make_images(b=4, h=16, w=16, seed=0):
 
 def offline_hf_home(monkeypatch, home):
     """HF_HUB_OFFLINE=1 and HF_HOME=home; huggingface_hub reads both at import, so patch its constants too."""
-    import huggingface_hub.constants as hf_constants
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     monkeypatch.setenv("HF_HOME", str(home))
     monkeypatch.setattr(hf_constants, "HF_HUB_OFFLINE", True)
     monkeypatch.setattr(hf_constants, "HF_HUB_CACHE", str(home / "hub"))
-
-
-def run_sample(ckpts, kind, *args, out=None):
-    """sample.py on the tiny self-describing checkpoints (the ckpts fixture), in-process."""
-    base = ['--ckpt', ckpts[kind], '--vq_ckpt', ckpts['vq'], '--device', 'cpu', '--t5', ckpts['t5']]
-    return sample.main([*args, *base, '--out', out or ''])
 
 
 def _gpt(weights, config):
@@ -129,7 +123,6 @@ def _gpt(weights, config):
 @pytest.fixture(scope='session')
 def ckpts(tmp_path_factory):
     """Self-describing copies of the tiny fixtures and a tiny random T5 saved with save_pretrained."""
-    from transformers import ByT5Tokenizer, T5Config, T5EncoderModel
     d = tmp_path_factory.mktemp('ckpts')
     checkpoint.save_gpt(_gpt('c2i_tiny.safetensors', 'c2i_tiny_config.json'), str(d / 'c2i.safetensors'))
     checkpoint.save_gpt(_gpt('t2i_tiny.safetensors', 't2i_tiny_config.json'), str(d / 't2i.safetensors'))  # cls 120

@@ -5,6 +5,8 @@ of the project itself (no import cycles, counting imports inside functions).
 
     python -m pytest -q            # every test file (this one and test_<file>.py for each product file)
 """
+import ast
+import glob
 import json
 import os
 
@@ -12,7 +14,6 @@ import pytest
 from safetensors.torch import load_file
 import torch
 
-import model
 from checkpoint import RELEASES
 from conftest import ATOL, FIX, HERE, cached_logits, fixture, forced_generate, tiny_gpt, tiny_vq
 from model import GPT, GPTConfig, config_for, generate, precompute_freqs_cis_2d
@@ -125,8 +126,6 @@ def test_no_import_cycles():
     """No product file reaches itself through imports, counting imports inside functions and __main__ blocks:
     an AST walk over every top-level .py file that is not a test, a graph of the imports between them, and a
     depth-first search for a path back to the start. Also: nothing imports a command-line script."""
-    import ast
-    import glob
     mods = {os.path.basename(f)[:-3] for f in glob.glob(os.path.join(HERE, '*.py'))
             if not os.path.basename(f).startswith('test_') and os.path.basename(f) != 'conftest.py'}
     edges = {}

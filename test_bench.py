@@ -2,7 +2,6 @@
 test_bench.py -- bench.py runs end to end (no timing is asserted anywhere).
 """
 import bench
-import bench
 
 
 def test_bench_quick_runs(tmp_path):

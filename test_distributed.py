@@ -10,7 +10,6 @@ import sys
 import torch
 
 import grpo
-import rewards
 import train
 from conftest import HERE, assert_same_weights, latest_weights, on_ranks, train_on
 from grpo import group_advantages

@@ -19,7 +19,6 @@ import pytest
 import torch
 
 import judge
-import model
 import rewards
 from conftest import make_images, offline_hf_home
 from judge import JudgeError

@@ -6,7 +6,6 @@ import json
 from safetensors.torch import load_file
 import torch
 
-import lora
 import train
 from checkpoint import load_gpt, save_gpt
 from cli import parse_config

@@ -8,7 +8,6 @@ import sys
 
 import pytest
 
-import lora
 import model
 from cli import UserError
 from conftest import HERE, run_train

@@ -2,6 +2,7 @@
 test_metrics.py -- metrics.py: sharded, resumable FID sampling (every image once, any rank count, kill and
 resume), the metric math against numpy, the Inception adapter, and the paired reward benchmark.
 """
+import torch_fidelity.feature_extractor_inceptionv3 as tfi
 import json
 import os
 import subprocess
@@ -182,7 +183,6 @@ def test_metrics_end_to_end_tiny_extractor(tmp_path):
 def test_tf_inception_adapter_shapes(monkeypatch):
     # torch-fidelity's network with random weights (the real ones cannot be downloaded here): the adapter's
     # three outputs have the ADM evaluator's sizes, 2048 / 1008 / 17 * 17 * 7 = 2023
-    import torch_fidelity.feature_extractor_inceptionv3 as tfi
     monkeypatch.setattr(tfi, 'load_state_dict_from_url', lambda *a, **k: {})
     monkeypatch.setattr(tfi.FeatureExtractorInceptionV3, 'load_state_dict', lambda self, sd: None)
     net = metrics.TFInception(None).eval()

@@ -15,8 +15,6 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-import judge
-import model
 import train
 from conftest import TINY, TINY_CFG, make_images, offline_hf_home, run_train
 from rewards import (ClassColor, ClipIQA, ClipScore, Colorfulness, HPSv2, WeightsUnavailable, build_reward,

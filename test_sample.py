@@ -2,6 +2,8 @@
 test_sample.py -- sample.py against references: torchvision save_image / make_grid for the PNG, a direct
 model.generate + VQ decode for the images, and the user errors (exit code 2, one line).
 """
+import open_clip
+from torchvision.utils import save_image
 import io
 import json
 import os
@@ -15,18 +17,32 @@ import pytest
 import torch
 
 import checkpoint
+import conditions
 import model
 import sample
 from checkpoint import CheckpointError
 from cli import UserError
 from conditions import encode_prompts, load_t5
-from conftest import HERE, run_sample
+from conftest import HERE
 from tokenizer import to_uint8
-from checkpoint import CheckpointError
+
+
+def run_sample(ckpts, kind, *args, out=None):
+    """sample.py on the tiny self-describing checkpoints (the ckpts fixture), in-process."""
+    base = ['--ckpt', ckpts[kind], '--vq_ckpt', ckpts['vq'], '--device', 'cpu', '--t5', ckpts['t5']]
+    return sample.main([*args, *base, '--out', out or ''])
+
+
+def test_class_by_name_equals_class_id(ckpts):
+    name = open_clip.IMAGENET_CLASSNAMES[3]  # 'tiger shark'; the tiny model has classes 0..9
+    by_id = run_sample(ckpts, 'c2i', '--class', '3', '--n', '2')
+    by_name = run_sample(ckpts, 'c2i', '--class', f' {name.upper()} ', '--n', '2')
+    assert (by_id == by_name).all()
+    with pytest.raises(UserError, match="did you mean|close matches: 'tiger shark'"):
+        conditions.class_ids(['tigr shark'])
 
 
 def test_c2i_png_npz_match_torchvision_and_direct_generate(ckpts, tmp_path):
-    from torchvision.utils import save_image
     png, npz = tmp_path / 'g.png', tmp_path / 'g.npz'
     imgs = run_sample(ckpts, 'c2i', '--class', '3', '7', '--n', '3', '--seed', '5', '--npz', str(npz), out=str(png))
     assert imgs.shape == (6, 8, 8, 3) and imgs.dtype == np.uint8  # 4x4 tokens, VQ downsamples by 2
@@ -56,7 +72,6 @@ def test_seed_determinism(ckpts):
 
 
 def test_to_uint8_rounds_like_save_image():
-    from torchvision.utils import save_image
     torch.manual_seed(0)
     x = torch.rand(1, 3, 16, 16) * 2.4 - 1.2  # beyond [-1, 1] too
     x[0, 0, 0, :5] = torch.tensor([-1.0, 1.0, 0.0, 1 / 255 - 1, 0.5 / 127.5 - 1])
