@@ -65,7 +65,8 @@ def frechet_distance(mu1, sigma1, mu2, sigma2):
     or inaccurate roots for the singular covariances of small sample sets. All agree to round-off on good inputs.
     Inputs: numpy arrays or tensors, mu (d,), sigma (d, d) symmetric PSD.
     """
-    mu1, s1, mu2, s2 = (as_f64(a) for a in (mu1, sigma1, mu2, sigma2))
+    mu1, mu2 = as_f64(mu1).reshape(-1), as_f64(mu2).reshape(-1)
+    s1, s2 = as_f64(sigma1).reshape(len(mu1), -1), as_f64(sigma2).reshape(len(mu2), -1)  # np.cov of d=1: 0-d
     root = sqrtm_psd(s1)
     tr_covmean = trace_sqrt_psd(root @ s2 @ root)
     return float((mu1 - mu2).square().sum() + s1.trace() + s2.trace() - 2 * tr_covmean)
