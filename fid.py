@@ -119,15 +119,16 @@ def loo_fid(x, state, decay, mu_r, root_r, chunk=8):
     FD      = FD((m, S) after ema_update(state, x), (mu_r, S_r))
     FD_(-i) = the same with the B - 1 rows j != i as the batch and the same share a = a_t:
               m_(-i) = (1 - a) m_(t-1) + a mean_(j!=i) x_j,  M_(-i) = (1 - a) M_(t-1) + a mean_(j!=i) x_j x_j^T
-    Cheap and exact: with c = a / (B - 1), xbar = mean_j x_j, d_i = x_i - xbar and u_i = x_i - m (m, S updated with
+    Cheap and exact: with c = a / (B - 1), xbar = mean_j x_j, e_i = x_i - xbar and u_i = x_i - m (m, S updated with
     the whole batch), taking x_i's share out of mean and second moment and expanding M - m m^T around m gives
-              m_(-i) = m - c d_i
-              S_(-i) = K - c u_i u_i^T - c^2 d_i d_i^T,    K = S + c mean_j u_j u_j^T   (common to all i)
+              m_(-i) = m - c e_i
+              S_(-i) = K - c u_i u_i^T - c^2 e_i e_i^T,    K = S + c mean_j u_j u_j^T   (common to all i)
     so with R = S_r^(1/2) computed once (root_r; FD is symmetric, so the fixed side takes the root),
-              tr((S_r S_(-i))^(1/2)) = sum_k sqrt(lambda_k(R K R - c v_i v_i^T - c^2 g_i g_i^T)),  v = R u, g = R d:
-    R K R once (two d^3 matmuls), each image's matrix is a rank-2 update of it (O(d^2)), then one symmetric
-    eigvalsh each, `chunk` images per call to bound memory: B + 1 eigendecompositions of d x d per step, where
-    recomputing each FD from scratch costs B + 1 general (non-symmetric) eigs and B + 1 covariances.
+              tr((S_r S_(-i))^(1/2)) = sum_k sqrt(lambda_k(R K R - c v_i v_i^T - c^2 g_i g_i^T)),  v = R u, g = R e.
+    Per step: R S R (two d x d matmuls; R K R = R S R + c mean_j v_j v_j^T), each image's matrix a rank-2 update
+    of R K R (O(d^2)), and one symmetric eigvalsh each, `chunk` images per call to bound memory (chunk d x d
+    float64 matrices): B + 1 eigendecompositions of d x d in all. Recomputing each FD from scratch costs B + 1
+    covariances and B + 1 general (non-symmetric) eigs. tr S_(-i) and |m_(-i) - mu_r|^2 are O(d) per image.
     """
     B = len(x)
     if B < 2:
@@ -137,19 +138,20 @@ def loo_fid(x, state, decay, mu_r, root_r, chunk=8):
     _, m, M = new_state
     S = covariance(m, M)  # (d, d)
     c = a / (B - 1)
-    u, dev = x - m, x - x.mean(0)  # (B, d) each
-    v, g = u @ root_r, dev @ root_r  # (B, d): rows R u_i, R d_i (R symmetric)
+    u, e = x - m, x - x.mean(0)  # (B, d) each
+    v, g = u @ root_r, e @ root_r  # (B, d): rows R u_i, R e_i (R symmetric)
     P = root_r @ S @ root_r  # (d, d)  R S R, for the batch FD
     A = P + (c / B) * (v.T @ v)  # (d, d)  R K R
     trace_r = root_r.square().sum()  # tr(S_r) = tr(R R) = |R|_F^2
     fd = (m - mu_r).square().sum() + S.trace() + trace_r - 2 * trace_sqrt_psd(P)
+    Y = torch.stack([v, g], -1)  # (B, d, 2)
+    coef = torch.stack([c, c * c]).to(Y)  # (2,): R S_(-i) R = A - Y_i diag(c, c^2) Y_i^T
     ts = []
-    for vc, gc in zip(v.split(chunk), g.split(chunk)):  # (n, d) each
-        mats = A - c * vc[:, :, None] * vc[:, None, :] - c ** 2 * gc[:, :, None] * gc[:, None, :]  # (n, d, d)
-        ts.append(trace_sqrt_psd(mats))
+    for y in Y.split(chunk):  # (n, d, 2): n images' (n, d, d) matrices at a time, one output tensor
+        ts.append(trace_sqrt_psd(torch.baddbmm(A.expand(len(y), -1, -1), y * coef, y.transpose(1, 2), alpha=-1)))
     trace_K = S.trace() + c * u.square().sum() / B
-    trace_loo = trace_K - c * u.square().sum(1) - c ** 2 * dev.square().sum(1)  # (B,) tr S_(-i)
-    fd_loo = (m - c * dev - mu_r).square().sum(1) + trace_loo + trace_r - 2 * torch.cat(ts)  # (B,)
+    trace_loo = trace_K - c * u.square().sum(1) - c ** 2 * e.square().sum(1)  # (B,) tr S_(-i)
+    fd_loo = (m - c * e - mu_r).square().sum(1) + trace_loo + trace_r - 2 * torch.cat(ts)  # (B,)
     return fd_loo - fd, fd, new_state
 
 # -----------------------------------------------------------------------------
@@ -175,7 +177,8 @@ class LooFID(torch.nn.Module):
     (d, d): the reference's moments. decay: the EMA's per-step decay. gather: local (b, d) -> (global (B, d),
     this rank's first row), default all_gather_rows. Each call is one training step: it updates the EMA state.
     state_dict() holds only that state (weight, mean, second), float64 buffers, for an exact resume; the
-    reference and features are rebuilt from the config. After a call, self.last holds the step's diagnostics:
+    reference and features are rebuilt from the config. float64 because M - m m^T cancels and each r_i is a
+    difference of two FDs about B times smaller than them. After a call, self.last holds the step's diagnostics:
     fd (the batch FD, after the update), reward_mean and reward_std (over the global batch), as Python floats.
     """
 
@@ -201,7 +204,8 @@ class LooFID(torch.nn.Module):
         x, start = self.gather(local)  # (B, d) the global batch, identical on every rank
         state = (self.weight, self.mean, self.second)
         r, fd, (w, m, M) = loo_fid(x.to(self.mean.device), state, self.decay, self.mu_r, self.root_r, self.chunk)
-        self.weight.copy_(w), self.mean.copy_(m), self.second.copy_(M)
+        for buf, new in zip((self.weight, self.mean, self.second), (w, m, M)):
+            buf.copy_(new)
         self.last = dict(fd=fd.item(), reward_mean=r.mean().item(), reward_std=r.std().item())
         return r[start:start + len(local)].float().to(images.device)  # (b,)
 
