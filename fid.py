@@ -23,8 +23,9 @@ Distribution-Level Rewards" (arXiv 2603.23086), which has no public code; every 
    (at the first step the moments of B - 1 >= 1 images). The covariance is the weighted mixture's own (biased)
    covariance M - m m^T, so one remaining image gives S_g = 0 rather than the 0/0 of an unbiased estimate.
 3. Exact, no first-order approximation: B + 1 symmetric eigendecompositions of d x d per step (loo_fid says how).
-4. Every rank gathers the global batch's features and computes all B rewards and the EMA update identically, then
-   returns its own slice, so the state never diverges between ranks and needs no broadcast.
+4. Every rank gathers the global batch's features, computes the EMA update and the batch FD identically (the
+   state never diverges between ranks and needs no broadcast), and the leave-one-out terms of its own images
+   only: 1 + B / world eigendecompositions per rank and step.
 """
 import time
 
@@ -113,8 +114,9 @@ def covariance(m, M):
 # the leave-one-out reward
 
 
-def loo_fid(x, state, decay, mu_r, root_r, chunk=8):
-    """Rewards r_i = FD_(-i) - FD (B,), the batch FD, and the new state, for the global batch x (B, d), B >= 2.
+def loo_fid(x, state, decay, mu_r, root_r, rows=slice(None), chunk=8):
+    """Rewards r_i = FD_(-i) - FD for the images x[rows], the batch FD, and the new state; x (B, d) the global
+    batch, B >= 2. Ranks pass their own rows: the update and FD need all of x, each FD_(-i) only its image.
 
     FD      = FD((m, S) after ema_update(state, x), (mu_r, S_r))
     FD_(-i) = the same with the B - 1 rows j != i as the batch and the same share a = a_t:
@@ -127,7 +129,7 @@ def loo_fid(x, state, decay, mu_r, root_r, chunk=8):
               tr((S_r S_(-i))^(1/2)) = sum_k sqrt(lambda_k(R K R - c v_i v_i^T - c^2 g_i g_i^T)),  v = R u, g = R e.
     Per step: R S R (two d x d matmuls; R K R = R S R + c mean_j v_j v_j^T), each image's matrix a rank-2 update
     of R K R (O(d^2)), and one symmetric eigvalsh each, `chunk` images per call to bound memory (chunk d x d
-    float64 matrices): B + 1 eigendecompositions of d x d in all. Recomputing each FD from scratch costs B + 1
+    float64 matrices): 1 + len(rows) eigendecompositions of d x d (B + 1 on one process). Recomputing each FD from scratch costs B + 1
     covariances and B + 1 general (non-symmetric) eigs. tr S_(-i) and |m_(-i) - mu_r|^2 are O(d) per image.
     """
     B = len(x)
@@ -144,14 +146,15 @@ def loo_fid(x, state, decay, mu_r, root_r, chunk=8):
     A = P + (c / B) * (v.T @ v)  # (d, d)  R K R
     trace_r = root_r.square().sum()  # tr(S_r) = tr(R R) = |R|_F^2
     fd = (m - mu_r).square().sum() + S.trace() + trace_r - 2 * trace_sqrt_psd(P)
-    Y = torch.stack([v, g], -1)  # (B, d, 2)
+    Y = torch.stack([v[rows], g[rows]], -1)  # (b, d, 2) the images asked for
     coef = torch.stack([c, c * c]).to(Y)  # (2,): R S_(-i) R = A - Y_i diag(c, c^2) Y_i^T
     ts = []
     for y in Y.split(chunk):  # (n, d, 2): n images' (n, d, d) matrices at a time, one output tensor
         ts.append(trace_sqrt_psd(torch.baddbmm(A.expand(len(y), -1, -1), y * coef, y.transpose(1, 2), alpha=-1)))
     trace_K = S.trace() + c * u.square().sum() / B
-    trace_loo = trace_K - c * u.square().sum(1) - c ** 2 * e.square().sum(1)  # (B,) tr S_(-i)
-    fd_loo = (m - c * e - mu_r).square().sum(1) + trace_loo + trace_r - 2 * torch.cat(ts)  # (B,)
+    u, e = u[rows], e[rows]  # (b, d)
+    trace_loo = trace_K - c * u.square().sum(1) - c ** 2 * e.square().sum(1)  # (b,) tr S_(-i)
+    fd_loo = (m - c * e - mu_r).square().sum(1) + trace_loo + trace_r - 2 * torch.cat(ts)  # (b,)
     return fd_loo - fd, fd, new_state
 
 # -----------------------------------------------------------------------------
@@ -174,12 +177,13 @@ class LooFID(torch.nn.Module):
 
     features: images (b, 3, H, W) in [-1, 1] -> (b, d) on the images' device, frozen (the miniature: the reward
     classifier's penultimate layer; real runs: metrics.py's TF-Inception pool features). mu_r (d,), sigma_r
-    (d, d): the reference's moments. decay: the EMA's per-step decay. gather: local (b, d) -> (global (B, d),
-    this rank's first row), default all_gather_rows. Each call is one training step: it updates the EMA state.
+    (d, d): the reference's moments. decay: the EMA's per-step decay. gather: local (b, ...) -> (global
+    (B, ...), this rank's first row), default all_gather_rows; used twice per call (features, then rewards), so
+    every rank must call forward once per training step at the same point. Each call updates the EMA state.
     state_dict() holds only that state (weight, mean, second), float64 buffers, for an exact resume; the
     reference and features are rebuilt from the config. float64 because M - m m^T cancels and each r_i is a
     difference of two FDs about B times smaller than them. After a call, self.last holds the step's diagnostics:
-    fd (the batch FD, after the update), reward_mean and reward_std (over the global batch), as Python floats.
+    fd (the batch FD, after the update), reward_mean and reward_std (over the global batch, std with n - 1), as Python floats.
     """
 
     def __init__(self, features, mu_r, sigma_r, decay=0.9, gather=all_gather_rows, chunk=8):
@@ -202,12 +206,15 @@ class LooFID(torch.nn.Module):
     def forward(self, images, conditions=None):
         local = self.features(images).double()  # (b, d); conditions are not used
         x, start = self.gather(local)  # (B, d) the global batch, identical on every rank
+        mine = slice(start, start + len(local))  # this rank's images: only their leave-one-out terms are computed
         state = (self.weight, self.mean, self.second)
-        r, fd, (w, m, M) = loo_fid(x.to(self.mean.device), state, self.decay, self.mu_r, self.root_r, self.chunk)
+        r, fd, (w, m, M) = loo_fid(x.to(self.mean.device), state, self.decay, self.mu_r, self.root_r, mine,
+                                   self.chunk)  # (b,)
         for buf, new in zip((self.weight, self.mean, self.second), (w, m, M)):
             buf.copy_(new)
-        self.last = dict(fd=fd.item(), reward_mean=r.mean().item(), reward_std=r.std().item())
-        return r[start:start + len(local)].float().to(images.device)  # (b,)
+        r_all, _ = self.gather(r)  # (B,) every rank's rewards, for the logged mean and spread
+        self.last = dict(fd=fd.item(), reward_mean=r_all.mean().item(), reward_std=r_all.std().item())
+        return r.float().to(images.device)  # (b,)
 
 # -----------------------------------------------------------------------------
 

@@ -141,6 +141,10 @@ def test_loo_rewards_equal_brute_force(B, decay, prior_steps):
     r64, fd64, state = fid.loo_fid(torch.tensor(batch), (scorer2.weight, scorer2.mean, scorer2.second), decay,
                                    scorer2.mu_r, scorer2.root_r, chunk=5)
     np.testing.assert_allclose(r64.numpy(), want, atol=1e-6, rtol=0)
+    # a rank's share: the same numbers for the rows it asks for
+    part = fid.loo_fid(torch.tensor(batch), (scorer2.weight, scorer2.mean, scorer2.second), decay, scorer2.mu_r,
+                       scorer2.root_r, rows=slice(1, None))[0]
+    np.testing.assert_allclose(part.numpy(), want[1:], atol=1e-6, rtol=0)
     np.testing.assert_allclose(r.numpy(), want, atol=1e-4 * max(1.0, np.abs(want).max()), rtol=1e-6)
     assert abs(fd64.item() - full) < 1e-6 and abs(scorer.last["fd"] - full) < 1e-6
     # the EMA state after the step is the weighted average of every batch seen
