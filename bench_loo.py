@@ -77,7 +77,7 @@ def bench_loo_fid(d=2048, B=32, reps=3, baseline_reps=None, chunk=8, decay=0.95)
     t_loo, c_loo, _ = median_time(step, reps)
     t_naive, c_naive, r_naive = median_time(lambda: naive_rewards(x, state, decay, mu_r, sigma_r),
                                             baseline_reps or reps)
-    r = fid.loo_fid(x, state, decay, scorer.mu_r, scorer.root_r, chunk)[0]  # float64 (the scorer returns float32)
+    r = fid.loo_fid(x, state, decay, scorer.mu_r, scorer.root_r, chunk=chunk)[0]  # float64 (the scorer returns float32)
     rows = [dict(name="loo_fid_step", value=t_loo, unit="s", d=d, B=B, chunk=chunk, threads=torch.get_num_threads(),
                  baseline=t_naive, ratio=t_naive / t_loo, reps=reps, baseline_reps=baseline_reps or reps),
             dict(name="loo_fid_step_cpu", value=c_loo, unit="cpu s", baseline=c_naive, ratio=c_naive / c_loo),
