@@ -7,6 +7,7 @@ bench.py -- measured speed of sampling, rewards and a GRPO step, each against a 
     python bench.py --only memory    # bytes per rank of one GRPO update: GPT-B / GPT-XL x {DDP, grad_ckpt,
                                      # LoRA r=16, FSDP 2 ranks} (memory.memory_plan), next to a measured peak
     torchrun --nproc_per_node 2 bench.py --only gather   # FSDP rollout: per-block all-gathers vs gathered once
+    python bench.py --only loo_fid   # the leave-one-out FID reward at d = 2048, B = 32 vs B + 1 FDs from scratch
 
 Prints one JSON line per measurement (name, value, unit, and for comparisons baseline and ratio), then a
 table. Timings are medians of --reps runs after one warm-up. All weights are random: speed does not
@@ -45,13 +46,16 @@ class BenchConfig:
     compile: bool = False  # GRPO-step section: torch.compile the rollout's decode step (train.py --compile)
     judge_batch: int = 16  # images per judge batch
     judge_tokens: int = 20  # the paper-style baseline generates this many answer tokens per image
+    loo_dim: int = 2048  # loo_fid section: feature size d (2048 = Inception pool features)
+    loo_batch: int = 32  # loo_fid section: global batch B (the paper's c2i step)
     only: List[str] = field(default_factory=list)  # run only these sections (SECTIONS); [] = DEFAULT_SECTIONS
     out: str = ''  # also append the JSON lines to this file
 
     def validate(self):
         """Checked before anything is built or timed (cli.parse_config calls it)."""
         check_device(self.device)
-        check_range(self, 'batch reps reward_batch judge_batch judge_tokens', lo=1)
+        check_range(self, 'batch reps reward_batch judge_batch judge_tokens loo_dim', lo=1)
+        check_range(self, 'loo_batch', lo=2)
         check_range(self, 'image_size top_k cfg_scale', lo=0)
         if self.image_size % 16:
             raise UserError(f"--image_size must be a multiple of 16 (the VQ-16 grid), got {self.image_size}")
@@ -65,7 +69,7 @@ class BenchConfig:
 
 
 DEFAULT_SECTIONS = ('kv', 'cfg', 'compile', 'reward', 'judge', 'step')  # what a plain run measures
-SECTIONS = DEFAULT_SECTIONS + ('memory', 'gather')  # what --only can pick (gather: under torchrun)
+SECTIONS = DEFAULT_SECTIONS + ('memory', 'gather', 'loo_fid')  # what --only can pick (gather: under torchrun)
 
 RESULTS = []
 
@@ -364,6 +368,44 @@ def bench_gather(cfg, device, dtype):
            shape=f"{cfg.model if not cfg.quick else 'GPT-tiny'} B={cfg.batch} N={N}")
 
 
+def bench_loo_fid(cfg, device):
+    """One step of the leave-one-out FID reward (fid.LooFID: an EMA update, R K R, B + 1 symmetric eigvalsh) at
+    feature size d and global batch B, against the naive way: each of the B + 1 Frechet distances from scratch,
+    the general eigenvalues of S_g S_r (metrics.py's way before fid.py). Random float64 features and a random
+    full-rank reference; the EMA state starts full rank (a run past its first d / B steps). The naive baseline is
+    timed once (minutes at d = 2048 on a CPU); the rewards of both are compared."""
+    import fid
+    d, B = (32, 8) if cfg.quick else (cfg.loo_dim, cfg.loo_batch)
+    g = torch.Generator().manual_seed(0)
+    randn = lambda *s: torch.randn(*s, generator=g, dtype=torch.float64).to(device)
+    f = randn(d, d) / d ** 0.5
+    sigma_r, mu_r = f @ f.T + 0.1 * torch.eye(d, dtype=torch.float64, device=device), randn(d)  # the reference
+    h = randn(4 * d, d)
+    state = (torch.tensor(0.5, dtype=torch.float64, device=device), h.mean(0), h.T @ h / len(h))  # earlier steps
+    x, decay = randn(B, d) + 0.3, 0.95
+    scorer = fid.LooFID(lambda feats: feats, mu_r, sigma_r, decay=decay).to(device)
+
+    def step():  # one training step from the same prior state
+        scorer.load_state_dict(dict(weight=state[0], mean=state[1], second=state[2]))
+        return scorer(x, None)
+
+    def naive():
+        def fd(rows):  # the moments after an EMA step with these rows, FD from scratch
+            (_, m, M), _ = fid.ema_update(state, rows, decay)
+            S = M - torch.outer(m, m)
+            tr = torch.linalg.eigvals(S @ sigma_r).sqrt().real.sum()
+            return ((m - mu_r).square().sum() + S.trace() + sigma_r.trace() - 2 * tr).item()
+        full = fd(x)
+        return torch.tensor([fd(torch.cat([x[:i], x[i + 1:]])) - full for i in range(B)], dtype=torch.float64)
+    fast = timed(step, cfg.reps, device)
+    t = time.perf_counter()
+    slow_r = naive()
+    slow = time.perf_counter() - t
+    fast_r = fid.loo_fid(x, state, decay, scorer.mu_r, scorer.root_r)[0]
+    report('loo_fid_step', 1 / fast, 'steps_per_s', baseline=1 / slow, d=d, B=B, seconds=round(fast, 3),
+           baseline_seconds=round(slow, 3), max_abs_diff=float((fast_r.cpu() - slow_r).abs().max()))
+
+
 def main(argv=None):
     cfg = parse_config(BenchConfig, argv)
     device = torch.device(cfg.device)
@@ -394,6 +436,8 @@ def main(argv=None):
         bench_memory(cfg, device)
     if 'gather' in sections:
         bench_gather(cfg, device, dtype)
+    if 'loo_fid' in sections:
+        bench_loo_fid(cfg, device)
     print(f"\n{'measurement':34s} {'value':>12s} {'unit':14s} {'baseline':>10s} {'ratio':>7s}")
     for r in RESULTS:
         label = r['name'] + ''.join(f" {r[k]}" for k in ('model', 'option') if k in r)

@@ -7,7 +7,7 @@ as written in huggingface/trl grpo_trainer.py, applied as in AR-GRPO (arXiv 2508
     rho   = exp(logp - logp_old)                               per-token ratio
     L_pg  = -min(rho A, clip(rho, 1 - eps_low, 1 + eps_high) A)
     k3    = exp(ref - logp) - (ref - logp) - 1                 KL(pi || pi_ref) estimator, >= 0
-    L     = mean over tokens of (L_pg + beta k3)
+    L     = mean over tokens of (L_pg + beta k3)  [- c H, H = mean per-token entropy, c adapted toward H*]
 
 How this differs from textbook PPO: no value function or critic (the baseline is the mean
 reward of the G images drawn for the same condition), and the KL to a frozen reference
@@ -23,6 +23,7 @@ that drew the tokens: on-policy). Log-probs use the full softmax, ignoring top-k
 import math
 
 import torch
+from torch.utils.checkpoint import checkpoint
 
 
 def group_advantages(rewards, group_size, scale_std=True, eps=1e-4):
@@ -128,6 +129,36 @@ def token_entropy(logits):
     return torch.stack([torch.logsumexp(x, -1) - (x.softmax(-1) * x).sum(-1) for x in logits.float()])
 
 
+def mean_token_entropy(logits, temperature=1.0):
+    """H = mean over b, t of logsumexp(z) - sum_v softmax(z)_v z_v, z = logits / temperature; differentiable.
+
+    logits (B, T, V): the policy's full-vocabulary logits along the sampled sequences, the ones token_logprobs
+    sees (cond, or cfg_mix(cond, uncond, s) under logprob_mode='guided') -> 0-d float32. A bonus in the loss:
+    L = L_grpo - c H. dH/dz_v = -p_v (log p_v + H_bt). Why checkpointed image by image: the plain expression
+    keeps softmax(z) (and z, a copy when t != 1) for backward, one or two more (B, T, V) float32 tensors
+    (B x 38 MB at T = 576, V = 16384); here autograd keeps only the logits themselves, which the log-probs
+    keep anyway, and backward recomputes one image's (T, V) softmax at a time.
+    """
+    def per_image(x):  # (T, V) -> (T,)
+        z = x.float() / temperature if temperature != 1.0 else x.float()
+        return torch.logsumexp(z, -1) - (z.softmax(-1) * z).sum(-1)
+    return torch.stack([checkpoint(per_image, x, use_reentrant=False) for x in logits]).mean()
+
+
+def adapt_entropy_coef(coef, entropy, target, lr):
+    """c_(k+1) = max(0, c_k + lr (H* - H_k)): one projected dual-ascent step on the constraint H >= H*.
+
+    Adaptive, not fixed, because the right fixed c changes during a run: GRPO lowers the policy's entropy step
+    by step (fewer modes: the collapse a distribution-level reward fights), a c strong enough to stop that early
+    keeps raising entropy, toward noise tokens (log V = 9.7 nats), once the rewards saturate. A target says how
+    much entropy to keep, in nats (train.py logs `entropy`; e.g. a fraction of the base model's); c grows while
+    H < H* and falls back to exactly 0 once the constraint is slack. SAC's automatic temperature (arXiv
+    1812.05905) with an additive step instead of log c, so c can start at and return to 0. lr = 0: fixed c.
+    H is the step's detached mean entropy, averaged over ranks, so every rank holds the same c (checkpoint it).
+    """
+    return max(0.0, coef + lr * (target - entropy))
+
+
 def grpo_loss(logp, logp_old, advantages, ref_logp=None, beta=0.0, eps_low=0.2, eps_high=0.2):
     """L = mean over all B*T tokens of (L_pg + beta * k3); returns (loss, stats).
 
@@ -168,4 +199,6 @@ if __name__ == "__main__":
     for name, old in [("mu=1", logp.detach()), ("stale", logp.detach() + 0.3 * torch.randn(B, T))]:
         loss, stats = grpo_loss(logp, old, adv, ref_logp=ref, beta=0.04)
         print(f"{name:6s} loss {loss.item():+.4f} " + " ".join(f"{k} {v.item():.4f}" for k, v in stats.items()))
-    print(f"entropy {token_entropy(logits.detach()).mean().item():.4f} (uniform: {torch.log(torch.tensor(V)).item():.4f})")
+    H = mean_token_entropy(logits)  # differentiable: the bonus L - c H
+    print(f"entropy {H.item():.4f} (uniform: {math.log(V):.4f}); c after one step toward H* = 3.5: "
+          f"{adapt_entropy_coef(0.01, H.item(), 3.5, lr=0.05):.4f}")

@@ -14,3 +14,9 @@ def test_bench_quick_runs(tmp_path):
                                                              'grpo_step_update')]
     assert 0.9 < sum(fractions) <= 1.0 + 1e-6  # the parts account for the step
     assert len(open(tmp_path / 'b.jsonl').readlines()) == len(rows)
+
+
+def test_bench_loo_fid_section_runs_and_agrees_with_the_naive_way():
+    bench.RESULTS.clear()
+    row = next(r for r in bench.main(['--quick', '--only', 'loo_fid']) if r['name'] == 'loo_fid_step')
+    assert row['max_abs_diff'] < 1e-9  # fid.loo_fid's rewards equal B + 1 distances computed from scratch

@@ -8,6 +8,7 @@ import pytest
 import torch
 from torch.distributions import Categorical
 
+import grpo
 from grpo import (cfg_mix, clipped_surrogate, group_advantages, grpo_loss, kl_k3, policy_logprobs, token_entropy,
                   token_logprobs)
 
@@ -225,3 +226,53 @@ def test_advantages_nonfinite_reward_left_out_of_its_group():
     torch.testing.assert_close(adv[:12], torch.tensor(expected), atol=1e-6, rtol=0)
     torch.testing.assert_close(adv[12:], group_advantages(r[12:], 4), atol=1e-6, rtol=0)  # as if alone
     torch.testing.assert_close(group_advantages(r, 4, scale_std=False)[:4], torch.tensor([1 - m, 2 - m, 0, 4 - m]))
+
+
+# -----------------------------------------------------------------------------
+# the entropy term
+
+
+def test_mean_token_entropy_by_hand():
+    # p = (1/4, 3/4): H = 1/4 log 4 + 3/4 log(4/3); uniform over 3: log 3
+    logits = torch.tensor([[[0.0, math.log(3.0), -1e4], [2.0, 2.0, 2.0]]])  # (1, 2, 3); -1e4: p = 0 exactly
+    h1 = 0.25 * math.log(4) + 0.75 * math.log(4 / 3)
+    assert abs(grpo.mean_token_entropy(logits).item() - (h1 + math.log(3)) / 2) < 1e-6
+    # temperature 2 on (0, log 3): p = (1, sqrt 3) / (1 + sqrt 3)
+    q = torch.tensor([1.0, math.sqrt(3)], dtype=torch.float64) / (1 + math.sqrt(3))
+    h = -(q * q.log()).sum().item()
+    got = grpo.mean_token_entropy(torch.tensor([[[0.0, math.log(3.0)]]]), temperature=2.0)
+    assert abs(got.item() - h) < 1e-6
+
+
+def test_mean_token_entropy_gradient_matches_categorical():
+    torch.manual_seed(0)
+    x = torch.randn(3, 5, 11, dtype=torch.float32) * 2
+    for t in (1.0, 0.7):
+        a, b = x.clone().requires_grad_(), x.clone().requires_grad_()
+        ha = grpo.mean_token_entropy(a, temperature=t)
+        hb = Categorical(logits=b / t).entropy().mean()
+        ha.backward(), hb.backward()
+        torch.testing.assert_close(ha, hb)
+        torch.testing.assert_close(a.grad, b.grad, atol=1e-7, rtol=1e-5)
+        # and the closed form dH/dz = -p (log p + H) / (B T) through z = x / t
+        p = (x / t).softmax(-1)
+        h = -(p * p.log()).sum(-1, keepdim=True)
+        torch.testing.assert_close(a.grad, -p * (p.log() + h) / (t * 15), atol=1e-7, rtol=1e-5)
+
+
+def test_mean_token_entropy_keeps_no_vocabulary_sized_activations():
+    """Autograd saves only views of the logits (one per image) for backward, no softmax or scaled copy."""
+    logits = torch.randn(3, 4, 50, requires_grad=True)
+    saved = []
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
+        grpo.mean_token_entropy(logits, temperature=0.5)
+    big = [t for t in saved if t.numel() >= 50]
+    assert big and all(t.untyped_storage().data_ptr() == logits.untyped_storage().data_ptr() for t in big)
+
+
+def test_adapt_entropy_coef_by_hand():
+    assert grpo.adapt_entropy_coef(0.1, 2.0, 3.0, lr=0.05) == pytest.approx(0.15)  # below target: more bonus
+    assert grpo.adapt_entropy_coef(0.1, 4.0, 3.0, lr=0.05) == pytest.approx(0.05)  # above: less
+    assert grpo.adapt_entropy_coef(0.01, 9.0, 3.0, lr=0.05) == 0.0  # never negative
+    assert grpo.adapt_entropy_coef(0.0, 2.5, 3.0, lr=0.1) == pytest.approx(0.05)  # starts from 0
+    assert grpo.adapt_entropy_coef(0.3, 1.0, 3.0, lr=0.0) == 0.3  # lr = 0: a fixed coefficient
