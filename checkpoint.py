@@ -23,6 +23,7 @@ the usual single file that sample.py --ckpt and LlamaGen-format loaders read.
 """
 import argparse
 import contextlib
+import errno
 import json
 import math
 import os
@@ -36,7 +37,7 @@ import torch.distributed as dist
 
 import distributed
 import lora
-from cli import UserError
+from cli import UserError, as_umask_allows, check_not_locked, disk_full_is_one_sentence, exclusive
 from model import GPT, GPT_PRESETS, GPTConfig, config_for, precompute_freqs_cis_2d
 from tokenizer import VQ_PRESETS, VQConfig, VQModel
 
@@ -207,11 +208,23 @@ def save_gpt(model, path, state_dict=None, **metadata):
     """Write the weights as safetensors, keyed like LlamaGen, with the GPTConfig in the header so
     load_gpt / sample.py --ckpt can rebuild the model. Written to a temp file, then renamed.
     `state_dict` replaces model.state_dict() (train.py passes gathered or LoRA-merged weights)."""
-    from safetensors.torch import save_file
     meta = {'gpt_config': json.dumps(asdict(model.config)), **{k: str(v) for k, v in metadata.items()}}
     sd = {k: v.detach().contiguous().cpu() for k, v in (state_dict or model.state_dict()).items()}
-    save_file(sd, path + '.tmp', metadata=meta)
-    os.replace(path + '.tmp', path)
+    save_safetensors(sd, path, meta)
+
+
+def save_safetensors(sd, path, metadata=None):
+    """safetensors' save_file, whole or not at all: a temp file renamed into place (removed if the write fails,
+    e.g. on a full disk), with the mode open() would give (save_file makes 0600 files)."""
+    from safetensors.torch import save_file
+    try:
+        with disk_full_is_one_sentence(path):
+            save_file(sd, path + '.tmp', metadata=metadata)
+            as_umask_allows(path + '.tmp')
+            os.replace(path + '.tmp', path)
+    finally:
+        if os.path.exists(path + '.tmp'):
+            os.remove(path + '.tmp')
 
 
 def header_config(path, key):
@@ -315,9 +328,8 @@ def vq_downsample(spec):
 
 def save_vq(vq, path):
     """safetensors with the VQConfig in the header, so load_vq(path) rebuilds it."""
-    from safetensors.torch import save_file
     sd = {k: v.detach().contiguous().cpu() for k, v in vq.state_dict().items()}
-    save_file(sd, path, metadata={'vq_config': json.dumps(asdict(vq.config))})
+    save_safetensors(sd, path, {'vq_config': json.dumps(asdict(vq.config))})
 
 
 def load_vq(ckpt='vq_ds16_c2i', preset=None, device='cpu', dtype=torch.float32, **overrides):
@@ -340,7 +352,7 @@ def load_vq(ckpt='vq_ds16_c2i', preset=None, device='cpu', dtype=torch.float32, 
 
 # flags that may differ on --resume: they change neither the data nor the maths (out_dir: the run may move)
 RESUME_FREE = {'max_steps', 'resume', 'save_every', 'grid_every', 'eval', 'device', 'compile', 'out_dir',
-               'fsdp', 'grad_ckpt', 'kl_images'}
+               'fsdp', 'grad_ckpt', 'kl_images', 'overwrite'}
 
 # One save = one directory, out_dir/step_NNNNNN/:
 #   model.safetensors   full weights (LoRA merged), LlamaGen keys + GPTConfig: sample.py --ckpt reads it
@@ -373,7 +385,8 @@ def full_weights(policy):
 
 
 def save_checkpoint(cfg, policy, opt, step, bad_steps, rank=0, world=1):
-    """Write step_NNNNNN as one unit (see above). Called on every rank."""
+    """Write step_NNNNNN as one unit (see above). Called on every rank. If any part fails (a full disk, say),
+    the temp directory is removed, every rank raises the same error, and the previous save stays whole."""
     import torch.distributed.checkpoint as dcp
     name = f'step_{step:06d}'
     tmp, final = os.path.join(cfg.out_dir, '.tmp_' + name), os.path.join(cfg.out_dir, name)
@@ -381,36 +394,161 @@ def save_checkpoint(cfg, policy, opt, step, bad_steps, rank=0, world=1):
         shutil.rmtree(tmp, ignore_errors=True)  # a save killed half-way
         os.makedirs(tmp)
     _barrier(world)
-    with warnings.catch_warnings():  # single process: DCP warns that it assumes one, which is the intent
-        warnings.filterwarnings('ignore', message='torch.distributed is disabled')
-        dcp.save(_dcp_state(cfg, policy, opt), checkpoint_id=os.path.join(tmp, 'dcp'), no_dist=world == 1)
-    sd = full_weights(policy)
+    error = None
+    try:
+        with warnings.catch_warnings():  # single process: DCP warns that it assumes one, which is the intent
+            warnings.filterwarnings('ignore', message='torch.distributed is disabled')
+            dcp.save(_dcp_state(cfg, policy, opt), checkpoint_id=os.path.join(tmp, 'dcp'), no_dist=world == 1)
+        sd = full_weights(policy)
+        if rank == 0:
+            _write_save(cfg, policy, sd, tmp, step, bad_steps)
+    except BaseException as e:  # DCP's CheckpointException is a BaseException
+        error = _save_failed(e, tmp, cfg.out_dir)
+    if world > 1:  # every rank learns whether rank 0's part failed
+        box = [error]
+        dist.broadcast_object_list(box, src=0)
+        error = error or box[0]
+    if error is not None:
+        if rank == 0:
+            shutil.rmtree(tmp, ignore_errors=True)
+        raise error
     if rank == 0:
-        if cfg.lora_rank:
-            lora.save_adapter(sd, tmp, cfg.lora_rank, cfg.lora_alpha, cfg.lora_targets, cfg.ckpt)
-            sd = lora.merge_lora(sd, cfg.lora_alpha / cfg.lora_rank)
-        save_gpt(policy, os.path.join(tmp, 'model.safetensors'), state_dict=sd, step=step)
-        torch.save(dict(step=step, bad_steps=bad_steps, config=asdict(cfg), rng_cpu=torch.get_rng_state(),
-                        rng_cuda=torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []),
-                   os.path.join(tmp, 'state.pt'))
-        shutil.rmtree(final, ignore_errors=True)  # only if this very step was saved before
-        os.replace(tmp, final)  # the save exists from here on
-        link = os.path.join(cfg.out_dir, '.latest_tmp')
-        if os.path.lexists(link):
-            os.remove(link)
-        os.symlink(name, link)
-        os.replace(link, os.path.join(cfg.out_dir, 'latest'))  # atomic switch of the pointer
-        for d in os.listdir(cfg.out_dir):  # older saves, and temp dirs of saves that were killed
-            if (STEP_DIR.match(d) and d != name) or d.startswith('.tmp_step_'):
-                shutil.rmtree(os.path.join(cfg.out_dir, d), ignore_errors=True)
+        _switch_to(cfg.out_dir, name, tmp, final)
     _barrier(world)
+
+
+def _write_save(cfg, policy, sd, tmp, step, bad_steps):
+    """Rank 0's files of a save: the LoRA adapter, model.safetensors, state.pt."""
+    if cfg.lora_rank:
+        lora.save_adapter(sd, tmp, cfg.lora_rank, cfg.lora_alpha, cfg.lora_targets, cfg.ckpt)
+        sd = lora.merge_lora(sd, cfg.lora_alpha / cfg.lora_rank)
+    save_gpt(policy, os.path.join(tmp, 'model.safetensors'), state_dict=sd, step=step)
+    torch.save(dict(step=step, bad_steps=bad_steps, config=asdict(cfg), rng_cpu=torch.get_rng_state(),
+                    rng_cuda=torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []),
+               os.path.join(tmp, 'state.pt'))
+
+
+def _save_failed(e, tmp, out_dir):
+    """The exception to raise for a failed save: a full disk becomes one sentence; anything else as it was."""
+    text = f"{e} {getattr(e, 'failures', '')}".lower()  # DCP wraps each rank's exception in its failures
+    if getattr(e, 'errno', None) in (errno.ENOSPC, errno.EDQUOT) or 'no space left' in text:
+        saves = sorted(d for d in os.listdir(out_dir) if STEP_DIR.match(d))
+        return UserError(f"no space left on the device while writing the save {tmp} (removed); "
+                         f"{'the previous save ' + saves[-1] + ' is intact' if saves else 'there was no earlier save'}"
+                         f"; free some space and run the same command with --resume")
+    return e
+
+
+def _switch_to(out_dir, name, tmp, final):
+    """Rank 0: rename the whole save into place, switch `latest` to it, delete older saves, killed saves' temp
+    directories and a run that --overwrite moved aside (the new run now has a save of its own)."""
+    shutil.rmtree(final, ignore_errors=True)  # only if this very step was saved before
+    os.replace(tmp, final)  # the save exists from here on
+    link = os.path.join(out_dir, '.latest_tmp')
+    if os.path.lexists(link):
+        os.remove(link)
+    os.symlink(name, link)
+    os.replace(link, os.path.join(out_dir, 'latest'))  # atomic switch of the pointer
+    for d in os.listdir(out_dir):
+        if (STEP_DIR.match(d) and d != name) or d.startswith('.tmp_step_') or d == REPLACED:
+            shutil.rmtree(os.path.join(out_dir, d), ignore_errors=True)
+
+# -----------------------------------------------------------------------------
+# the run directory: one writer, never overwritten unasked, a torn log line recovered
+
+REPLACED = '.replaced'  # where --overwrite moves an earlier run until the new run's first save is in place
+RUN_FILES = re.compile(r'(step_\d+|latest|metrics\.jsonl|grid_\d+\.png|reward_curve\.png|\.tmp_step_\d+|'
+                       r'\.latest_tmp|report\.(md|json)|before_after\.png|curves\.png|samples_\w+\.npz|'
+                       r'tuned|control)$')
+
+
+def holds_run(out_dir):
+    """What of a run out_dir holds (saves, a non-empty metrics.jsonl; or a demo's runs one level down), as a
+    short description, or '' for nothing."""
+    if not os.path.isdir(out_dir):
+        return ''
+    steps = sorted(d for d in os.listdir(out_dir) if STEP_DIR.match(d))
+    log = os.path.join(out_dir, 'metrics.jsonl')
+    rows = sum(1 for line in open(log, errors='replace') if line.strip()) if os.path.isfile(log) else 0
+    found = ([steps[-1]] if steps else []) + ([f"{rows} rows of metrics.jsonl"] if rows else [])
+    for sub in ('tuned', 'control'):  # the demo's two runs
+        if holds_run(os.path.join(out_dir, sub)):
+            found.append(f"a {sub} run")
+    return ', '.join(found)
+
+
+def _refuse(cfg, held):
+    raise UserError(f"--out_dir {cfg.out_dir} holds a run ({held}); continue it with --resume, choose another "
+                    f"--out_dir, or start over with --overwrite (the old run is kept in "
+                    f"{os.path.join(cfg.out_dir, REPLACED)} until the new one has saved)")
+
+
+def check_out_dir(cfg):
+    """Validation of --out_dir against what it holds: a fresh run never silently replaces an earlier one, and
+    --resume needs a save. Reads only."""
+    check_not_locked(os.path.join(cfg.out_dir, '.lock'), '--out_dir', cfg.out_dir)  # a live writer: say so first
+    held = holds_run(cfg.out_dir)
+    if held and not cfg.resume and not cfg.overwrite:
+        _refuse(cfg, held)
+    if cfg.resume and cfg.overwrite:
+        raise UserError("--resume continues the run in --out_dir and --overwrite replaces it; pass one of them")
+
+
+@contextlib.contextmanager
+def open_run(cfg, rank=0, world=1):
+    """Inside: this job (its rank 0) is the one writer of cfg.out_dir, and the directory is ready: created, and
+    with --overwrite the earlier run moved into out_dir/.replaced (deleted by the first save)."""
+    with contextlib.ExitStack() as stack:
+        def take():  # rank 0 only: the lock is taken once per job, not per rank
+            os.makedirs(cfg.out_dir, exist_ok=True)
+            stack.enter_context(exclusive(os.path.join(cfg.out_dir, '.lock'), '--out_dir', cfg.out_dir))
+            if not cfg.resume:
+                _move_aside(cfg)
+        distributed.rank0_decides(take, rank, world)
+        yield
+
+
+def _move_aside(cfg):
+    """A fresh run: an earlier run in out_dir is refused, or with --overwrite moved aside (not deleted)."""
+    held = holds_run(cfg.out_dir)
+    if not held:
+        return
+    if not cfg.overwrite:  # validation said so already; a run started from code (the demo) is checked here
+        _refuse(cfg, held)
+    aside = os.path.join(cfg.out_dir, REPLACED)
+    shutil.rmtree(aside, ignore_errors=True)  # a run replaced earlier whose replacement never saved
+    os.makedirs(aside)
+    for d in os.listdir(cfg.out_dir):
+        if RUN_FILES.match(d):
+            os.replace(os.path.join(cfg.out_dir, d), os.path.join(aside, d))
+    print(f"--overwrite: the earlier run ({held}) moved to {aside}; it is deleted once this run has saved")
+
+
+def read_metrics(path, upto=None):
+    """The rows of metrics.jsonl up to step `upto`. A torn last line (a kill or a full disk during the append) is
+    dropped with a warning, since the rows past the save are written again anyway; any other bad line is one
+    sentence naming the file."""
+    if not os.path.isfile(path):
+        return []
+    lines = [line for line in open(path, errors='replace').read().split('\n') if line.strip()]
+    rows = []
+    for i, line in enumerate(lines):
+        try:
+            rows.append(json.loads(line))
+        except ValueError:
+            if i < len(lines) - 1:
+                raise UserError(f"{path} line {i + 1} is not JSON; repair or delete that line, then run again") from None
+            print(f"warning: dropped the torn last line of {path} (a run killed or out of space while logging)")
+    return [r for r in rows if upto is None or r['step'] <= upto]
 
 
 def newest_checkpoint(out_dir):
     """The newest whole save in out_dir (a save is named step_* only once it is whole)."""
     steps = [d for d in os.listdir(out_dir) if STEP_DIR.match(d)] if os.path.isdir(out_dir) else []
     if not steps:
-        raise UserError(f"--resume: no checkpoint in {out_dir} (no step_* directory); drop --resume to start")
+        aside = ' (the run --overwrite replaced is in ' + os.path.join(out_dir, REPLACED) + ')' \
+            if os.path.isdir(os.path.join(out_dir, REPLACED)) else ''
+        raise UserError(f"--resume: no checkpoint in {out_dir} (no step_* directory){aside}; drop --resume to start")
     d = os.path.join(out_dir, max(steps, key=lambda n: int(STEP_DIR.match(n).group(1))))
     for f in ('state.pt', 'model.safetensors', os.path.join('dcp', '.metadata')):
         if not os.path.isfile(os.path.join(d, f)):

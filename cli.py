@@ -5,13 +5,16 @@ Every script here follows one contract (README: "exit code 2 for any bad input")
   1. flags -> a @dataclass config (`parse_config`): unknown flags, bad types and bad choices are errors;
   2. `config.validate()` checks every value, every contradiction and every output location *before*
      any model is loaded or any sample is drawn, so a mistake costs a second, not a run;
-  3. outputs are written to temp files and renamed into place (`atomic_write`), all of them or none;
+  3. outputs are written to temp files and renamed into place (`atomic_write`), all of them or none, with the
+     modes open() would give them; a full disk is one sentence; one writer per output (`exclusive`);
   4. `run(main)` turns a user error into one sentence on stderr (printed by rank 0 only under torchrun)
      and exit code 2, with no traceback; anything else is a bug and keeps its traceback.
 
     python cli.py        # smoke demo: a toy config, its checks and the one-sentence errors
 """
 import argparse
+import contextlib
+import errno
 import inspect
 import json
 import math
@@ -63,6 +66,7 @@ def parse_config(cls, argv=None, presets=None):
             raise UserError(f"unknown preset {name!r}; known: {', '.join(presets)}")
         given = {**presets.get(name, {}), **given}
     cfg = cls(**given)
+    check_finite(cfg)
     if hasattr(cfg, 'validate'):
         cfg.validate()
     if int(os.environ.get('RANK', '0')) == 0:  # once, not once per rank
@@ -78,6 +82,16 @@ def flag_name(cfg, name):
     """The command-line spelling of a config field (its metadata `flag`, else --name)."""
     f = next((f for f in fields(cfg) if f.name == name), None)
     return f.metadata.get('flag', '--' + name) if f is not None else '--' + name
+
+
+def check_finite(cfg):
+    """Every float value of the config (float, Optional[float], List[float] fields) is a finite number:
+    argparse's float() accepts 'nan' and 'inf', which pass every `<`/`>` comparison and fail much later."""
+    for f in fields(cfg):
+        v = getattr(cfg, f.name)
+        for x in v if isinstance(v, (list, tuple)) else [v]:
+            if isinstance(x, float) and not math.isfinite(x):
+                raise UserError(f"{flag_name(cfg, f.name)} must be a finite number, got {x}")
 
 
 def check_range(cfg, names, lo=None, hi=None, lo_open=False, hi_open=False):
@@ -97,26 +111,36 @@ def check_range(cfg, names, lo=None, hi=None, lo_open=False, hi_open=False):
 
 
 def check_device(device, flag='--device'):
-    """'cpu', 'cuda' or 'cuda:N' ('auto' passes); cuda only when torch sees a GPU."""
+    """'cpu', 'cuda', 'cuda:N' or 'mps' that this torch build and this machine have ('auto'/None pass)."""
     import torch
     if device in (None, 'auto', 'cpu'):
         return
-    if not re.fullmatch(r'cuda(:\d+)?', device):
-        raise UserError(f"{flag} must be cpu, cuda or cuda:N, got {device!r}")
-    if not torch.cuda.is_available():
+    if not re.fullmatch(r'cuda(:\d+)?|mps', device):
+        raise UserError(f"{flag} must be cpu, cuda, cuda:N or mps, got {device!r}")
+    if device == 'mps' and not (hasattr(torch.backends, 'mps') and torch.backends.mps.is_available()):
+        raise UserError(f"{flag} mps was asked for but this torch build or machine has no MPS; use {flag} cpu")
+    if device.startswith('cuda') and not torch.cuda.is_available():
         raise UserError(f"{flag} {device} was asked for but torch sees no GPU here; use {flag} cpu")
+    if device.startswith('cuda:') and int(device[5:]) >= torch.cuda.device_count():
+        raise UserError(f"{flag} {device}: this machine has {torch.cuda.device_count()} GPU(s), numbered from 0")
 
 
 def check_writable_dir(path, flag):
-    """Create directory `path` if needed and prove it writable with a temp file, before any compute."""
+    """Directory `path` can be written: it is a writable directory, or the nearest existing folder above it is
+    (it is created when something is written). Proved with a temp file that is removed at once: a command that
+    fails validation leaves the file system as it was."""
     if os.path.exists(path) and not os.path.isdir(path):
         raise UserError(f"{flag} {path} is a file, not a directory; choose another path")
+    probe = os.path.abspath(path)
+    while not os.path.exists(probe):
+        probe = os.path.dirname(probe)
+    if not os.path.isdir(probe):
+        raise UserError(f"{flag} {path} cannot be created: {probe} is a file, not a directory; choose another path")
     try:
-        os.makedirs(path, exist_ok=True)
-        with tempfile.NamedTemporaryFile(dir=path, prefix='.write_test'):
+        with tempfile.NamedTemporaryFile(dir=probe, prefix='.write_test'):
             pass
     except OSError as e:
-        raise UserError(f"{flag} {path} is not a writable directory ({e.strerror or type(e).__name__}); "
+        raise UserError(f"{flag} {path} is not a writable directory ({e.strerror or type(e).__name__} in {probe}); "
                         f"choose another path") from None
 
 
@@ -144,18 +168,21 @@ def check_input_file(path, flag, what='file'):
 
 def atomic_write(writers):
     """writers: {path: fn(tmp_path)}. Every fn writes its temp file first; only when all succeeded are
-    they renamed into place, so a failure leaves no half output (and no half file) behind."""
+    they renamed into place, so a failure leaves no half output (and no half file) behind. The files get the
+    mode open() would give them (0644 under umask 022), not mkstemp's 0600; a full disk is one sentence."""
     tmps = {}
     try:
-        for path, write in writers.items():
-            d = os.path.dirname(os.path.abspath(path))
-            os.makedirs(d, exist_ok=True)
-            fd, tmp = tempfile.mkstemp(dir=d, prefix='.' + os.path.basename(path) + '.', suffix='.tmp')
-            os.close(fd)
-            tmps[path] = tmp
-            write(tmp)
-        for path, tmp in tmps.items():
-            os.replace(tmp, path)
+        with disk_full_is_one_sentence(', '.join(writers)):
+            for path, write in writers.items():
+                d = os.path.dirname(os.path.abspath(path))
+                os.makedirs(d, exist_ok=True)
+                fd, tmp = tempfile.mkstemp(dir=d, prefix='.' + os.path.basename(path) + '.', suffix='.tmp')
+                os.close(fd)
+                tmps[path] = tmp
+                write(tmp)
+                as_umask_allows(tmp)
+            for path, tmp in tmps.items():
+                os.replace(tmp, path)
     except BaseException:
         for tmp in tmps.values():
             if os.path.exists(tmp):
@@ -163,11 +190,61 @@ def atomic_write(writers):
         raise
 
 
+def as_umask_allows(path):
+    """chmod a file we wrote to what open() would have made it (0666 minus the umask): mkstemp and
+    safetensors create 0600 files that colleagues on a shared file system could not read."""
+    mask = os.umask(0)
+    os.umask(mask)
+    os.chmod(path, 0o666 & ~mask)
+
+
+@contextlib.contextmanager
+def disk_full_is_one_sentence(path):
+    """Inside, a full disk (or quota) becomes a UserError naming `path`; the caller removes its temp files."""
+    try:
+        yield
+    except OSError as e:
+        if e.errno not in (errno.ENOSPC, errno.EDQUOT):
+            raise
+        raise UserError(f"no space left on the device while writing {e.filename or path}; free some space and run "
+                        f"the same command again (what was written before is intact)") from None
+
+
+def check_not_locked(path, flag, target):
+    """Validation's read-only look at an `exclusive` lock file: UserError if another process holds it."""
+    if os.path.isfile(path):
+        with exclusive(path, flag, target, create=False):
+            pass
+
+
+@contextlib.contextmanager
+def exclusive(path, flag, target, create=True):
+    """Hold an exclusive lock on the file `path` (created if needed) while inside: one writer per output. The OS
+    releases it when this process dies, so a killed run never blocks the next one. A second writer gets one
+    sentence naming `target` and the holder's pid, and touches nothing else."""
+    import fcntl
+    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644) if create else os.open(path, os.O_RDONLY)
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = os.pread(fd, 32, 0).decode(errors='replace').strip() or '?'
+            raise UserError(f"{flag} {target} is in use by another run (pid {holder}); wait for it to finish or "
+                            f"choose another {flag}") from None
+        if create:
+            os.ftruncate(fd, 0)
+            os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+        yield
+    finally:
+        os.close(fd)  # releases the lock (the file stays: removing it could let two writers lock two files)
+
+
 def save_npz(path, **arrays):
     """np.savez to exactly `path` (given a name, np.savez would append .npz to a temp file's name)."""
     import numpy as np
     with open(path, 'wb') as f:
         np.savez(f, **arrays)
+    as_umask_allows(path)
 
 
 # -----------------------------------------------------------------------------
@@ -179,7 +256,8 @@ def run(main, argv=None, errors=(ValueError,)):
     errors: UserError, bad checkpoints, missing weights). Under torchrun every rank gets the same error
     from validation, so only rank 0 prints it, and every rank exits 2."""
     try:
-        main(argv)
+        with disk_full_is_one_sentence('an output'):
+            main(argv)
         return 0
     except errors as e:
         if int(os.environ.get('RANK', '0')) == 0:

@@ -46,6 +46,25 @@ def print0(*args, **kwargs):
         print(*args, **kwargs, flush=True)
 
 
+def rank0_decides(fn, rank, world):
+    """fn() on rank 0 only (taking a lock, moving an earlier run aside); the UserError it may raise is raised on
+    every rank, so that all of them stop together with one sentence (rank 0's) instead of waiting at the next
+    collective for a rank that has gone."""
+    from cli import UserError
+    error = None
+    if rank == 0:
+        try:
+            fn()
+        except UserError as e:
+            error = e
+    if world > 1:
+        box = [error]
+        dist.broadcast_object_list(box, src=0)
+        error = box[0]
+    if error is not None:
+        raise error
+
+
 def all_gather_cat(local, world):
     """(B, ...) of this rank -> (B * world, ...) of every rank in rank order, on every rank."""
     if world == 1:

@@ -23,7 +23,7 @@ Distribution-Level Rewards" (arXiv 2603.23086), which has no public code; every 
    (at the first step the moments of B - 1 >= 1 images). The covariance is the weighted mixture's own (biased)
    covariance M - m m^T, so one remaining image gives S_g = 0 rather than the 0/0 of an unbiased estimate.
 3. Exact, no first-order approximation: B + 1 symmetric eigendecompositions of d x d per step on one process
-   (loo_fid says how), 10x faster than recomputing the B + 1 distances (bench_loo.py).
+   (loo_fid says how), 10x faster than recomputing the B + 1 distances (bench.py --only loo_fid).
 4. Every rank gathers the global batch's features, computes the EMA update and the batch FD identically (the
    state never diverges between ranks and needs no broadcast), and the leave-one-out terms of its own images
    only: 1 + B / world eigendecompositions per rank and step.
@@ -72,6 +72,9 @@ def frechet_distance(mu1, sigma1, mu2, sigma2):
     """
     mu1, mu2 = as_f64(mu1).reshape(-1), as_f64(mu2).reshape(-1)
     s1, s2 = as_f64(sigma1).reshape(len(mu1), -1), as_f64(sigma2).reshape(len(mu2), -1)  # np.cov of d=1: 0-d
+    if not all(torch.isfinite(t).all() for t in (mu1, mu2, s1, s2)):  # an eigen-solver fed NaN may crash
+        raise ValueError("frechet_distance got means or covariances that are not finite (the covariance of a "
+                         "single feature vector, or NaN features)")
     root = sqrtm_psd(s1)
     tr_covmean = trace_sqrt_psd(root @ s2 @ root)
     return float((mu1 - mu2).square().sum() + s1.trace() + s2.trace() - 2 * tr_covmean)

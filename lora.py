@@ -114,8 +114,10 @@ def save_adapter(sd, out_dir, rank, alpha, targets, base):
     """The adapter alone in PEFT's format: adapter_model.safetensors (keys base_model.model.<path>.lora_A.weight)
     and adapter_config.json. `sd` is the full state dict of the adapted model."""
     from safetensors.torch import save_file
+    from cli import as_umask_allows
     lora = {f'base_model.model.{k}': v.contiguous().cpu() for k, v in sd.items() if '.lora_' in k}
     save_file(lora, os.path.join(out_dir, 'adapter_model.safetensors'), metadata={'format': 'pt'})
+    as_umask_allows(os.path.join(out_dir, 'adapter_model.safetensors'))  # save_file makes 0600 files
     config = dict(peft_type='LORA', task_type=None, r=rank, lora_alpha=alpha, lora_dropout=0.0, bias='none',
                   target_modules=list(targets), fan_in_fan_out=False, init_lora_weights=True, use_rslora=False,
                   use_dora=False, inference_mode=True, base_model_name_or_path=base, modules_to_save=None)

@@ -8,6 +8,8 @@ train.py prints the plan at start-up (`print_plan`) and, on a GPU, warns when it
 can use, listing the options that would fit; bench.py --only memory prints the README's table and compares the
 activation estimate with a measured peak.
 """
+import os
+
 import torch
 
 from lora import LORA_TARGETS, add_lora
@@ -93,6 +95,31 @@ def fitting_options(gpt_config, limit, world, **base):
 
 
 
+def sampling_bytes(gpt_config, batch, cfg=True, dtype_bytes=4):
+    """Bytes of one generate() call of `batch` images: the KV cache of both CFG halves and a few float32
+    (2B, V) logits tensors (CFG mix, softmax, sampling)."""
+    c, rows = gpt_config, batch * (2 if cfg else 1)
+    kv = 2 * c.n_layer * rows * (c.cls_token_num + c.block_size) * (c.n_kv_head or c.n_head) * c.head_dim
+    return kv * dtype_bytes + 4 * rows * c.vocab_size * 4
+
+
+def device_memory(device):
+    """Bytes this process could ever use on `device`: the GPU's total memory, or the machine's RAM on a CPU."""
+    if device.type == 'cuda':
+        return torch.cuda.get_device_properties(device).total_memory
+    return os.sysconf('SC_PAGE_SIZE') * os.sysconf('SC_PHYS_PAGES')
+
+
+def check_fits(needed, device, what, fix):
+    """Refuse, before allocating, a size that cannot fit: `needed` bytes against all of the device's memory."""
+    from cli import UserError
+    device = torch.device(device)
+    have = device_memory(device)
+    if needed > have:
+        raise UserError(f"{what} needs about {needed / 2**30:.3g} GiB but this {device.type} has "
+                        f"{have / 2**30:.3g} GiB in all; {fix}")
+
+
 def print_plan(cfg, gpt_config, world, device, batch):
     """Say up front what a train.py run (TrainConfig cfg, `batch` images per rank per step) needs per rank; on a
     GPU, warn when it exceeds the memory and list the options that would fit."""
@@ -101,6 +128,8 @@ def print_plan(cfg, gpt_config, world, device, batch):
                 beta=cfg.beta, micro_batch=cfg.micro_batch_size or cfg.minibatch_size or batch, rollout_batch=batch,
                 cfg=cfg.cfg_scale > 1, guided=cfg.logprob_mode == 'guided', bf16=device.type == 'cuda')
     plan = memory_plan(gpt_config, world, **opts)
+    check_fits(plan['peak'], device, f"one GRPO step ({batch} images per rank)", "lower --group_size, "
+               "--conds_per_rank or --images_per_step, or see the README's memory table")
     names = [n for n, on in (('fsdp', cfg.fsdp), ('grad_ckpt', cfg.grad_ckpt), (f'lora r={cfg.lora_rank}',
                                                                                  cfg.lora_rank)) if on]
     print0(format_plan(plan, ', '.join(names or ['full fine-tuning']) + f', micro-batch {opts["micro_batch"]}'))

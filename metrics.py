@@ -30,13 +30,13 @@ shards the conditions over ranks, and reports every reward's mean +- standard er
 second checkpoint, both see the same seeds and it reports paired differences, their standard errors and the
 tuned model's win rate, and writes a side-by-side grid (base left, tuned right) and a JSON summary.
 """
+import contextlib
 import json
 import math
 import os
 import shutil
 import sys
 import zipfile
-from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
@@ -47,8 +47,10 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from PIL import Image
 
+import distributed
 from checkpoint import CheckpointError, load_gpt
-from cli import UserError, atomic_write, check_writable_file, parse_config, run
+from cli import (UserError, as_umask_allows, atomic_write, check_device, check_not_locked, check_writable_file,
+                 disk_full_is_one_sentence, exclusive, parse_config, run, save_npz)
 from conditions import encode_prompts
 from fid import frechet_distance, mean_cov
 from model import generate, sample_logits
@@ -161,6 +163,15 @@ def extract(extractor, batches, device='cpu'):
 IMAGE_EXTENSIONS = ('.png', '.jpg', '.jpeg', '.webp')
 
 
+def npz_images(path):
+    """The number of images in an .npz's `arr_0`, from its header (nothing else is read)."""
+    with zipfile.ZipFile(path) as z, z.open('arr_0.npy') as f:
+        version = np.lib.format.read_magic(f)
+        read = np.lib.format.read_array_header_1_0 if version == (1, 0) else np.lib.format.read_array_header_2_0
+        shape = read(f)[0]
+    return shape[0] if shape else 0
+
+
 def image_batches(source, batch=64):
     """uint8 NHWC batches from an .npz (`arr_0`) or a folder of images (same-size runs batched together)."""
     if os.path.isdir(source):
@@ -208,16 +219,24 @@ def reference_stats(ref, extractor, device, batch):
     return feats, stats
 
 
-def compute_metrics(samples, ref, extractor, device='cpu', batch=64, split_size=5000):
-    """All the ADM evaluator's numbers for an .npz of samples against a reference (.npz or folder)."""
+def compute_metrics(samples, ref, extractor, device='cpu', batch=64, split_size=5000, k=3):
+    """All the ADM evaluator's numbers for an .npz of samples against a reference (.npz or folder). Precision
+    and recall need more than k images on each side; a set too small, or features that are not finite, is one
+    sentence (the covariance of one image is undefined, and the eigen-solver must never see a NaN)."""
     ref_feats, ref_stats = reference_stats(ref, extractor, device, batch)
     f = extract(extractor, image_batches(samples, batch), device)
+    for name, feats in (('samples', f), ('ref', ref_feats or {})):
+        for kind, x in feats.items():
+            if len(x) < 2:
+                raise UserError(f"{name} holds {len(x)} image(s); the Frechet distance needs at least 2")
+            if not np.isfinite(x).all():
+                raise UserError(f"the Inception {kind} features of {name} are not finite; check the images")
     out = dict(n_samples=len(f['pool']), inception_score=inception_score(f['logits'], split_size),
                fid=frechet_distance(*mean_cov(f['pool']), *ref_stats['pool']))
     if 'spatial' in f and 'spatial' in ref_stats:
         out['sfid'] = frechet_distance(*mean_cov(f['spatial']), *ref_stats['spatial'])
-    if ref_feats is not None:  # precision / recall need the reference's features, not only its statistics
-        out['precision'], out['recall'] = precision_recall(ref_feats['pool'], f['pool'])
+    if ref_feats is not None and min(len(ref_feats['pool']), len(f['pool'])) > k:  # the k-NN balls need > k points
+        out['precision'], out['recall'] = precision_recall(ref_feats['pool'], f['pool'], k)
         out['n_reference'] = len(ref_feats['pool'])
     return out
 
@@ -250,16 +269,30 @@ def shard_dir(cfg):
     return cfg.npz + '.shards'
 
 
+def npz_lock(cfg):  # beside the target, hidden: .NAME.npz.lock
+    return os.path.join(os.path.dirname(os.path.abspath(cfg.npz)), '.' + os.path.basename(cfg.npz) + '.lock')
+
+
 def shard_path(cfg, s):
     return os.path.join(shard_dir(cfg), f'{s:06d}.npz')
 
 
 def check_shards(cfg, ids):
-    """Before loading: the shards of an interrupted run are reused only if made with the same settings.
-    (They live beside --npz, whose folder validate() has found writable.)"""
+    """Before loading: the shards of an interrupted run are reused only if made with the same settings, and a
+    finished --npz is replaced only when asked. (They live beside --npz, whose folder validate() found writable.)"""
+    check_not_locked(npz_lock(cfg), '--npz', cfg.npz)
+    if os.path.isfile(cfg.npz) and not cfg.overwrite:
+        raise UserError(f"--npz {cfg.npz} already exists (a finished sampling); choose another --npz, or pass "
+                        f"--overwrite to replace it once the new one is complete")
     path = os.path.join(shard_dir(cfg), 'settings.json')
     if cfg.resume and os.path.isfile(path):
-        old, new = json.load(open(path)), fid_settings(cfg, ids)
+        try:
+            old = json.load(open(path))
+        except (OSError, ValueError):
+            raise UserError(f"{path} cannot be read (torn by a kill or a full disk?); delete {shard_dir(cfg)} or "
+                            f"pass --no-resume to start afresh (the old shards are kept until the first new one)"
+                            ) from None
+        new = fid_settings(cfg, ids)
         diff = [k for k in new if old.get(k) != new[k]]
         if diff:
             raise UserError(f"{shard_dir(cfg)} holds shards of an interrupted run made with other settings "
@@ -281,9 +314,14 @@ def per_image_sampler(seeds, n_tokens, cfg, device):
 
 
 def write_shard(path, images, labels, index):
-    with open(path + '.tmp', 'wb') as f:  # a file object: np.savez would append .npz to a path
-        np.savez(f, images=images, labels=labels, index=index)
-    os.replace(path + '.tmp', path)  # a killed run leaves whole shards only
+    """One shard, whole or not at all: a killed or out-of-space run leaves whole shards only."""
+    try:
+        with disk_full_is_one_sentence(path):
+            save_npz(path + '.tmp', images=images, labels=labels, index=index)
+            os.replace(path + '.tmp', path)
+    finally:
+        if os.path.exists(path + '.tmp'):
+            os.remove(path + '.tmp')
 
 
 def sample_shards(cfg, gpt, vq, labels, rank, world, device):
@@ -299,6 +337,8 @@ def sample_shards(cfg, gpt, vq, labels, rank, world, device):
         tokens, _ = generate(gpt, torch.as_tensor(labels[a:b], device=device), cfg_scale=cfg.cfg,
                              cfg_interval=cfg.cfg_interval, compile=cfg.compile, sample_fn=sampler)  # (b - a, T)
         write_shard(shard_path(cfg, s), decode_uint8(vq, tokens, cfg.eval_size), labels[a:b], np.arange(a, b))
+        if rank == 0:  # a new shard is in place: the run --no-resume replaced can go
+            shutil.rmtree(shard_dir(cfg) + '.replaced', ignore_errors=True)
         bar.update(min((b - a) * world, bar.total - bar.n))  # the ranks run in step: rank 0 counts for all
     bar.close()
 
@@ -314,7 +354,7 @@ def merge_shards(cfg, labels):
     shape = (len(labels), *np.load(paths[0])['images'].shape[1:])  # (N, H, W, 3)
     seen = 0
     try:
-        with zipfile.ZipFile(cfg.npz + '.tmp', 'w', allowZip64=True) as z:  # stored, not compressed, as np.savez
+        with disk_full_is_one_sentence(cfg.npz), zipfile.ZipFile(cfg.npz + '.tmp', 'w', allowZip64=True) as z:  # stored, not compressed, as np.savez
             with z.open('arr_0.npy', 'w', force_zip64=True) as f:
                 np.lib.format.write_array_header_1_0(f, dict(descr='|u1', fortran_order=False, shape=shape))
                 for p in paths:  # one shard in memory at a time
@@ -333,35 +373,43 @@ def merge_shards(cfg, labels):
             raise UserError(f"the shards hold {seen} images, not {len(labels)}; delete {shard_dir(cfg)} and "
                             f"sample again")
     except BaseException:
-        os.remove(cfg.npz + '.tmp')  # all or nothing
+        if os.path.exists(cfg.npz + '.tmp'):
+            os.remove(cfg.npz + '.tmp')  # all or nothing
         raise
+    as_umask_allows(cfg.npz + '.tmp')
     os.replace(cfg.npz + '.tmp', cfg.npz)
     shutil.rmtree(shard_dir(cfg))
     print(f"wrote {shape} uint8 images and their labels to {cfg.npz}")
 
 
 def prepare_shards(cfg, ids):
-    """Rank 0, before sampling: the shard folder, with the settings a resumed run is checked against."""
-    if not cfg.resume:
-        shutil.rmtree(shard_dir(cfg), ignore_errors=True)
+    """Rank 0, before sampling: the shard folder, with the settings a resumed run is checked against. With
+    --no-resume the old shards are moved aside (NPZ.shards.replaced), deleted once a new shard is in place."""
+    if not cfg.resume and os.path.isdir(shard_dir(cfg)):
+        shutil.rmtree(shard_dir(cfg) + '.replaced', ignore_errors=True)
+        os.replace(shard_dir(cfg), shard_dir(cfg) + '.replaced')
     os.makedirs(shard_dir(cfg), exist_ok=True)
     atomic_write({os.path.join(shard_dir(cfg), 'settings.json'):
                   lambda tmp: Path(tmp).write_text(json.dumps(fid_settings(cfg, ids)))})
 
 
 def sample_fid(cfg, gpt, vq, ids, rank, world, device):
-    """--per_class images of every class, sharded over ranks; rank 0 merges them into cfg.npz."""
+    """--per_class images of every class, sharded over ranks; rank 0 merges them into cfg.npz. Rank 0 holds a
+    lock on the target for the whole run (.NPZ.lock beside it): one writer per --npz."""
     labels = np.repeat(np.asarray(ids if ids is not None else range(gpt.config.num_classes), np.int64),
                        cfg.per_class)  # (N,) class-major
-    if rank == 0:
-        prepare_shards(cfg, ids)
-    if world > 1:
-        dist.barrier()
-    sample_shards(cfg, gpt, vq, labels, rank, world, device)
-    if world > 1:
-        dist.barrier()
-    if rank == 0:
-        merge_shards(cfg, labels)
+    lock = npz_lock(cfg)
+    with contextlib.ExitStack() as stack:
+        def take():
+            os.makedirs(os.path.dirname(lock), exist_ok=True)
+            stack.enter_context(exclusive(lock, '--npz', cfg.npz))
+            prepare_shards(cfg, ids)
+        distributed.rank0_decides(take, rank, world)
+        sample_shards(cfg, gpt, vq, labels, rank, world, device)
+        if world > 1:
+            dist.barrier()
+        if rank == 0:
+            merge_shards(cfg, labels)
     return labels
 
 
@@ -393,7 +441,7 @@ def sample_condition(cfg, gpt, vq, cond, mask, seed, device):
     cond = cond.repeat_interleave(n, 0)
     mask = None if mask is None else mask.repeat_interleave(n, 0)
     gen = torch.Generator(device).manual_seed(seed)
-    amp = torch.autocast('cuda', dtype=getattr(torch, cfg.dtype)) if device.type == 'cuda' else nullcontext()
+    amp = torch.autocast('cuda', dtype=getattr(torch, cfg.dtype)) if device.type == 'cuda' else contextlib.nullcontext()
     with amp:  # as train.py's rollout, so the base model's numbers are those of a training-time evaluation
         tokens, _ = generate(gpt, cond, mask, cfg.cfg_scale, cfg.cfg_interval, cfg.temperature, cfg.top_k, cfg.top_p,
                              generator=gen, compile=cfg.compile)
@@ -512,10 +560,13 @@ class MetricsConfig:
                 raise UserError(f"{flag} {path} is not an .npz with images `arr_0`" +
                                 (" or ADM statistics `mu`/`sigma`" if flag == 'ref' else "") +
                                 "; write one with sample.py --per_class (or np.savez)")
+            n = npz_images(path) if 'arr_0.npy' in names else 2
+            if n < 2:  # before the Inception network is even loaded
+                raise UserError(f"{flag} {path} holds {n} image(s); FID needs at least 2 (the covariance of one "
+                                f"image is undefined)")
         if self.batch < 1 or self.split_size < 1:
             raise UserError(f"--batch and --split_size must be at least 1, got {self.batch} and {self.split_size}")
-        if self.device and self.device.startswith('cuda') and not torch.cuda.is_available():
-            raise UserError(f"--device {self.device} was asked for but torch sees no GPU here; use --device cpu")
+        check_device(self.device)
         if self.out:
             check_writable_file(self.out, '--out')
 

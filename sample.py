@@ -27,8 +27,9 @@ from PIL import Image
 
 import distributed
 from checkpoint import CheckpointError, check_generator, check_pair, load_gpt, load_vq, peek_gpt_config, vq_downsample
-from cli import UserError, atomic_write, check_writable_file, parse_config, run, save_npz
+from cli import UserError, atomic_write, check_device, check_writable_file, parse_config, run, save_npz
 from conditions import class_ids, encode_prompts, load_t5
+from memory import check_fits, sampling_bytes
 from metrics import check_shards, decode_uint8, sample_fid
 from model import GPT_PRESETS, generate
 from plots import image_grid
@@ -69,6 +70,7 @@ class SampleConfig:
     batch: Optional[int] = None  # images per generate call (and per shard on disk); None = 32
     eval_size: Optional[int] = None  # pixels, bicubic resize as LlamaGen's FID; None = 256, 0 = native size
     resume: Optional[bool] = None  # keep the finished shards of an interrupted run (None = yes); --no-resume: afresh
+    overwrite: bool = False  # --per_class: replace an existing --npz (only once the new one is complete)
 
     def __post_init__(self):  # defaults that depend on the condition, so the printed config is final
         t2i = bool(self.prompts)
@@ -120,16 +122,14 @@ class SampleConfig:
                                ('cfg_interval', self.cfg_interval >= -1, '>= -1 (-1 = every token)'),
                                ('image_size', self.image_size is None or self.image_size >= 1, 'positive')]:
             _check(ok, f"--{flag} must be {want}, got {getattr(self, flag)}")
-        _check(self.device.split(':')[0] in ('cpu', 'cuda', 'mps'),
-               f"--device must be cpu, cuda[:N] or mps, got {self.device}")
-        _check(not self.device.startswith('cuda') or torch.cuda.is_available(),
-               f"--device {self.device} was asked for but torch sees no GPU here; use --device cpu")
+        check_device(self.device)
 
     def _check_combinations(self):
         _check(not (self.classes and self.prompts),
                "give either --class (class-to-image) or --prompt (text-to-image), not both")
         if self.per_class is None:  # a grid: the FID flags would be silently ignored
             given = [k for k in ('batch', 'eval_size', 'resume') if getattr(self, k) is not None]
+            given += ['overwrite'] if self.overwrite else []
             _check(not given, f"--{(given or [''])[0]} applies to --per_class (FID) sampling only; drop it or "
                               f"add --per_class N")
             _check(int(os.environ.get('WORLD_SIZE', '1')) == 1, "under torchrun only --per_class sampling is "
@@ -158,6 +158,10 @@ def load_models(cfg, ids, device):
     vq = load_vq(cfg.vq_ckpt, device=device)  # float32, as LlamaGen decodes
     check_generator(asdict(gpt.config), cfg.ckpt, bool(cfg.prompts), ids or (), flags=('--prompt', '--class'))
     check_pair(gpt, vq, cfg.ckpt, cfg.vq_ckpt, cfg.image_size)
+    conds = len(ids) if ids is not None else (len(cfg.prompts) or gpt.config.num_classes)
+    batch = min(cfg.batch, cfg.per_class * conds) if cfg.per_class is not None else conds * cfg.n  # one generate call
+    check_fits(sampling_bytes(gpt.config, batch, cfg.cfg > 1, torch.finfo(getattr(torch, cfg.dtype)).bits // 8),
+               device, f"sampling {batch} images in one batch", "lower --batch (or --n, or the number of conditions)")
     return gpt, vq
 
 

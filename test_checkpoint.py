@@ -3,9 +3,12 @@ test_checkpoint.py -- checkpoint.py: every checkpoint layout the readers accept,
 self-describing round trips, and train.py's step-directory saves (resume across world sizes, kill -9).
 """
 import argparse
+import errno
 import json
 import os
 import signal
+import subprocess
+import sys
 import time
 
 import numpy as np
@@ -14,11 +17,13 @@ from safetensors.torch import load_file, save_file
 import torch
 
 import checkpoint
+import cli
 import distributed
 import train
 from checkpoint import CheckpointError, RELEASES, load_gpt, read_state_dict, save_gpt, load_vq, save_vq
-from cli import parse_config
-from conftest import ATOL, SCALE_ARGS, assert_same_weights, fixture, latest_weights, on_ranks, tiny_gpt, tiny_vq, train_on
+from cli import UserError, parse_config
+from conftest import (ATOL, HERE, SCALE_ARGS, assert_same_weights, fixture, latest_weights, on_ranks, run_train, tiny_gpt,
+                      tiny_vq, train_on)
 from model import config_for
 
 
@@ -199,3 +204,126 @@ def test_kill_9_then_resume_is_bitwise(tmp_path):
                        for x in open(d / 'metrics.jsonl')]
     assert strip(tmp_path / 'ref') == strip(run)
     assert not [d for d in os.listdir(run) if d.startswith('.tmp_')]
+
+# -----------------------------------------------------------------------------
+# the run directory: never replaced unasked, one writer, a torn log line, a full disk, file modes
+
+
+def _rows(out_dir):
+    return [json.loads(line) for line in open(os.path.join(out_dir, 'metrics.jsonl'))]
+
+
+def test_a_fresh_run_never_replaces_a_run_unasked(tmp_path, capsys):
+    r = tmp_path / 'r'
+    run_train(r, '--max_steps', '4', '--save_every', '2')
+    before = latest_weights(r)
+    with pytest.raises(UserError, match='holds a run .step_000004, 4 rows'):  # validation: nothing computed
+        run_train(r, '--max_steps', '1', '--save_every', '1')
+    assert sorted(os.listdir(r)) == ['.lock', 'latest', 'metrics.jsonl', 'reward_curve.png', 'step_000004']
+    assert len(_rows(r)) == 4 and all(torch.equal(before[k], v) for k, v in latest_weights(r).items())
+    # a run started from code (the demo's) is checked when it opens the directory, too
+    cfg = parse_config(train.TrainConfig, ['--preset', 'demo_color', '--image_size', '8', '--out_dir', str(tmp_path / 'x')],
+                       presets=train.TRAIN_PRESETS)
+    cfg.out_dir = str(r)
+    with pytest.raises(UserError, match='holds a run'):
+        with checkpoint.open_run(cfg):
+            pass
+    # --overwrite: the old run is moved aside, kept until the new run's first save, then deleted
+    real_save = checkpoint.save_checkpoint
+    seen = []
+
+    def spy(cfg, *a):  # what the directory holds just before the new run's first save
+        seen.append(sorted(os.listdir(r / checkpoint.REPLACED)))
+        return real_save(cfg, *a)
+    train.save_checkpoint = spy
+    try:
+        run_train(r, '--max_steps', '1', '--save_every', '1', '--overwrite')
+    finally:
+        train.save_checkpoint = real_save
+    assert seen == [['latest', 'metrics.jsonl', 'reward_curve.png', 'step_000004']]
+    assert 'moved to' in capsys.readouterr().out
+    assert sorted(os.listdir(r)) == ['.lock', 'latest', 'metrics.jsonl', 'reward_curve.png', 'step_000001']
+    assert [row['step'] for row in _rows(r)] == [1]
+
+
+def test_a_second_writer_exits_2_naming_the_first_which_finishes(tmp_path):
+    """Two real processes on one out_dir: the second gets one sentence with the first's pid, exit 2, and
+    touches nothing; the first finishes as if alone (its rows in order, its save whole)."""
+    r = tmp_path / 'r'
+    args = [sys.executable, 'train.py', '--preset', 'demo_color', '--image_size', '8', '--grid_every', '0',
+            '--out_dir', str(r), '--save_every', '1000']
+    env = {**os.environ, 'OMP_NUM_THREADS': '1'}
+    first = subprocess.Popen(args + ['--max_steps', '150'], cwd=HERE, env=env, stdout=subprocess.DEVNULL,
+                             stderr=subprocess.DEVNULL)
+    deadline = time.time() + 120
+    while not (r / 'metrics.jsonl').exists() and time.time() < deadline:  # the first has the lock and is running
+        time.sleep(0.2)
+    second = subprocess.run(args + ['--max_steps', '3'], cwd=HERE, env=env, capture_output=True, text=True,
+                            timeout=120)
+    third = subprocess.run(args + ['--max_steps', '3', '--overwrite'], cwd=HERE, env=env, capture_output=True,
+                           text=True, timeout=120)  # passes the "holds a run" check: the lock still refuses it
+    assert first.poll() is None, 'the first run ended before the others started; make it longer'
+    for p in (second, third):
+        assert p.returncode == 2 and f'in use by another run (pid {first.pid})' in p.stderr, p.stderr
+        assert 'Traceback' not in p.stderr and len(p.stderr.strip().splitlines()) == 1
+    assert first.wait(timeout=300) == 0
+    assert [row['step'] for row in _rows(r)] == list(range(1, 151))
+    assert os.listdir(r / 'latest') and checkpoint.newest_checkpoint(str(r)).endswith('step_000150')
+
+
+def test_a_torn_last_line_of_the_log_is_dropped_on_resume(tmp_path, capsys):
+    r = tmp_path / 'r'
+    run_train(r, '--max_steps', '2', '--save_every', '1')
+    with open(r / 'metrics.jsonl', 'a') as f:
+        f.write('{"step": 3, "reward": 0.4')  # killed (or out of space) in the middle of an append
+    run_train(r, '--max_steps', '3', '--save_every', '1', '--resume')
+    assert 'dropped the torn last line' in capsys.readouterr().out
+    assert [row['step'] for row in _rows(r)] == [1, 2, 3]
+    lines = open(r / 'metrics.jsonl').read().split('\n')  # a bad line elsewhere is named, not guessed at
+    open(r / 'metrics.jsonl', 'w').write('\n'.join([lines[0], '{"st', *lines[1:]]))
+    with pytest.raises(UserError, match='metrics.jsonl line 2 is not JSON'):
+        run_train(r, '--max_steps', '4', '--save_every', '1', '--resume')
+
+
+def test_a_full_disk_during_a_save_keeps_the_previous_save(tmp_path, monkeypatch):
+    r = tmp_path / 'r'
+    run_train(r, '--max_steps', '1', '--save_every', '1')
+    before = latest_weights(r)
+
+    def full(*a, **k):
+        raise OSError(errno.ENOSPC, 'No space left on device')
+    monkeypatch.setattr(checkpoint.torch, 'save', full)  # state.pt, the last file of a save
+    code = cli.run(lambda a: run_train(r, *a), ['--max_steps', '2', '--save_every', '1', '--resume'],
+                   errors=(ValueError,))
+    assert code == 2
+    assert sorted(d for d in os.listdir(r) if 'step' in d) == ['step_000001']  # no temp save left over
+    assert all(torch.equal(before[k], v) for k, v in latest_weights(r).items())
+    monkeypatch.undo()
+    run_train(r, '--max_steps', '2', '--save_every', '1', '--resume')  # space again: it continues
+    assert [row['step'] for row in _rows(r)] == [1, 2]
+
+
+def test_full_disk_message_names_the_path(tmp_path, monkeypatch, capsys):
+    r = tmp_path / 'r'
+
+    def full(*a, **k):
+        raise OSError(errno.ENOSPC, 'No space left on device')
+    monkeypatch.setattr(checkpoint.torch, 'save', full)
+    assert cli.run(lambda a: run_train(r, *a), ['--max_steps', '1'], errors=(ValueError,)) == 2
+    err = capsys.readouterr().err
+    assert 'no space left on the device while writing the save' in err and '.tmp_step_000001' in err
+    assert 'there was no earlier save' in err and sum(line.startswith('error: ') for line in err.splitlines()) == 1
+
+
+def test_outputs_follow_the_umask(tmp_path):
+    old = os.umask(0o022)
+    try:
+        run_train(tmp_path / 'r', '--max_steps', '2', '--save_every', '1', '--grid_every', '1',
+                  '--lora_rank', '2', '--cfg_scale', '1.0')
+    finally:
+        os.umask(old)
+    modes = {os.path.relpath(os.path.join(d, f), tmp_path): oct(os.stat(os.path.join(d, f)).st_mode & 0o777)
+             for d, _, fs in os.walk(tmp_path / 'r') for f in fs}
+    assert 'r/step_000002/model.safetensors' in modes and 'r/step_000002/adapter_model.safetensors' in modes
+    assert 'r/grid_00002.png' in modes and 'r/metrics.jsonl' in modes
+    assert set(modes.values()) == {'0o644'}, modes

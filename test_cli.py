@@ -12,11 +12,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import List, Optional
 
+import numpy as np
 import pytest
 import torch
 
 import bench
 import cli
+import metrics
 import train
 from checkpoint import CheckpointError, save_gpt
 from cli import UserError, parse_config
@@ -49,11 +51,17 @@ def test_parse_config_generic(capsys):
 
 def _bad_input_files(tmp):
     """Files the rows refer to, made fresh per row: {name: path}."""
-    f = dict(file=tmp / 'a_file', bin=tmp / 'binary.txt', prompts=tmp / 'p.txt', ckpt=tmp / 'tiny.safetensors')
+    f = dict(file=tmp / 'a_file', bin=tmp / 'binary.txt', prompts=tmp / 'p.txt', ckpt=tmp / 'tiny.safetensors',
+             run=tmp / 'run', empty=tmp / 'empty', one=tmp / 'one.npz', none=tmp / 'none.npz')
     f['file'].write_text('x')
     f['bin'].write_bytes(b'\xff\xfe\x00\x81' * 64)
     f['prompts'].write_text('a red fox\n')
     save_gpt(tiny_gpt(), str(f['ckpt']))
+    (f['run'] / 'step_000002').mkdir(parents=True)  # what a finished run leaves: a save and its log
+    (f['run'] / 'metrics.jsonl').write_text('{"step": 1}\n{"step": 2}\n')
+    f['empty'].mkdir()
+    np.savez(f['one'], arr_0=np.zeros((1, 8, 8, 3), np.uint8))
+    np.savez(f['none'], arr_0=np.zeros((0, 8, 8, 3), np.uint8))
     return {k: str(v) for k, v in f.items()}
 
 
@@ -70,7 +78,7 @@ BAD_INPUTS = [  # (script, argv with {placeholders}, phrase of the message)
     ('train', TRAIN + ['--lr', '0'], '--lr must be > 0'),
     ('train', TRAIN + ['--beta', '-0.1'], '--beta must be >= 0'),
     ('train', TRAIN + ['--eps_low', '1'], '--eps_low must be >= 0 and < 1'),
-    ('train', TRAIN + ['--lr', 'nan'], '--lr must be > 0'),
+    ('train', TRAIN + ['--lr', 'nan'], '--lr must be a finite number'),
     # sampling knobs that used to be accepted silently
     ('train', TRAIN + ['--temperature', '-1'], '--temperature must be > 0'),
     ('train', TRAIN + ['--top_p', '0'], '--top_p must be > 0 and <= 1'),
@@ -95,11 +103,11 @@ BAD_INPUTS = [  # (script, argv with {placeholders}, phrase of the message)
     ('train', TRAIN + ['--ckpt', 't2i_XL_stage1_256', '--prompts', '{tmp}/nope.txt'], 'does not exist'),
     # output locations, checked before anything is computed
     ('train', TRAIN + ['--out_dir', '{file}'], 'is a file, not a directory'),
-    ('train', TRAIN + ['--out_dir', '{file}/sub'], 'is not a writable directory'),
+    ('train', TRAIN + ['--out_dir', '{file}/sub'], 'cannot be created'),
     ('train', TRAIN + ['--out_dir', '/proc/ar_grpo_run'], 'is not a writable directory'),
-    ('train', TRAIN + ['--device', 'tpu'], '--device must be cpu, cuda or cuda:N'),
+    ('train', TRAIN + ['--device', 'tpu'], '--device must be cpu, cuda, cuda:N or mps'),
     # bench.py
-    ('bench', ['--device', 'gpu'], '--device must be cpu, cuda or cuda:N'),
+    ('bench', ['--device', 'gpu'], '--device must be cpu, cuda, cuda:N or mps'),
     ('bench', ['--reps', '0'], '--reps must be >= 1'),
     ('bench', ['--image_size', '100'], 'multiple of 16'),
     ('bench', ['--only', 'kv', 'warp'], '--only takes sections'),
@@ -119,12 +127,34 @@ BAD_INPUTS = [  # (script, argv with {placeholders}, phrase of the message)
     ('train', TRAIN + ['--lora_rank', '-2'], '--lora_rank must be >= 0'),
     ('train', TRAIN + ['--lora_rank', '4', '--lora_targets', 'wq'], '--lora_targets must name'),
     ('train', TRAIN + ['--fsdp'], 'launch with torchrun'),
+    # a run is never replaced unasked
+    ('train', TRAIN + ['--out_dir', '{run}'], 'holds a run (step_000002, 2 rows of metrics.jsonl)'),
+    ('train', TRAIN + ['--out_dir', '{run}', '--resume', '--overwrite'], 'pass one of them'),
+    # every float flag is a finite number
+    ('train', TRAIN + ['--beta', 'inf'], '--beta must be a finite number'),
+    ('train', TRAIN + ['--lora_rank', '4', '--lora_alpha', 'nan'], '--lora_alpha must be a finite number'),
+    ('train', TRAIN + ['--cfg_scale=-inf'], '--cfg_scale must be a finite number'),
+    ('bench', ['--cfg_scale', 'nan'], '--cfg_scale must be a finite number'),
+    # a device this torch build and machine have
+    ('train', TRAIN + ['--device', 'mps'], 'has no MPS'),
+    ('bench', ['--device', 'mps'], 'has no MPS'),
+    # a --world directory must hold a world
+    ('train', TRAIN + ['--world', '{empty}'], 'holds no world'),
+    ('train', TRAIN + ['--world', '{file}'], 'is neither a world preset'),
+    # sizes that cannot fit are refused before the rollout allocates them
+    ('train', TRAIN + ['--group_size', '100000000'], 'needs about'),
+    ('train', TRAIN + ['--conds_per_rank', '1000000000'], 'needs about'),
+    # metrics.py: a set of fewer than two images has no covariance
+    ('metrics', ['{one}', '{one}'], 'holds 1 image(s); FID needs at least 2'),
+    ('metrics', ['{none}', '{one}'], 'holds 0 image(s)'),
+    ('metrics', ['{prompts}', '{one}'], 'is not an .npz with images'),
 ]
 
 
 if not torch.cuda.is_available():
     BAD_INPUTS += [('bench', ['--device', 'cuda'], 'torch sees no GPU'),
-                   ('train', TRAIN + ['--device', 'cuda'], 'torch sees no GPU')]
+                   ('train', TRAIN + ['--device', 'cuda'], 'torch sees no GPU'),
+                   ('train', TRAIN + ['--device', 'cuda:3'], 'torch sees no GPU')]
 
 
 _ERRORS = (ValueError, CheckpointError, WeightsUnavailable)
@@ -141,7 +171,7 @@ def test_bad_input_battery(script, argv, phrase, tmp_path, capsys, monkeypatch):
     if script == 'train' and '--out_dir' not in args:
         args += ['--out_dir', str(out)]
     before = sorted(p.name for p in tmp_path.iterdir())
-    main = dict(train=train.main, bench=bench.main)[script]
+    main = dict(train=train.main, bench=bench.main, metrics=metrics.main)[script]
     code = cli.run(main, args, errors=_ERRORS)
     err = capsys.readouterr().err
     assert code == 2, err

@@ -185,7 +185,11 @@ def _bad_rows(ckpts, tmp):
             (['--preset', 'fast'], 'invalid choice'),
             (['--out', str(a_file / 'g.png')], '--out ' + str(a_file / 'g.png') + ' cannot be written'),  # a folder that is a file
             (['--npz', str(tmp / 'dir.npz')], 'is a directory'),  # a directory
-            (['--per_class', '1', '--npz', str(tmp / 'stale.npz')], 'other settings')]
+            (['--per_class', '1', '--npz', str(tmp / 'stale.npz')], 'other settings'),
+            (['--per_class', '1', '--npz', str(tmp / 'done.npz')], 'already exists'),  # a finished sampling
+            (['--overwrite'], '--overwrite applies to --per_class'),
+            (['--top_p', 'nan'], '--top_p must be a finite number'), (['--device', 'mps'], 'has no MPS')]
+    np.savez(tmp / 'done.npz', arr_0=np.zeros((2, 8, 8, 3), np.uint8))
     if not torch.cuda.is_available():
         rows.append((['--device', 'cuda'], 'no GPU'))
     return rows
@@ -223,4 +227,13 @@ def test_sample_bad_input_cli_and_torchrun(ckpts, tmp_path):
     assert p.returncode != 0 and both.count('error: --top_p must be') == 1, both[-3000:]
     assert re.search(r'exitcode\s*:\s*2', both)
     assert not any(line.startswith('  File "' + HERE) for line in both.splitlines())  # no traceback of ours
+    assert os.listdir(tmp_path) == []
+
+
+def test_sizes_that_cannot_fit_are_refused_before_sampling(ckpts, tmp_path):
+    """After loading (the GPT's size is then known), before generate() allocates its KV cache."""
+    for args, out in ((['--class', '3', '--per_class', '10000000', '--batch', '100000000', '--npz', str(tmp_path / 'x.npz')],
+                       None), (['--class', '3', '--n', '100000000'], str(tmp_path / 'g.png'))):
+        with pytest.raises(UserError, match='needs about .* GiB but this cpu has'):
+            run_sample(ckpts, 'c2i', *args, out=out)
     assert os.listdir(tmp_path) == []

@@ -42,15 +42,18 @@ from typing import Any, List, Optional
 import numpy as np
 import torch
 import torch.distributed as dist
+from tqdm import tqdm
 
 import distributed
 import grpo
 import lora
 import memory
 import world
-from checkpoint import (RELEASES, CheckpointError, WeightsUnavailable, check_generator, check_pair, load_checkpoint,
-                        load_gpt, load_vq, peek_gpt_config, save_checkpoint, vq_downsample)
-from cli import UserError, atomic_write, check_device, check_range, check_writable_dir, parse_config, run
+from checkpoint import (RELEASES, CheckpointError, WeightsUnavailable, check_generator, check_out_dir, check_pair,
+                        load_checkpoint, load_gpt, load_vq, open_run, peek_gpt_config, read_metrics, save_checkpoint,
+                        vq_downsample)
+from cli import (UserError, atomic_write, check_device, check_range, check_writable_dir, disk_full_is_one_sentence,
+                 parse_config, run)
 from conditions import encode_prompts, load_t5, read_prompts
 from model import GPT, config_for, generate
 from plots import plot_curve, write_grid
@@ -110,6 +113,7 @@ class TrainConfig:
     save_every: int = 50  # checkpoint every N steps (and at the end)
     grid_every: int = 25  # write a grid of groups with their rewards every N steps; 0 = never
     resume: bool = False  # continue from out_dir's checkpoint
+    overwrite: bool = False  # start over in an out_dir that holds a run (moved to out_dir/.replaced until we save)
     max_bad_steps: int = 3  # consecutive non-finite steps before saving and stopping
     # evaluation
     eval: bool = False  # sample eval_conds with fixed seeds, report each reward's mean +- s.e. (metrics.py), exit
@@ -389,7 +393,14 @@ def train(cfg, hook=None):
         import metrics
         return metrics.reward_eval(cfg, run.policy, run.vq, run.reward_fn, run.prompts, run.t5, run.device,
                                    run.rank, run.world)
-    step, bad = start_training(cfg, run)
+    with open_run(cfg, run.rank, run.world):  # one writer of out_dir; an earlier run is never silently lost
+        step, bad = start_training(cfg, run)
+        return loop(cfg, run, step, bad, hook)
+
+
+def loop(cfg, run, step, bad, hook):
+    """Steps from `step` to max_steps: a GRPO step, the averaged metrics logged (metrics.jsonl, one line, the
+    bar), a grid now and then, a save every save_every steps; stop after max_bad_steps skipped steps in a row."""
     log_path = os.path.join(cfg.out_dir, 'metrics.jsonl')
     rows = read_metrics(log_path, upto=step)
     if step >= cfg.max_steps:  # a finished run: nothing to do (raise --max_steps to go on)
@@ -398,7 +409,6 @@ def train(cfg, hook=None):
     if run.rank == 0:  # drop lines past the checkpoint: the resumed run writes them again
         text = ''.join(json.dumps(r) + '\n' for r in rows)
         atomic_write({log_path: lambda tmp: Path(tmp).write_text(text)})
-    from tqdm import tqdm
     bar = tqdm(range(step, cfg.max_steps), initial=step, total=cfg.max_steps, disable=run.rank != 0,
                dynamic_ncols=True)
     for step in bar:
@@ -408,7 +418,7 @@ def train(cfg, hook=None):
         bad = bad + 1 if metrics['skipped'] else 0
         if run.rank == 0:
             rows.append(metrics)
-            with open(log_path, 'a') as f:
+            with disk_full_is_one_sentence(log_path), open(log_path, 'a') as f:  # a torn line is dropped on resume
                 f.write(json.dumps(metrics) + '\n')
             bar.set_postfix(reward=f"{metrics['reward']:.4f}", kl_start=f"{metrics.get('kl_start', 0):.4f}")
             bar.write(log_line(metrics, cfg.max_steps))
@@ -437,12 +447,6 @@ def log_line(m, max_steps):
     return (f"step {m['step']}/{max_steps} | reward {m['reward']:.4f} | kl {kl:.4f} | "
             f"{m['step_time']:.2f} s" + (" | skipped" if m['skipped'] else ""))
 
-
-def read_metrics(path, upto=None):
-    if not os.path.isfile(path):
-        return []
-    rows = [json.loads(line) for line in open(path) if line.strip()]
-    return [r for r in rows if upto is None or r['step'] <= upto]
 
 # -----------------------------------------------------------------------------
 # set-up: processes, models, rewards (plumbing; the algorithm is above)
@@ -558,6 +562,8 @@ def check_train_config(cfg):
     check_generator(peek_gpt_config(cfg.ckpt) if cfg.ckpt else dict(model_type='c2i'), cfg.ckpt or 'the random-init '
                     'model', bool(cfg.prompts), cfg.classes, cfg.image_size, vq_downsample(cfg.vq_ckpt))
     check_writable_dir(cfg.out_dir, '--out_dir')
+    if not cfg.eval:  # an evaluation only adds eval.json; a run is never replaced unasked
+        check_out_dir(cfg)
 
 
 def check_batch(cfg):

@@ -490,6 +490,9 @@ def check_flags(world, rewards):
     if world and world not in WORLD_PRESETS and not os.path.isdir(world):
         raise UserError(f"--world {world!r} is neither a world preset ({', '.join(WORLD_PRESETS)}) "
                         f"nor a directory built by world.py; pass --world demo")
+    if world and world not in WORLD_PRESETS and not os.path.isfile(os.path.join(world, 'world.json')):
+        raise UserError(f"--world {world} holds no world (no world.json); build one with python world.py, or pass "
+                        f"--world demo")
     if 'world_' in rewards and not world:
         raise UserError("the world_class / world_real rewards need a world; pass --world demo (or --preset demo)")
 
