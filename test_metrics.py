@@ -189,6 +189,14 @@ def test_metrics_end_to_end_tiny_extractor(tmp_path):
             assert got[k] == pytest.approx(v, rel=1e-6, abs=1e-9), (ref, k)
     same = metrics.compute_metrics(str(tmp_path / 'fake.npz'), str(tmp_path / 'fake.npz'), ex)
     assert abs(same['fid']) < 1e-6 and same['precision'] == same['recall'] == 1.0
+    # degenerate sets are one sentence, never a crash of the eigen-solver (it segfaulted on NaN)
+    np.savez(tmp_path / 'three.npz', arr_0=fake[:3])  # FID yes; precision/recall need more than k = 3 points
+    assert 'precision' not in metrics.compute_metrics(str(tmp_path / 'three.npz'), str(tmp_path / 'real'), ex)
+    nan = lambda x: {k: v * float('nan') for k, v in ex(x).items()}
+    with pytest.raises(UserError, match='features of samples are not finite'):
+        metrics.compute_metrics(str(tmp_path / 'fake.npz'), str(tmp_path / 'real'), nan)
+    with pytest.raises(ValueError, match='not finite'):
+        fid.frechet_distance(*fid.mean_cov(f['pool'][:1]), *fid.mean_cov(r['pool']))  # one image: NaN covariance
 
 
 def test_tf_inception_adapter_shapes(monkeypatch):

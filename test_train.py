@@ -16,9 +16,9 @@ import torch
 
 import conditions
 import train
-from checkpoint import CheckpointError
+from checkpoint import CheckpointError, WeightsUnavailable
 from cli import UserError
-from conftest import HERE, cuda, fixture, run_train
+from conftest import HERE, cuda, fixture, offline_hf_home, run_train
 from model import GPT, GPTConfig
 
 
@@ -192,3 +192,11 @@ def test_token_diagnostics_against_brute_force():
     assert train.kl_to_start(m, m, t, c) == pytest.approx(0, abs=1e-7)
     p, q = m2(t[:, :-1], c).softmax(-1), m(t[:, :-1], c).softmax(-1)
     assert train.kl_to_start(m2, m, t, c) == pytest.approx((p * (p / q).log()).sum(-1).mean().item(), rel=1e-5)
+
+
+def test_a_failure_after_validation_leaves_nothing_behind(tmp_path, monkeypatch):
+    """Validation passes, then the reward weights cannot be fetched (offline): out_dir was never created."""
+    offline_hf_home(monkeypatch, tmp_path / 'hf')
+    with pytest.raises(WeightsUnavailable):
+        run_train(tmp_path / 'o' / 'run', '--rewards', 'clip=1', '--max_steps', '1')
+    assert not os.path.exists(tmp_path / 'o')
