@@ -238,13 +238,14 @@ def bench_judge(cfg, device):
 
 def bench_grpo_step(cfg, device, dtype):
     """One GRPO step of train.py, split into its parts (fractions of the step)."""
+    import checkpoint
     import train
     from rewards import build_reward
     tc = train.TrainConfig(ckpt='', vq_ckpt='', rewards='clip=1,quality=1', clip_pretrained=None,
                            clip_model='ViT-B-32' if cfg.quick or device.type == 'cpu' else (cfg.clip_model or 'ViT-L-14'),
                            conds_per_rank=1 if device.type == 'cpu' else 4, group_size=8, cfg_scale=2.0, beta=0.1,
                            dtype='bfloat16', device=device.type, compile=cfg.compile)
-    vq = VQModel(VQConfig(**(train.TINY_VQ if cfg.quick else VQ_PRESETS['VQ-16']))).to(device).eval()
+    vq = VQModel(VQConfig(**(checkpoint.TINY_VQ if cfg.quick else VQ_PRESETS['VQ-16']))).to(device).eval()
     # float32 master weights (autocast on GPU), as train.py
     policy = build_gpt(cfg, device, torch.float32, vq.config.downsample, vq.config.codebook_size)
     tc.image_size = int(policy.config.block_size ** 0.5) * vq.config.downsample

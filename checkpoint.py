@@ -23,6 +23,7 @@ the usual single file that sample.py --ckpt and LlamaGen-format loaders read.
 """
 import argparse
 import contextlib
+import copy
 import errno
 import json
 import math
@@ -346,6 +347,46 @@ def load_vq(ckpt='vq_ds16_c2i', preset=None, device='cpu', dtype=torch.float32, 
         vq = VQModel(VQConfig(**kw))
     vq = load_into(vq.to_empty(device='cpu'), sd, path)
     return vq.to(device=device, dtype=dtype).eval()
+
+# -----------------------------------------------------------------------------
+# train.py's models: from checkpoints (or a seeded random init), with the LoRA / FSDP options applied
+
+TINY_VQ = dict(codebook_size=64, encoder_ch_mult=[1, 1], decoder_ch_mult=[1, 1], z_channels=32, ch=128)  # demos
+
+
+def load_training_models(cfg, device):
+    """train.py's models: (policy, reference or None, vq). The reference is a frozen copy of the starting policy; under LoRA
+    it is the policy itself with its adapters off (lora.AdaptersOff), so no second copy is held. With
+    --fsdp the policy (and a full-fine-tuning reference) are sharded over the ranks."""
+    if cfg.vq_ckpt:
+        vq = load_vq(cfg.vq_ckpt, device=device)
+    else:  # a seeded random tiny VQ: the demo and tests need no weights
+        torch.manual_seed(cfg.seed)
+        vq = VQModel(VQConfig(**TINY_VQ)).to(device).eval()
+    vq.requires_grad_(False)
+    ds, vocab = vq.config.downsample, vq.config.codebook_size
+    load_to = torch.device('cpu') if cfg.fsdp else device  # FSDP moves each rank's shard to the device
+    if cfg.ckpt:
+        policy = load_gpt(cfg.ckpt, preset=cfg.model, image_size=cfg.image_size, device=load_to, downsample=ds)
+    else:
+        torch.manual_seed(cfg.seed)
+        policy = GPT(config_for(cfg.model, cfg.image_size, ds, vocab_size=vocab)).to(load_to)
+    check_pair(policy, vq, cfg.ckpt, cfg.vq_ckpt, cfg.image_size)
+    check_generator(asdict(policy.config), cfg.ckpt or 'this model', bool(cfg.prompts), cfg.classes)  # a .pt says less
+    policy.eval()  # dropout off: see the module docstring
+    policy.grad_ckpt = cfg.grad_ckpt
+    if cfg.lora_rank:
+        torch.manual_seed(cfg.seed)  # the adapters' init (A random, B zero) is the same on every rank
+        lora.add_lora(policy, cfg.lora_rank, cfg.lora_alpha, cfg.lora_targets)
+        ref = lora.AdaptersOff(policy) if cfg.beta > 0 else None
+    else:
+        ref = copy.deepcopy(policy).requires_grad_(False) if cfg.beta > 0 else None
+    if cfg.fsdp:
+        distributed.shard(policy, device)
+        if ref is not None and not cfg.lora_rank:
+            distributed.shard(ref, device)  # sharded too: gathered block by block for its one no-grad forward
+    return policy, ref, vq
+
 
 # -----------------------------------------------------------------------------
 # train.py's step-directory saves

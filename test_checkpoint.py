@@ -133,7 +133,7 @@ def resave(src, dst, world, *args):
         cfg = parse_config(train.TrainConfig, [*SCALE_ARGS, '--out_dir', str(src), '--resume', *args],
                            presets=train.TRAIN_PRESETS)
         rank, w, device = distributed.init(cfg.device)
-        policy, _, _ = train.build_models(cfg, device)
+        policy, _, _ = checkpoint.load_training_models(cfg, device)
         opt = torch.optim.AdamW([p for p in policy.parameters() if p.requires_grad])
         step, bad = checkpoint.load_checkpoint(cfg, policy, opt)
         cfg.out_dir = str(dst)

@@ -6,6 +6,7 @@ import json
 from safetensors.torch import load_file
 import torch
 
+import checkpoint
 import train
 from checkpoint import load_gpt, save_gpt
 from cli import parse_config
@@ -36,7 +37,7 @@ def test_lora_zero_kl_and_merged_checkpoint(tmp_path):
     assert rows[0]['kl'] == 0.0 and rows[-1]['kl'] > 0
     # the adapted model, rebuilt from the base and the PEFT-format adapter file...
     cfg = parse_config(train.TrainConfig, ['--preset', 'demo_color', '--image_size', '8', *lora], presets=train.TRAIN_PRESETS)
-    policy, ref, _ = train.build_models(cfg, torch.device('cpu'))
+    policy, ref, _ = checkpoint.load_training_models(cfg, torch.device('cpu'))
     peft = load_file(str(tmp_path / 'latest' / 'adapter_model.safetensors'))
     assert all(k.startswith('base_model.model.layers.') and '.lora_' in k for k in peft)
     missing, unexpected = policy.load_state_dict({k[len('base_model.model.'):]: v for k, v in peft.items()}, strict=False)

@@ -14,6 +14,7 @@ import torch
 import torch_fidelity.feature_extractor_inceptionv3 as tfi
 from PIL import Image
 
+import checkpoint
 import cli
 import fid
 import metrics
@@ -258,7 +259,7 @@ def test_reward_eval_shards_are_the_whole(tmp_path):
     # conditions i = rank, rank + world, ...: two ranks' shares together are the one-rank result, exactly
     cfg = parse_config(train.TrainConfig, ['--preset', 'demo_color', '--image_size', '8', '--eval', '--eval_images', '2'],
                        presets=train.TRAIN_PRESETS)
-    policy, _, vq = train.build_models(cfg, torch.device('cpu'))
+    policy, _, vq = checkpoint.load_training_models(cfg, torch.device('cpu'))
     reward_fn = build_reward(cfg.rewards)
     models, conds = {'base': policy}, list(range(5))
     run = lambda rank, world: metrics.score_conditions(cfg, models, vq, reward_fn, conds, None, torch.device('cpu'),

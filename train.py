@@ -7,13 +7,9 @@ VQ and score with the reward models -> group-relative advantages -> num_iteratio
 config, then the step in call order, then the loop; the plumbing (models, checks) comes last.
 
     python train.py --preset demo                         # CPU, offline: GRPO in world.py's miniature world
-    python train.py --preset demo_color                   # smallest smoke run: random GPT, colourfulness
     torchrun --nproc_per_node=8 train.py --preset c2i_xl  # the paper's class-to-image run (32 images a step)
     torchrun --nproc_per_node=8 train.py --preset t2i_xl --prompts prompts.txt
-    python train.py --preset demo --resume                # continue out_dir exactly where it stopped
-    python train.py --preset demo --eval --ckpt out/demo/latest/model.safetensors   # rewards on fixed seeds
-    torchrun --nproc_per_node=8 train.py --preset c2i_xl --fsdp --no-compile # big models (distributed.py)
-    python train.py --preset c2i_xl --lora_rank 16 --micro_batch_size 4       # XL on one 24 GB card (lora.py)
+    python train.py --preset c2i_xl --resume              # continue out_dir exactly where it stopped
 
 How this departs from the paper's code (grpo.py says how the loss departs from textbook GRPO):
   1. A group may span ranks: the step's conditions are drawn once, identically on every rank, each rank samples
@@ -35,7 +31,7 @@ import os
 import sys
 import time
 from contextlib import nullcontext
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, List, Optional
 
@@ -49,16 +45,15 @@ import grpo
 import lora
 import memory
 import world
-from checkpoint import (RELEASES, CheckpointError, WeightsUnavailable, check_generator, check_out_dir, check_pair,
-                        load_checkpoint, load_gpt, load_vq, open_run, peek_gpt_config, read_metrics, save_checkpoint,
-                        vq_downsample)
+from checkpoint import (RELEASES, CheckpointError, WeightsUnavailable, check_generator, check_out_dir,
+                        load_checkpoint, load_training_models, open_run, peek_gpt_config, read_metrics,
+                        save_checkpoint, vq_downsample)
 from cli import (UserError, atomic_write, check_device, check_range, check_writable_dir, disk_full_is_one_sentence,
                  parse_config, run)
 from conditions import encode_prompts, load_t5, read_prompts
-from model import GPT, config_for, generate
+from model import generate
 from plots import plot_curve, write_grid
 from rewards import build_reward, check_reward_flags
-from tokenizer import VQConfig, VQModel
 
 
 @dataclass
@@ -156,9 +151,6 @@ TRAIN_PRESETS = {
     't2i_xl': dict(ckpt='t2i_XL_stage1_256', image_size=256, vq_ckpt='vq_ds16_t2i', cfg_scale=4.0, beta=1.0,
                    max_steps=600, images_per_step=64, rewards='paper', compile=True, out_dir='out/t2i_xl'),
 }
-TINY_VQ = dict(codebook_size=64, encoder_ch_mult=[1, 1], decoder_ch_mult=[1, 1], z_channels=32, ch=128)
-
-
 @dataclass
 class Run:
     """Everything a step needs besides the config: built once by train(), passed to every step."""
@@ -455,7 +447,7 @@ def log_line(m, max_steps):
 def setup(cfg):
     """torchrun or not, the models, the reward and the conditions -> a Run (no optimizer yet)."""
     rank, world_size, device = distributed.init(cfg.device)
-    policy, ref, vq = build_models(cfg, device)
+    policy, ref, vq = load_training_models(cfg, device)
     memory.print_plan(cfg, policy.config, world_size, device, step_layout(cfg, world_size)[1])
     reward_fn = build_reward(cfg.rewards, device=device, clip_model=cfg.clip_model,
                              clip_pretrained=cfg.clip_pretrained, hps_ckpt=cfg.hps_ckpt, judge=cfg.judge,
@@ -477,40 +469,6 @@ def start_training(cfg, run):
     run.start = run.ref if run.ref is not None or not cfg.kl_images else \
         copy.deepcopy(run.policy).requires_grad_(False)
     return step, bad
-
-
-def build_models(cfg, device):
-    """(policy, reference or None, vq). The reference is a frozen copy of the starting policy; under LoRA
-    it is the policy itself with its adapters off (lora.AdaptersOff), so no second copy is held. With
-    --fsdp the policy (and a full-fine-tuning reference) are sharded over the ranks."""
-    if cfg.vq_ckpt:
-        vq = load_vq(cfg.vq_ckpt, device=device)
-    else:  # a seeded random tiny VQ: the demo and tests need no weights
-        torch.manual_seed(cfg.seed)
-        vq = VQModel(VQConfig(**TINY_VQ)).to(device).eval()
-    vq.requires_grad_(False)
-    ds, vocab = vq.config.downsample, vq.config.codebook_size
-    load_to = torch.device('cpu') if cfg.fsdp else device  # FSDP moves each rank's shard to the device
-    if cfg.ckpt:
-        policy = load_gpt(cfg.ckpt, preset=cfg.model, image_size=cfg.image_size, device=load_to, downsample=ds)
-    else:
-        torch.manual_seed(cfg.seed)
-        policy = GPT(config_for(cfg.model, cfg.image_size, ds, vocab_size=vocab)).to(load_to)
-    check_pair(policy, vq, cfg.ckpt, cfg.vq_ckpt, cfg.image_size)
-    check_generator(asdict(policy.config), cfg.ckpt or 'this model', bool(cfg.prompts), cfg.classes)  # a .pt says less
-    policy.eval()  # dropout off: see the module docstring
-    policy.grad_ckpt = cfg.grad_ckpt
-    if cfg.lora_rank:
-        torch.manual_seed(cfg.seed)  # the adapters' init (A random, B zero) is the same on every rank
-        lora.add_lora(policy, cfg.lora_rank, cfg.lora_alpha, cfg.lora_targets)
-        ref = lora.AdaptersOff(policy) if cfg.beta > 0 else None
-    else:
-        ref = copy.deepcopy(policy).requires_grad_(False) if cfg.beta > 0 else None
-    if cfg.fsdp:
-        distributed.shard(policy, device)
-        if ref is not None and not cfg.lora_rank:
-            distributed.shard(ref, device)  # sharded too: gathered block by block for its one no-grad forward
-    return policy, ref, vq
 
 
 def autocast(cfg, device):
