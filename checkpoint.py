@@ -425,9 +425,11 @@ def full_weights(policy):
     return {k: v.detach().cpu() for k, v in policy.state_dict().items()}
 
 
-def save_checkpoint(cfg, policy, opt, step, bad_steps, rank=0, world=1):
-    """Write step_NNNNNN as one unit (see above). Called on every rank. If any part fails (a full disk, say),
-    the temp directory is removed, every rank raises the same error, and the previous save stays whole."""
+def save_checkpoint(cfg, policy, opt, step, bad_steps, rank=0, world=1, extra=None):
+    """Write step_NNNNNN as one unit (see above). Called on every rank. `extra`: more training state for state.pt
+    (the moving statistics of a distribution-level reward, the entropy coefficient), identical on every rank.
+    If any part fails (a full disk, say), the temp directory is removed, every rank raises the same error, and
+    the previous save stays whole."""
     import torch.distributed.checkpoint as dcp
     name = f'step_{step:06d}'
     tmp, final = os.path.join(cfg.out_dir, '.tmp_' + name), os.path.join(cfg.out_dir, name)
@@ -442,7 +444,7 @@ def save_checkpoint(cfg, policy, opt, step, bad_steps, rank=0, world=1):
             dcp.save(_dcp_state(cfg, policy, opt), checkpoint_id=os.path.join(tmp, 'dcp'), no_dist=world == 1)
         sd = full_weights(policy)
         if rank == 0:
-            _write_save(cfg, policy, sd, tmp, step, bad_steps)
+            _write_save(cfg, policy, sd, tmp, step, bad_steps, extra or {})
     except BaseException as e:  # DCP's CheckpointException is a BaseException
         error = _save_failed(e, tmp, cfg.out_dir)
     if world > 1:  # every rank learns whether rank 0's part failed
@@ -458,14 +460,14 @@ def save_checkpoint(cfg, policy, opt, step, bad_steps, rank=0, world=1):
     _barrier(world)
 
 
-def _write_save(cfg, policy, sd, tmp, step, bad_steps):
+def _write_save(cfg, policy, sd, tmp, step, bad_steps, extra):
     """Rank 0's files of a save: the LoRA adapter, model.safetensors, state.pt."""
     if cfg.lora_rank:
         lora.save_adapter(sd, tmp, cfg.lora_rank, cfg.lora_alpha, cfg.lora_targets, cfg.ckpt)
         sd = lora.merge_lora(sd, cfg.lora_alpha / cfg.lora_rank)
     save_gpt(policy, os.path.join(tmp, 'model.safetensors'), state_dict=sd, step=step)
     torch.save(dict(step=step, bad_steps=bad_steps, config=asdict(cfg), rng_cpu=torch.get_rng_state(),
-                    rng_cuda=torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []),
+                    rng_cuda=torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [], extra=extra),
                os.path.join(tmp, 'state.pt'))
 
 
@@ -600,7 +602,7 @@ def newest_checkpoint(out_dir):
 
 def load_checkpoint(cfg, policy, opt):
     """Restore weights, optimizer, RNG and step from the newest save in out_dir (every rank, any world size).
-    Returns (step, bad_steps)."""
+    Returns (step, bad_steps, extra): `extra` as save_checkpoint was given it ({} for older saves)."""
     import torch.distributed.checkpoint as dcp
     from torch.distributed.checkpoint.state_dict import StateDictOptions, set_state_dict
     d = newest_checkpoint(cfg.out_dir)
@@ -631,7 +633,7 @@ def load_checkpoint(cfg, policy, opt):
     torch.set_rng_state(state['rng_cpu'])
     if state['rng_cuda'] and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state['rng_cuda'])
-    return state['step'], state['bad_steps']
+    return state['step'], state['bad_steps'], state.get('extra', {})
 
 
 if __name__ == '__main__':
@@ -651,7 +653,7 @@ if __name__ == '__main__':
         for step in (1, 2):
             save_checkpoint(Run(d), policy, opt, step, bad_steps=0)
         print(sorted(os.listdir(d)), '-> latest =', os.readlink(os.path.join(d, 'latest')))
-        copy = GPT(policy.config)
-        step, bad = load_checkpoint(Run(d), copy, torch.optim.AdamW(copy.parameters(), lr=1e-3))
-        same = all(torch.equal(a, b) for a, b in zip(policy.state_dict().values(), copy.state_dict().values()))
+        clone = GPT(policy.config)
+        step, bad, _ = load_checkpoint(Run(d), clone, torch.optim.AdamW(clone.parameters(), lr=1e-3))
+        same = all(torch.equal(a, b) for a, b in zip(policy.state_dict().values(), clone.state_dict().values()))
         print(f"resumed at step {step}; weights equal: {same}")

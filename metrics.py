@@ -52,7 +52,7 @@ from checkpoint import CheckpointError, load_gpt
 from cli import (UserError, as_umask_allows, atomic_write, check_device, check_not_locked, check_writable_file,
                  disk_full_is_one_sentence, exclusive, parse_config, run, save_npz)
 from conditions import encode_prompts
-from fid import frechet_distance, mean_cov
+from fid import LooFID, frechet_distance, mean_cov
 from model import generate, sample_logits
 from plots import side_by_side
 from tokenizer import to_uint8
@@ -219,6 +219,29 @@ def reference_stats(ref, extractor, device, batch):
     return feats, stats
 
 
+def check_image_set(path, flag, stats_ok):
+    """Before any network loads: `path` is an .npz with at least 2 images `arr_0` (or, where stats_ok, ADM
+    statistics `mu`/`sigma`), or, for a reference, a folder of images. Raises UserError naming `flag`."""
+    usage = "; usage: python metrics.py SAMPLES.npz REF.npz|DIR" if flag in ('samples', 'ref') else ""
+    if not path or not os.path.exists(path):
+        raise UserError(f"{flag} {path!r} does not exist{usage}")
+    if os.path.isdir(path):
+        if not stats_ok:
+            raise UserError(f"{flag} {path} is a folder; pass the .npz that sample.py --per_class wrote")
+        if not any(f.lower().endswith(IMAGE_EXTENSIONS) for f in os.listdir(path)):
+            raise UserError(f"{flag} {path} holds no .png/.jpg/.webp images; pass a folder of images or an .npz")
+        return
+    names = zipfile.ZipFile(path).namelist() if zipfile.is_zipfile(path) else []
+    if 'arr_0.npy' not in names and not (stats_ok and 'mu.npy' in names):
+        raise UserError(f"{flag} {path} is not an .npz with images `arr_0`" +
+                        (" or ADM statistics `mu`/`sigma`" if stats_ok else "") +
+                        "; write one with sample.py --per_class (or np.savez)")
+    n = npz_images(path) if 'arr_0.npy' in names and 'mu.npy' not in names else 2
+    if n < 2:  # before the Inception network is even loaded
+        raise UserError(f"{flag} {path} holds {n} image(s); FID needs at least 2 (the covariance of one "
+                        f"image is undefined)")
+
+
 def compute_metrics(samples, ref, extractor, device='cpu', batch=64, split_size=5000, k=3):
     """All the ADM evaluator's numbers for an .npz of samples against a reference (.npz or folder). Precision
     and recall need more than k images on each side; a set too small, or features that are not finite, is one
@@ -239,6 +262,18 @@ def compute_metrics(samples, ref, extractor, device='cpu', batch=64, split_size=
         out['precision'], out['recall'] = precision_recall(ref_feats['pool'], f['pool'], k)
         out['n_reference'] = len(ref_feats['pool'])
     return out
+
+
+def loo_fid_reward(fid_ref, decay, device, inception=None, batch=64):
+    """The leave-one-out FID reward (fid.LooFID) of a real run: TF-Inception pool features of the decoded images
+    (rounded to uint8, as the evaluator will see them), against the statistics of --fid_ref (an ADM reference
+    batch's own mu/sigma, or the features of its images / of a folder of images)."""
+    extractor = load_inception(inception, device)
+    _, stats = reference_stats(fid_ref, extractor, device, batch)
+
+    def features(images):  # (B, 3, H, W) in [-1, 1] -> (B, 2048)
+        return extractor(to_uint8(images).to(device))['pool']
+    return LooFID(features, *stats['pool'], decay=decay).to(device)
 
 
 # -----------------------------------------------------------------------------
@@ -546,24 +581,8 @@ class MetricsConfig:
     out: str = ''  # also write the numbers as JSON here; '' = print only
 
     def validate(self):
-        for flag, path in (('samples', self.samples), ('ref', self.ref)):
-            if not path or not os.path.exists(path):
-                raise UserError(f"{flag} {path!r} does not exist; usage: python metrics.py SAMPLES.npz REF.npz|DIR")
-            if os.path.isdir(path):
-                if flag == 'samples':
-                    raise UserError(f"samples {path} is a folder; pass the .npz that sample.py --per_class wrote")
-                if not any(f.lower().endswith(IMAGE_EXTENSIONS) for f in os.listdir(path)):
-                    raise UserError(f"ref {path} holds no .png/.jpg/.webp images; pass a folder of images or an .npz")
-                continue
-            names = zipfile.ZipFile(path).namelist() if zipfile.is_zipfile(path) else []
-            if 'arr_0.npy' not in names and not (flag == 'ref' and 'mu.npy' in names):
-                raise UserError(f"{flag} {path} is not an .npz with images `arr_0`" +
-                                (" or ADM statistics `mu`/`sigma`" if flag == 'ref' else "") +
-                                "; write one with sample.py --per_class (or np.savez)")
-            n = npz_images(path) if 'arr_0.npy' in names else 2
-            if n < 2:  # before the Inception network is even loaded
-                raise UserError(f"{flag} {path} holds {n} image(s); FID needs at least 2 (the covariance of one "
-                                f"image is undefined)")
+        check_image_set(self.samples, 'samples', stats_ok=False)
+        check_image_set(self.ref, 'ref', stats_ok=True)
         if self.batch < 1 or self.split_size < 1:
             raise UserError(f"--batch and --split_size must be at least 1, got {self.batch} and {self.split_size}")
         check_device(self.device)

@@ -293,19 +293,21 @@ def load_hps(ckpt=None, arch="ViT-H-14", device="cpu"):
 
 
 def parse_spec(spec, extra=()):
-    """'clip=1,quality=0.5' or {'clip': 1, 'quality': 0.5} -> {name: float weight}; 'paper' -> PAPER.
-    `extra`: names of scorers the caller will hand to build_reward (e.g. the miniature world's)."""
-    if spec == "paper":
-        return {k: float(w) for k, w in PAPER.items()}
+    """'clip=1,quality=0.5' or {'clip': 1, 'quality': 0.5} -> {name: float weight}. 'paper' stands for the paper's
+    recipe (PAPER), alone or as one item: 'paper,loo_fid=0.5'. `extra`: names of scorers the caller will hand to
+    build_reward (the miniature world's, loo_fid)."""
     if isinstance(spec, dict):
         items = spec.items()
-    else:  # a part without '=' gets the weight '', which fails below
+    else:  # a part without '=' gets the weight '', which fails below ('paper' excepted)
         items = [part.partition("=")[::2] for part in str(spec).split(",")]
+    items = [kv for name, w in items for kv in (PAPER.items() if str(name).strip() == "paper" and w == "" else
+                                               [(name, w)])]
+    known = SCORERS + tuple(extra)
     weights = {}
     for name, w in items:
         name = str(name).strip()
-        if name not in SCORERS + tuple(extra):
-            raise ValueError(f"unknown reward {name!r} in {spec!r}; known rewards: {', '.join(SCORERS + tuple(extra))}, "
+        if name not in known:
+            raise ValueError(f"unknown reward {name!r} in {spec!r}; known rewards: {', '.join(known)}, "
                              f"or 'paper' for the paper's recipe.")
         try:
             w = float(w)
@@ -357,7 +359,7 @@ def build_reward(spec, device="cpu", clip_model="ViT-L-14", clip_pretrained="ope
     extra: {name: scorer} built by the caller (the miniature world's learned rewards), usable in the spec."""
     extra = extra or {}
     weights = parse_spec(spec, extra)
-    clip_arch = paper_clip if spec == "paper" else (clip_model, clip_pretrained)
+    clip_arch = paper_clip if "paper" in str(spec).split(",") else (clip_model, clip_pretrained)
     if judge_url:
         judge = ServedJudge(judge_url, judge_model or judge)
     scorers = {}

@@ -135,7 +135,7 @@ def resave(src, dst, world, *args):
         rank, w, device = distributed.init(cfg.device)
         policy, _, _ = checkpoint.load_training_models(cfg, device)
         opt = torch.optim.AdamW([p for p in policy.parameters() if p.requires_grad])
-        step, bad = checkpoint.load_checkpoint(cfg, policy, opt)
+        step, bad, _ = checkpoint.load_checkpoint(cfg, policy, opt)
         cfg.out_dir = str(dst)
         os.makedirs(dst, exist_ok=True)
         checkpoint.save_checkpoint(cfg, policy, opt, step, bad, rank, w)

@@ -13,13 +13,17 @@ import numpy as np
 import pytest
 from safetensors.torch import load_file
 import torch
+import torch_fidelity.feature_extractor_inceptionv3 as tfi
 
 import conditions
+import grpo
+import metrics
 import train
 from checkpoint import CheckpointError, WeightsUnavailable
-from cli import UserError
+from cli import UserError, parse_config
+from fid import LooFID, mean_cov
 from conftest import HERE, cuda, fixture, offline_hf_home, run_train
-from model import GPT, GPTConfig
+from model import GPT, GPTConfig, generate
 
 
 def test_demo_reward_rises(tmp_path):
@@ -200,3 +204,98 @@ def test_a_failure_after_validation_leaves_nothing_behind(tmp_path, monkeypatch)
     with pytest.raises(WeightsUnavailable):
         run_train(tmp_path / 'o' / 'run', '--rewards', 'clip=1', '--max_steps', '1')
     assert not os.path.exists(tmp_path / 'o')
+
+
+# -----------------------------------------------------------------------------
+# beyond the paper: guidance-free rollouts, the entropy bonus, the leave-one-out FID reward
+
+
+def _tiny_run(tmp_path, *args):
+    cfg = parse_config(train.TrainConfig, ['--preset', 'demo_color', '--image_size', '8', '--out_dir', str(tmp_path),
+                                           *args], presets=train.TRAIN_PRESETS)
+    run = train.setup(cfg)
+    train.start_training(cfg, run)
+    return cfg, run
+
+
+def test_guidance_free_rollout_is_on_policy_and_its_step_runs(tmp_path):
+    """At --cfg_scale 1 the rollout samples from the conditional branch alone (one forward per token, no null
+    half), so the log-probs the update computes teacher-forced equal those of the distribution that drew the
+    tokens; a whole step runs and updates the weights."""
+    cfg, run = _tiny_run(tmp_path, '--cfg_scale', '1', '--beta', '0.05')
+    torch.nn.init.normal_(run.policy.output.weight, std=0.05)  # LlamaGen zero-inits it: make the logits non-trivial
+    cond = torch.tensor([0, 3, 5, 7])
+    tokens, sampled = generate(run.policy, cond, cfg_scale=1.0, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        logp, logits = train.sequence_logprobs(cfg, run.policy, tokens, cond, None)
+    torch.testing.assert_close(logp, sampled, atol=1e-5, rtol=0)  # on-policy: ratio 1 by construction
+    direct = run.policy(tokens[:, :-1], cond).log_softmax(-1).gather(-1, tokens[..., None])[..., 0]
+    torch.testing.assert_close(logp, direct, atol=1e-6, rtol=0)
+    before = {k: v.clone() for k, v in run.policy.state_dict().items()}
+    metrics, _ = train.grpo_step(cfg, run, 0)
+    assert metrics['skipped'] == 0 and math.isfinite(metrics['loss'])
+    assert any(not torch.equal(before[k], v) for k, v in run.policy.state_dict().items())
+
+
+def test_entropy_bonus_enters_the_loss_and_its_coefficient_adapts(tmp_path):
+    cfg, run = _tiny_run(tmp_path, '--entropy_coef', '0.5', '--entropy_target', '9', '--entropy_lr', '0.1')
+    m0, _ = train.grpo_step(cfg, run, 0)
+    assert m0['entropy_coef'] == 0.5 and m0['entropy_bonus'] > 0
+    assert m0['loss'] == pytest.approx(m0['pg_loss'] + cfg.beta * m0['kl'] - 0.5 * m0['entropy_bonus'], abs=1e-5)
+    # c <- max(0, c + lr (target - H)) with the step's entropy; the next step uses it
+    assert run.entropy_coef == pytest.approx(grpo.adapt_entropy_coef(0.5, m0['entropy'], 9.0, 0.1), rel=1e-6)
+    m1, _ = train.grpo_step(cfg, run, 1)
+    assert m1['entropy_coef'] == pytest.approx(grpo.adapt_entropy_coef(0.5, m0['entropy'], 9.0, 0.1), rel=1e-6)
+
+
+class _Colours(torch.nn.Module):
+    """A stand-in feature extractor for loo_fid: mean colour and its spread per channel (d = 6)."""
+
+    def forward(self, images):
+        x = images.float().flatten(2)  # (B, 3, HW)
+        return torch.cat([x.mean(-1), x.std(-1)], 1)
+
+
+def _fake_loo(monkeypatch):
+    def loo(fid_ref, decay, device, inception=None):
+        g = torch.Generator().manual_seed(1)
+        ref = torch.rand(200, 3, 8, 8, generator=g) * 2 - 1
+        return LooFID(_Colours(), *mean_cov(_Colours()(ref)), decay=decay)
+    monkeypatch.setattr(metrics, 'loo_fid_reward', loo)
+
+
+def test_loo_fid_state_and_entropy_coefficient_resume_exactly(tmp_path, monkeypatch):
+    """3 steps + resume to 5 equal 5 uninterrupted steps, with loo_fid's moving statistics and an adapting entropy
+    coefficient in the state: both are saved and restored."""
+    _fake_loo(monkeypatch)
+    ref = tmp_path / 'ref.npz'
+    np.savez(ref, arr_0=np.zeros((2, 8, 8, 3), np.uint8))  # validated only: the fake reward ignores it
+    args = ['--rewards', 'colorfulness=1,loo_fid=20', '--fid_ref', str(ref), '--entropy_coef', '0.01',
+            '--entropy_target', '5', '--entropy_lr', '0.01', '--save_every', '1']
+    run_train(tmp_path / 'a', *args, '--max_steps', '3')
+    run_train(tmp_path / 'a', *args, '--max_steps', '5', '--resume')
+    run_train(tmp_path / 'b', *args, '--max_steps', '5')
+    ra, rb = ([json.loads(x) for x in open(tmp_path / d / 'metrics.jsonl')] for d in 'ab')
+    keys = ['reward', 'loo_fid_mean', 'loo_fid_fd', 'entropy_coef', 'loss', 'kl']
+    assert [[r[k] for k in keys] for r in ra] == [[r[k] for k in keys] for r in rb]
+    sa, sb = (torch.load(tmp_path / d / 'latest' / 'state.pt', weights_only=True)['extra'] for d in 'ab')
+    assert all(torch.equal(sa['rewards']['loo_fid'][k], sb['rewards']['loo_fid'][k]) for k in sb['rewards']['loo_fid'])
+    assert sa['entropy_coef'] == sb['entropy_coef'] != 0.01
+
+
+def test_paper_recipe_plus_loo_fid_runs_on_random_inception(tmp_path, monkeypatch):
+    """The real-scale path (--rewards ...,loo_fid=W --fid_ref REF.npz) through metrics.loo_fid_reward on
+    torch-fidelity's TF-Inception with random weights (the real ones cannot be downloaded here) and a tiny GPT."""
+    monkeypatch.setattr(tfi, 'load_state_dict_from_url', lambda *a, **k: {})
+    monkeypatch.setattr(tfi.FeatureExtractorInceptionV3, 'load_state_dict', lambda self, sd: None)
+    monkeypatch.setattr(metrics, 'load_inception', lambda path=None, device='cpu': metrics.TFInception(None).eval())
+    ref = tmp_path / 'ref.npz'
+    g = np.random.default_rng(0)
+    np.savez(ref, arr_0=g.integers(0, 256, (6, 16, 16, 3), dtype=np.uint8))  # images: their features are computed
+    rows = run_train(tmp_path / 'r', '--rewards', 'colorfulness=1,loo_fid=1', '--fid_ref', str(ref), '--max_steps',
+                     '2', '--conds_per_rank', '1', '--group_size', '4', '--save_every', '2')
+    assert len(rows) == 2 and all(math.isfinite(r['loo_fid_fd']) and r['loo_fid_std'] > 0 for r in rows)
+    with pytest.raises(UserError, match='needs reference statistics'):
+        run_train(tmp_path / 'x', '--rewards', 'paper,loo_fid=0.5')
+    with pytest.raises(UserError, match='is a training reward'):
+        run_train(tmp_path / 'x', '--rewards', 'colorfulness=1,loo_fid=0.5', '--fid_ref', str(ref), '--eval')

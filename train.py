@@ -44,6 +44,7 @@ import distributed
 import grpo
 import lora
 import memory
+import metrics
 import world
 from checkpoint import (RELEASES, CheckpointError, WeightsUnavailable, check_generator, check_out_dir,
                         load_checkpoint, load_training_models, open_run, peek_gpt_config, read_metrics,
@@ -53,7 +54,8 @@ from cli import (UserError, atomic_write, check_device, check_range, check_writa
 from conditions import encode_prompts, load_t5, read_prompts
 from model import generate
 from plots import plot_curve, write_grid
-from rewards import build_reward, check_reward_flags
+from fid import LooFID
+from rewards import build_reward, check_reward_flags, parse_spec
 
 
 @dataclass
@@ -85,6 +87,9 @@ class TrainConfig:
     judge: str = 'Qwen/Qwen2.5-VL-3B-Instruct'  # realism/no_artifacts/vlm_quality judge: Hub name or directory
     judge_url: str = ''  # ask a served judge instead: OpenAI-compatible http://HOST:PORT/v1; '' = in-process
     judge_model: str = ''  # the model name the judge server knows; '' = --judge
+    fid_ref: str = ''  # loo_fid: real images' statistics: an ADM reference batch .npz (mu/sigma) or images
+    fid_decay: float = 0.9  # loo_fid: per-step decay of the moving moments of the generated features
+    inception: Optional[str] = None  # loo_fid: TF-Inception weights (.pth); None = torch hub cache / download
     # GRPO
     beta: float = 0.1  # KL weight (paper: 0.1 c2i, 1.0 t2i); 0 = no reference model at all
     eps_low: float = 0.2  # clip range below 1
@@ -94,6 +99,9 @@ class TrainConfig:
     micro_batch_size: int = 0  # images per forward/backward (gradient accumulation); 0 = minibatch
     logprob_mode: str = 'cond'  # 'cond' (paper: conditional branch) or 'guided' (CFG mixture)
     scale_std: bool = True  # divide advantages by the group std
+    entropy_coef: float = 0.0  # entropy bonus c: L - c * (mean per-token entropy of the policy); 0 = off
+    entropy_target: float = 0.0  # with --entropy_lr > 0: c adapts toward this per-token entropy (nats)
+    entropy_lr: float = 0.0  # step of c's adaptation, c <- max(0, c + lr (target - H)); 0 = c stays fixed
     # optimisation
     lr: float = 1e-5  # AdamW learning rate
     weight_decay: float = 0.0  # AdamW weight decay
@@ -166,6 +174,7 @@ class Run:
     rank: int = 0
     world: int = 1
     device: torch.device = torch.device('cpu')
+    entropy_coef: float = 0.0  # the entropy bonus's coefficient now (adapted each step with --entropy_lr)
 
 # -----------------------------------------------------------------------------
 # one GRPO step, in call order: conditions -> rollout -> decode and score -> advantages -> update
@@ -231,6 +240,8 @@ def score(cfg, run, images, image_conds):
         metrics[f'{k}_mean'], metrics[f'{k}_std'] = v.mean().item(), v.std().item()
         if k in weights:
             metrics[f'term_{k}'] = weights[k] * metrics[f'{k}_mean']
+    for k, s in stateful_rewards(run).items():  # a distribution-level reward: the batch FD after its update
+        metrics[f'{k}_fd'] = s.last['fd']
     return local, total, metrics
 
 
@@ -245,8 +256,9 @@ def advantages(cfg, total, step, rank, B):
 
 
 def sequence_logprobs(cfg, model, tokens, cond, mask):
-    """Per-token log-probs (B, N) of `tokens` under the policy the config trains, and the
-    conditional logits (for the entropy diagnostic). One teacher-forced forward."""
+    """Per-token log-probs (B, N) of `tokens` under the policy the config trains, and that policy's logits
+    (B, N, V): the conditional branch's, or in 'guided' mode the CFG mixture's (for the entropy). One
+    teacher-forced forward."""
     raw = model.module if hasattr(model, 'module') else model
     if cfg.logprob_mode == 'guided' and cfg.cfg_scale > 1:
         both_mask = None if mask is None else torch.cat([mask, mask])
@@ -260,7 +272,7 @@ def sequence_logprobs(cfg, model, tokens, cond, mask):
     else:
         cond_logits, uncond_logits, mix_scale = model(tokens[:, :-1], cond, cond_mask=mask), None, cfg.cfg_scale
     logp = grpo.policy_logprobs(cond_logits, uncond_logits, tokens, cfg.logprob_mode, mix_scale, cfg.temperature)
-    return logp, cond_logits
+    return logp, cond_logits if uncond_logits is None else grpo.cfg_mix(cond_logits, uncond_logits, mix_scale)
 
 
 @torch.no_grad()
@@ -273,9 +285,10 @@ def fixed_logprobs(cfg, model, tokens, cond, mask, mb):
     return torch.cat(out)
 
 
-def policy_update(cfg, ddp_model, opt, batch, device):
-    """num_iterations passes over the rollout in minibatches; one AdamW step per minibatch.
-    Returns the averaged loss diagnostics, or None if the loss or the gradient was not finite."""
+def policy_update(cfg, ddp_model, opt, batch, device, entropy_coef=0.0):
+    """num_iterations passes over the rollout in minibatches; one AdamW step per minibatch; with entropy_coef c,
+    the loss is L - c H (grpo.mean_token_entropy). Returns the averaged loss diagnostics, or None if the loss or
+    the gradient was not finite."""
     tokens, cond, mask, adv, logp_old, ref_logp = batch
     B = len(tokens)
     mb = cfg.minibatch_size or B
@@ -294,6 +307,9 @@ def policy_update(cfg, ddp_model, opt, batch, device):
                     old = logp.detach() if logp_old is None else logp_old[s]  # the paper: rho == 1
                     loss, stats = grpo.grpo_loss(logp, old, adv[s], None if ref_logp is None else ref_logp[s],
                                                  cfg.beta, cfg.eps_low, cfg.eps_high)
+                    if entropy_coef:  # a bonus on the entropy of the next-token distributions along the samples
+                        stats['entropy_bonus'] = grpo.mean_token_entropy(logits, cfg.temperature)
+                        loss = loss - entropy_coef * stats['entropy_bonus']
                     (loss * (micro / mb)).backward()  # accumulate the minibatch mean
                 if it == 0:  # entropy of the policy that drew the samples
                     stats['entropy'] = grpo.token_entropy(logits.detach()).mean()
@@ -336,8 +352,13 @@ def grpo_step(cfg, run, step):
         with autocast(cfg, run.device):
             ref_logp = fixed_logprobs(cfg, run.ref, tokens, cond, mask, mb) if run.ref is not None else None
             logp_old = fixed_logprobs(cfg, run.policy, tokens, cond, mask, mb) if cfg.num_iterations > 1 else None
-        stats = policy_update(cfg, run.ddp_model, run.opt, (tokens, cond, mask, adv, logp_old, ref_logp), run.device)
+        stats = policy_update(cfg, run.ddp_model, run.opt, (tokens, cond, mask, adv, logp_old, ref_logp), run.device,
+                              run.entropy_coef)
     metrics['time_update'] = _now(run.device) - t2
+    metrics['entropy_coef'] = run.entropy_coef
+    if stats and cfg.entropy_lr:  # every rank adapts c from the same (rank-averaged) entropy
+        h = distributed.average_metrics({'entropy': stats['entropy']}, run.world, run.device)['entropy']
+        run.entropy_coef = grpo.adapt_entropy_coef(run.entropy_coef, h, cfg.entropy_target, cfg.entropy_lr)
     metrics['skipped'] = float(stats is None)
     metrics |= stats or {}
     metrics['step_time'] = _now(run.device) - t0
@@ -382,7 +403,6 @@ def train(cfg, hook=None):
     logs held-out judge accuracy this way)."""
     run = setup(cfg)
     if cfg.eval:  # rewards on fixed seeds, one or two checkpoints: metrics.py
-        import metrics
         return metrics.reward_eval(cfg, run.policy, run.vq, run.reward_fn, run.prompts, run.t5, run.device,
                                    run.rank, run.world)
     with open_run(cfg, run.rank, run.world):  # one writer of out_dir; an earlier run is never silently lost
@@ -419,7 +439,7 @@ def loop(cfg, run, step, bad, hook):
         stop = bad >= cfg.max_bad_steps
         if (step + 1) % cfg.save_every == 0 or step + 1 == cfg.max_steps or stop:
             distributed.check_in_sync(run.policy, run.world, run.device)
-            save_checkpoint(cfg, run.policy, run.opt, step + 1, bad, run.rank, run.world)
+            save_checkpoint(cfg, run.policy, run.opt, step + 1, bad, run.rank, run.world, training_state(run))
         if stop:
             distributed.print0(f"stopping: {bad} steps in a row had a non-finite reward or gradient; the last good "
                                f"weights are saved in {cfg.out_dir} (lower lr or check the reward models)")
@@ -451,18 +471,42 @@ def setup(cfg):
     memory.print_plan(cfg, policy.config, world_size, device, step_layout(cfg, world_size)[1])
     reward_fn = build_reward(cfg.rewards, device=device, clip_model=cfg.clip_model,
                              clip_pretrained=cfg.clip_pretrained, hps_ckpt=cfg.hps_ckpt, judge=cfg.judge,
-                             judge_url=cfg.judge_url, judge_model=cfg.judge_model,
-                             extra=world.reward_scorers(cfg.world, cfg.rewards) if cfg.world else None)
+                             judge_url=cfg.judge_url, judge_model=cfg.judge_model, extra=extra_rewards(cfg, device))
     prompts = read_prompts(cfg.prompts) if policy.config.model_type == 't2i' else None
     t5 = load_t5(cfg.t5, device=device) if prompts else None
     return Run(policy, ref, None, vq, policy, None, reward_fn, prompts, t5, rank, world_size, device)
 
 
+def extra_rewards(cfg, device):
+    """The scorers build_reward cannot make alone: the miniature world's learned rewards (world.py), and the
+    leave-one-out FID reward on TF-Inception features against --fid_ref (metrics.py) for a real run."""
+    extra = world.reward_scorers(cfg.world, cfg.rewards, cfg.fid_decay) if cfg.world else {}
+    if 'loo_fid' in parse_spec(cfg.rewards, EXTRA_REWARDS) and 'loo_fid' not in extra:
+        extra['loo_fid'] = metrics.loo_fid_reward(cfg.fid_ref, cfg.fid_decay, device, cfg.inception)
+    return extra
+
+
+def stateful_rewards(run):
+    """{name: scorer} of the rewards with state of their own (the moving statistics of loo_fid)."""
+    return {k: s for k, s in getattr(run.reward_fn, 'scorers', {}).items() if isinstance(s, LooFID)}
+
+
+def training_state(run):
+    """What a save holds beyond weights and optimizer: the rewards' own state, the entropy coefficient."""
+    return dict(rewards={k: s.state_dict() for k, s in stateful_rewards(run).items()}, entropy_coef=run.entropy_coef)
+
+
 def start_training(cfg, run):
-    """The optimizer, the resumed state (step, bad steps), the DDP wrapper and kl_start's reference."""
+    """The optimizer, the resumed state (step, bad steps, rewards' state, entropy coefficient), the DDP wrapper and
+    kl_start's reference."""
     trained = [p for p in run.policy.parameters() if p.requires_grad]  # all, or the LoRA adapters
     run.opt = torch.optim.AdamW(trained, lr=cfg.lr, weight_decay=cfg.weight_decay, betas=(0.9, 0.999))
-    step, bad = load_checkpoint(cfg, run.policy, run.opt) if cfg.resume else (0, 0)
+    run.entropy_coef = cfg.entropy_coef
+    step, bad, extra = load_checkpoint(cfg, run.policy, run.opt) if cfg.resume else (0, 0, {})
+    for k, s in stateful_rewards(run).items():
+        if k in extra.get('rewards', {}):
+            s.load_state_dict(extra['rewards'][k])
+    run.entropy_coef = extra.get('entropy_coef', run.entropy_coef)
     if step < cfg.max_steps and run.world > 1 and not cfg.fsdp:  # FSDP2 shards the policy in place: no wrapper
         run.ddp_model = torch.nn.parallel.DistributedDataParallel(
             run.policy, device_ids=[run.device.index] if run.device.type == 'cuda' else None, broadcast_buffers=False)
@@ -481,6 +525,8 @@ def _now(device):
     if device.type == 'cuda':
         torch.cuda.synchronize(device)
     return time.perf_counter()
+
+EXTRA_REWARDS = world.REWARDS + ('loo_fid',)  # rewards that extra_rewards() hands to build_reward
 
 # -----------------------------------------------------------------------------
 # checks (skip on a first reading): validate() runs them before anything is loaded; each room checks its own
@@ -507,7 +553,8 @@ def check_train_config(cfg):
         raise UserError(f"--classes must be class ids >= 0, got {cfg.classes}")
     check_batch(cfg)
     world.check_flags(cfg.world, cfg.rewards)
-    check_reward_flags(cfg.rewards, world.REWARDS if cfg.world else (), cfg.judge_url, cfg.judge)
+    check_reward_flags(cfg.rewards, EXTRA_REWARDS, cfg.judge_url, cfg.judge)
+    check_loo_fid(cfg)
     lora.check_flags(cfg.lora_rank, cfg.lora_alpha, cfg.lora_targets)
     distributed.check_flags(cfg.fsdp, cfg.compile)
     if cfg.eval_ckpt is not None and not cfg.eval:
@@ -522,6 +569,25 @@ def check_train_config(cfg):
     check_writable_dir(cfg.out_dir, '--out_dir')
     if not cfg.eval:  # an evaluation only adds eval.json; a run is never replaced unasked
         check_out_dir(cfg)
+
+
+def check_loo_fid(cfg):
+    """The distribution-level reward needs a reference (the world's train split, or --fid_ref) and a training run."""
+    check_range(cfg, 'fid_decay', lo=0, hi=1, hi_open=True)
+    check_range(cfg, 'entropy_coef entropy_target entropy_lr', lo=0)
+    if cfg.entropy_lr and not cfg.entropy_target:
+        raise UserError("--entropy_lr adapts the entropy coefficient toward --entropy_target; set a target in nats "
+                        "(e.g. a fraction of the base model's `entropy` in metrics.jsonl)")
+    if 'loo_fid' not in parse_spec(cfg.rewards, EXTRA_REWARDS):
+        return
+    if cfg.eval:
+        raise UserError("loo_fid is a training reward (it scores an image against the run's moving statistics); "
+                        "drop it from --rewards for --eval")
+    if not cfg.world:
+        if not cfg.fid_ref:
+            raise UserError("the loo_fid reward needs reference statistics of real images; pass --fid_ref FILE (an "
+                            "ADM reference batch such as VIRTUAL_imagenet256_labeled.npz, or images)")
+        metrics.check_image_set(cfg.fid_ref, '--fid_ref', stats_ok=True)
 
 
 def check_batch(cfg):

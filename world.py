@@ -497,7 +497,7 @@ def check_flags(world, rewards):
         raise UserError("the world_class / world_real rewards need a world; pass --world demo (or --preset demo)")
 
 
-def reward_scorers(world, spec):
+def reward_scorers(world, spec, fid_decay=0.9):
     """{name: scorer} of the world's rewards that the reward spec names, to hand to rewards.build_reward."""
     return {n: reward_scorer(world, n) for n in parse_spec(spec, REWARDS) if n in REWARDS}
 
