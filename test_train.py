@@ -291,10 +291,10 @@ def test_paper_recipe_plus_loo_fid_runs_on_random_inception(tmp_path, monkeypatc
     monkeypatch.setattr(metrics, 'load_inception', lambda path=None, device='cpu': metrics.TFInception(None).eval())
     ref = tmp_path / 'ref.npz'
     g = np.random.default_rng(0)
-    np.savez(ref, arr_0=g.integers(0, 256, (6, 16, 16, 3), dtype=np.uint8))  # images: their features are computed
+    np.savez(ref, arr_0=g.integers(0, 256, (3, 16, 16, 3), dtype=np.uint8))  # images: their features are computed
     rows = run_train(tmp_path / 'r', '--rewards', 'colorfulness=1,loo_fid=1', '--fid_ref', str(ref), '--max_steps',
-                     '2', '--conds_per_rank', '1', '--group_size', '4', '--save_every', '2')
-    assert len(rows) == 2 and all(math.isfinite(r['loo_fid_fd']) and r['loo_fid_std'] > 0 for r in rows)
+                     '1', '--conds_per_rank', '1', '--group_size', '3')
+    assert len(rows) == 1 and math.isfinite(rows[0]['loo_fid_fd']) and rows[0]['loo_fid_std'] > 0
     with pytest.raises(UserError, match='needs reference statistics'):
         run_train(tmp_path / 'x', '--rewards', 'paper,loo_fid=0.5')
     with pytest.raises(UserError, match='is a training reward'):
