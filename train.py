@@ -22,6 +22,10 @@ How this departs from the paper's code (grpo.py says how the loss departs from t
      conditional branch alone).
   5. A shuffled-reward control (--shuffle_rewards: same rollouts and updates, rewards permuted within each
      group) and the KL to the starting model, logged even at beta = 0, for honest reporting.
+  6. Beyond the paper, off by default: a distribution-level reward, loo_fid (fid.py: how much each image pulls
+     the moving statistics of the generated features toward the real ones), and an entropy bonus whose
+     coefficient adapts toward a target entropy (grpo.py); both keep diversity that per-image rewards erode.
+     At --cfg_scale 1 rollouts are guidance-free: one forward per token, sampled exactly from the policy.
 Memory options: --grad_ckpt (model.py), --fsdp (distributed.py), --lora_rank (lora.py); the plan is printed at
 start-up (memory.py). A save is one step directory with a `latest` pointer switched last (checkpoint.py).
 """
@@ -53,8 +57,8 @@ from cli import (UserError, atomic_write, check_device, check_range, check_writa
                  parse_config, run)
 from conditions import encode_prompts, load_t5, read_prompts
 from model import generate
-from plots import plot_curve, write_grid
 from fid import LooFID
+from plots import plot_curve, write_grid
 from rewards import build_reward, check_reward_flags, parse_spec
 
 
