@@ -77,7 +77,8 @@ RESULTS = []
 def report(name, value, unit, baseline=None, **extra):
     row = dict(name=name, value=round(value, 4), unit=unit, **extra)
     if baseline is not None:
-        row.update(baseline=round(baseline, 4), ratio=round(value / baseline if 'per_s' in unit else baseline / value, 2))
+        ratio = value / baseline if 'per_s' in unit else baseline / value
+        row.update(baseline=round(baseline, 4), ratio=round(ratio, 2))
     RESULTS.append(row)
     print(json.dumps(row), flush=True)
 
@@ -147,10 +148,12 @@ def bench_sampling(cfg, device, dtype, sections):
     cond = torch.randint(0, 1000, (B,), device=device)
     g = lambda: torch.Generator(device).manual_seed(0)
     shape = f"{cfg.model if not cfg.quick else 'GPT-tiny'} B={B} N={N} cfg={cfg.cfg_scale} {str(dtype)[6:]}"
-    fast = timed(lambda: generate(model, cond, cfg_scale=cfg.cfg_scale, top_k=cfg.top_k, generator=g()), cfg.reps, device)
+    fast = timed(lambda: generate(model, cond, cfg_scale=cfg.cfg_scale, top_k=cfg.top_k, generator=g()), cfg.reps,
+                 device)
     report('sample_kv_cache', B * N / fast, 'tokens_per_s', shape=shape, images_per_s=round(B / fast, 3))
     if 'kv' in sections:
-        slow = timed(lambda: generate_recompute(model, cond, cfg.cfg_scale, cfg.top_k, g()), max(1, cfg.reps // 2), device)
+        slow = timed(lambda: generate_recompute(model, cond, cfg.cfg_scale, cfg.top_k, g()), max(1, cfg.reps // 2),
+                     device)
         report('kv_cache_vs_recompute', B * N / fast, 'tokens_per_s', baseline=B * N / slow, shape=shape)
     if 'cfg' in sections:
         two = timed(lambda: generate_two_forwards(model, cond, cfg.cfg_scale, cfg.top_k, g()), cfg.reps, device)
@@ -242,7 +245,8 @@ def bench_grpo_step(cfg, device, dtype):
     import train
     from rewards import build_reward
     tc = train.TrainConfig(ckpt='', vq_ckpt='', rewards='clip=1,quality=1', clip_pretrained=None,
-                           clip_model='ViT-B-32' if cfg.quick or device.type == 'cpu' else (cfg.clip_model or 'ViT-L-14'),
+                           clip_model=('ViT-B-32' if cfg.quick or device.type == 'cpu' else
+                                       (cfg.clip_model or 'ViT-L-14')),
                            conds_per_rank=1 if device.type == 'cpu' else 4, group_size=8, cfg_scale=2.0, beta=0.1,
                            dtype='bfloat16', device=device.type, compile=cfg.compile)
     vq = VQModel(VQConfig(**(checkpoint.TINY_VQ if cfg.quick else VQ_PRESETS['VQ-16']))).to(device).eval()
@@ -262,7 +266,8 @@ def bench_grpo_step(cfg, device, dtype):
     report('grpo_step', 1 / med['step_time'], 'steps_per_s', shape=shape,
            images_per_s=round(tc.conds_per_rank * tc.group_size / med['step_time'], 3))
     for part in ('rollout', 'decode', 'reward', 'update'):
-        report(f'grpo_step_{part}', med[f'time_{part}'] / med['step_time'], 'fraction', seconds=round(med[f'time_{part}'], 4))
+        report(f'grpo_step_{part}', med[f'time_{part}'] / med['step_time'], 'fraction',
+               seconds=round(med[f'time_{part}'], 4))
     report('grpo_overhead_beyond_rollout', 1 - med['time_rollout'] / med['step_time'], 'fraction', target='<= 0.5')
 
 

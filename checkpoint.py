@@ -355,7 +355,8 @@ TINY_VQ = dict(codebook_size=64, encoder_ch_mult=[1, 1], decoder_ch_mult=[1, 1],
 
 
 def load_training_models(cfg, device):
-    """train.py's models: (policy, reference or None, vq). The reference is a frozen copy of the starting policy; under LoRA
+    """train.py's models: (policy, reference or None, vq). The reference is a frozen copy of the starting policy;
+    under LoRA
     it is the policy itself with its adapters off (lora.AdaptersOff), so no second copy is held. With
     --fsdp the policy (and a full-fine-tuning reference) are sharded over the ranks."""
     if cfg.vq_ckpt:
@@ -580,7 +581,8 @@ def read_metrics(path, upto=None):
             rows.append(json.loads(line))
         except ValueError:
             if i < len(lines) - 1:
-                raise UserError(f"{path} line {i + 1} is not JSON; repair or delete that line, then run again") from None
+                raise UserError(f"{path} line {i + 1} is not JSON; repair or delete that line, then run "
+                                f"again") from None
             print(f"warning: dropped the torn last line of {path} (a run killed or out of space while logging)")
     return [r for r in rows if upto is None or r['step'] <= upto]
 

@@ -147,8 +147,9 @@ def judge():
     return tiny_judge(seed=0)
 
 
-SCALE_ARGS = ['--preset', 'demo_color', '--image_size', '8', '--grid_every', '0', '--device', 'cpu', '--conds_per_rank', '2',
-              '--group_size', '4', '--beta', '0.1', '--cfg_scale', '2.0', '--logprob_mode', 'guided']
+SCALE_ARGS = ['--preset', 'demo_color', '--image_size', '8', '--grid_every', '0', '--device', 'cpu',
+              '--conds_per_rank', '2', '--group_size', '4', '--beta', '0.1', '--cfg_scale', '2.0',
+              '--logprob_mode', 'guided']
 
 
 def on_ranks(world, fn, distributed=None, timeout=120):

@@ -179,5 +179,7 @@ def clip_grad_norm(params, max_norm):
 
 if __name__ == '__main__':
     rank, world, device = init('cpu')
-    print0(f"rank {rank} of {world} on {device}; gathered rewards of one rank: {all_gather_cat(torch.arange(4.), world)}")
-    print0(f"metrics averaged over {world} rank(s): {average_metrics({'reward': 0.5, 'images_per_s': 8.0}, world, device)}")
+    gathered = all_gather_cat(torch.arange(4.), world)
+    print0(f"rank {rank} of {world} on {device}; gathered rewards of one rank: {gathered}")
+    averaged = average_metrics({'reward': 0.5, 'images_per_s': 8.0}, world, device)
+    print0(f"metrics averaged over {world} rank(s): {averaged}")

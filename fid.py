@@ -136,8 +136,9 @@ def loo_fid(x, state, decay, mu_r, root_r, rows=slice(None), chunk=8):
               tr((S_r S_(-i))^(1/2)) = sum_k sqrt(lambda_k(R K R - c v_i v_i^T - c^2 g_i g_i^T)),  v = R u, g = R e.
     Per step: R S R (two d x d matmuls; R K R = R S R + c mean_j v_j v_j^T), each image's matrix a rank-2 update
     of R K R (O(d^2)), and one symmetric eigvalsh each, `chunk` images per call to bound memory (chunk d x d
-    float64 matrices): 1 + len(rows) eigendecompositions of d x d (B + 1 on one process). Recomputing each FD from scratch costs B + 1
-    covariances and B + 1 general (non-symmetric) eigs. tr S_(-i) and |m_(-i) - mu_r|^2 are O(d) per image.
+    float64 matrices): 1 + len(rows) eigendecompositions of d x d (B + 1 on one process). Recomputing each FD
+    from scratch costs B + 1 covariances and B + 1 general (non-symmetric) eigs. tr S_(-i) and |m_(-i) - mu_r|^2
+    are O(d) per image.
     """
     B = len(x)
     if B < 2:
@@ -190,7 +191,8 @@ class LooFID(torch.nn.Module):
     state_dict() holds only that state (weight, mean, second), float64 buffers, for an exact resume; the
     reference and features are rebuilt from the config. float64 because M - m m^T cancels and each r_i is a
     difference of two FDs about B times smaller than them. After a call, self.last holds the step's diagnostics:
-    fd (the batch FD, after the update), reward_mean and reward_std (over the global batch, std with n - 1), as Python floats.
+    fd (the batch FD, after the update), reward_mean and reward_std (over the global batch, std with n - 1), as
+    Python floats.
     """
 
     def __init__(self, features, mu_r, sigma_r, decay=0.9, gather=all_gather_rows, chunk=8):

@@ -128,7 +128,8 @@ def load_judge(name=JUDGE, device="cpu"):
 
     def download():
         kw = dict(cache_dir=hub_cache_dir())
-        return AutoModelForImageTextToText.from_pretrained(name, dtype=dtype, **kw), AutoProcessor.from_pretrained(name, **kw)
+        model = AutoModelForImageTextToText.from_pretrained(name, dtype=dtype, **kw)
+        return model, AutoProcessor.from_pretrained(name, **kw)
     model, processor = fetch_weights(f"judge weights {name}", download, "judge", "a save_pretrained directory")
     return VLMJudge(model.to(device), processor)
 

@@ -389,7 +389,8 @@ def merge_shards(cfg, labels):
     shape = (len(labels), *np.load(paths[0])['images'].shape[1:])  # (N, H, W, 3)
     seen = 0
     try:
-        with disk_full_is_one_sentence(cfg.npz), zipfile.ZipFile(cfg.npz + '.tmp', 'w', allowZip64=True) as z:  # stored, not compressed, as np.savez
+        # stored, not compressed, as np.savez
+        with disk_full_is_one_sentence(cfg.npz), zipfile.ZipFile(cfg.npz + '.tmp', 'w', allowZip64=True) as z:
             with z.open('arr_0.npy', 'w', force_zip64=True) as f:
                 np.lib.format.write_array_header_1_0(f, dict(descr='|u1', fortran_order=False, shape=shape))
                 for p in paths:  # one shard in memory at a time
@@ -558,7 +559,8 @@ def reward_eval(cfg, policy, vq, reward_fn, prompts, t5, device, rank=0, world=1
     results = sorted((r for part in everything for r in part), key=lambda r: r[0])
     summary = summarize(cfg, conds, results, verbose=rank == 0)
     if rank == 0:
-        outputs = {os.path.join(cfg.out_dir, 'eval.json'): lambda tmp: Path(tmp).write_text(json.dumps(summary, indent=1))}
+        text = json.dumps(summary, indent=1)
+        outputs = {os.path.join(cfg.out_dir, 'eval.json'): lambda tmp: Path(tmp).write_text(text)}
         if 'tuned' in models:
             rows = [(p['base'], p['tuned']) for _, _, p in results if p]
             outputs[os.path.join(cfg.out_dir, 'eval_side_by_side.png')] = lambda tmp: side_by_side(rows, tmp)

@@ -153,8 +153,9 @@ def _check(ok, message):
 
 def load_models(cfg, ids, device):
     """(GPT, VQ), with the checks that need the loaded models (a file without a config says less)."""
-    gpt = load_gpt(cfg.ckpt, preset=cfg.model, image_size=cfg.image_size, device=device, dtype=getattr(torch, cfg.dtype),
-                   downsample=vq_downsample(cfg.vq_ckpt) or 16, model_type='t2i' if cfg.prompts else 'c2i')
+    gpt = load_gpt(cfg.ckpt, preset=cfg.model, image_size=cfg.image_size, device=device,
+                   dtype=getattr(torch, cfg.dtype), downsample=vq_downsample(cfg.vq_ckpt) or 16,
+                   model_type='t2i' if cfg.prompts else 'c2i')
     vq = load_vq(cfg.vq_ckpt, device=device)  # float32, as LlamaGen decodes
     check_generator(asdict(gpt.config), cfg.ckpt, bool(cfg.prompts), ids or (), flags=('--prompt', '--class'))
     check_pair(gpt, vq, cfg.ckpt, cfg.vq_ckpt, cfg.image_size)

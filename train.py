@@ -449,7 +449,8 @@ def loop(cfg, run, step, bad, hook):
                                f"weights are saved in {cfg.out_dir} (lower lr or check the reward models)")
             break
     if run.rank == 0 and rows:
-        plot_curve(os.path.join(cfg.out_dir, 'reward_curve.png'), [r['step'] for r in rows], [r['reward'] for r in rows])
+        plot_curve(os.path.join(cfg.out_dir, 'reward_curve.png'), [r['step'] for r in rows],
+                   [r['reward'] for r in rows])
         first, last = rows[:10], rows[-10:]
         print(f"reward: first {len(first)} steps {np.mean([r['reward'] for r in first]):.4f}, "
               f"last {len(last)} steps {np.mean([r['reward'] for r in last]):.4f}; logs in {cfg.out_dir}")
