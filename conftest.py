@@ -199,5 +199,6 @@ def assert_same_weights(a, b, atol):
 
 @pytest.fixture(scope='session')
 def tiny_world(tmp_path_factory):
-    wc = world.WorldConfig(**world.WORLD_PRESETS['tiny'], root=str(tmp_path_factory.mktemp('world')))
-    return world.load_or_build(wc, log=lambda *a: None)
+    wc = world.preset_config('tiny', root=str(tmp_path_factory.mktemp('world')))
+    with world.fixed_threads():
+        return world.load_or_build(wc, log=lambda *a: None)

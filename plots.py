@@ -1,7 +1,7 @@
 """
 plots.py -- every picture this project draws, with PIL alone (no plotting dependency): image grids as LlamaGen's
-save_image makes them, train.py's grid of groups with each image's reward, its reward curve, and the
-base-vs-tuned side-by-side of an evaluation.
+save_image makes them, train.py's grid of groups with each image's reward, line charts with ticks and labels
+(train.py's reward curve, the miniature's curves), and the base-vs-tuned side-by-side of an evaluation.
 
     python plots.py      # smoke demo: a grid and a curve of random numbers into /tmp
 """
@@ -40,24 +40,64 @@ def write_grid(path, images, total, group_size, groups=2):
     atomic_write({path: lambda tmp: grid.save(tmp, format='PNG')})
 
 
-def plot_curve(path, steps, rewards, size=(640, 360), pad=40):
-    """A reward-vs-step line chart drawn with PIL (no plotting dependency): raw and smoothed."""
+def plot_curve(path, steps, rewards, size=(720, 400)):
+    """train.py's reward-vs-step chart: the raw mean reward of each step and its 10-step moving average."""
     keep = [i for i, r in enumerate(rewards) if math.isfinite(r)]  # skipped steps may have logged NaN
     steps, rewards = [steps[i] for i in keep] or [0], [rewards[i] for i in keep] or [0.0]
-    img = Image.new('RGB', size, 'white')
-    d = ImageDraw.Draw(img)
-    lo, hi = min(rewards), max(rewards)
-    hi = hi if hi > lo else lo + 1
-    sx = lambda s: pad + (s - steps[0]) / max(steps[-1] - steps[0], 1) * (size[0] - 2 * pad)
-    sy = lambda r: size[1] - pad - (r - lo) / (hi - lo) * (size[1] - 2 * pad)
     smooth = np.convolve(rewards, np.ones(10) / 10, mode='valid') if len(rewards) >= 10 else rewards
-    d.rectangle([pad, pad, size[0] - pad, size[1] - pad], outline='black')
-    d.line([(sx(s), sy(r)) for s, r in zip(steps, rewards)], fill=(170, 190, 230), width=1)
-    d.line([(sx(s), sy(r)) for s, r in zip(steps[len(steps) - len(smooth):], smooth)], fill=(20, 60, 200), width=2)
-    d.text((pad, 10), f"mean reward per step (blue: 10-step average)   {lo:.3f} .. {hi:.3f}", fill='black')
-    d.text((pad, size[1] - pad + 8), f"step {steps[0]}", fill='black')
-    d.text((size[0] - pad - 60, size[1] - pad + 8), f"step {steps[-1]}", fill='black')
+    series = {'each step': ((170, 190, 230), list(zip(steps, rewards))),
+              '10-step average': ((20, 60, 200), list(zip(steps[len(steps) - len(smooth):], smooth)))}
+    img = Image.new('RGB', size, 'white')
+    draw_panel(img, (90, 70, size[0] - 30, size[1] - 60), series, 'mean reward of the rollouts', 'GRPO step', 'reward')
     atomic_write({path: lambda tmp: img.save(tmp, format='PNG')})
+
+
+def font(size=12):
+    """PIL's default font at `size` points where Pillow can scale it (>= 10.1 with FreeType), else its bitmap font."""
+    from PIL import ImageFont
+    try:
+        return ImageFont.load_default(size=size)
+    except (TypeError, OSError):
+        return ImageFont.load_default()
+
+
+def nice_ticks(lo, hi, n=5):
+    """About n round tick values (steps of 1, 2 or 5 x 10^k) covering [lo, hi]."""
+    raw = (hi - lo) / n or 1
+    step = 10 ** math.floor(math.log10(raw))
+    step *= next(m for m in (1, 2, 5, 10) if raw <= m * step)
+    first = math.ceil(lo / step - 1e-9) * step
+    return [first + i * step for i in range(int((hi - first) / step + 1e-9) + 1)]
+
+
+def draw_panel(img, box, series, title, xlabel, ylabel):
+    """A line chart in box (x0, y0, x1, y1) of img: series {label: (colour, [(x, y), ...])}, ticks, labels, legend."""
+    d, f = ImageDraw.Draw(img), font(12)
+    x0, y0, x1, y1 = box
+    pts = [p for _, s in series.values() for p in s]
+    ylo, yhi = min(y for _, y in pts), max(y for _, y in pts)
+    ylo, yhi = ylo - 0.05 * (yhi - ylo + 1e-3), yhi + 0.05 * (yhi - ylo + 1e-3)
+    xhi = max(x for x, _ in pts) or 1  # the x axis starts at 0 (the base, before any step)
+    X = lambda v: x0 + v / xhi * (x1 - x0)
+    Y = lambda v: y1 - (v - ylo) / (yhi - ylo) * (y1 - y0)
+    for v in nice_ticks(0, xhi):
+        d.line([(X(v), y1), (X(v), y1 + 4)], fill='black')
+        d.text((X(v) - 8, y1 + 6), f"{v:g}", fill='black', font=f)
+    for v in nice_ticks(ylo, yhi):
+        d.line([(x0, Y(v)), (x1, Y(v))], fill=(225, 225, 225))
+        d.line([(x0 - 4, Y(v)), (x0, Y(v))], fill='black')
+        d.text((x0 - 44, Y(v) - 7), f"{v:.2f}", fill='black', font=f)
+    d.rectangle(box, outline='black')
+    for i, (label, (colour, s)) in enumerate(series.items()):  # the lines, and a legend above the plot
+        d.line([(X(x), Y(y)) for x, y in s], fill=colour, width=2)
+        lx = x1 - 130 * (len(series) - i)
+        d.line([(lx, y0 - 12), (lx + 20, y0 - 12)], fill=colour, width=3)
+        d.text((lx + 25, y0 - 19), label, fill='black', font=f)
+    d.text((x0, y0 - 42), title, fill='black', font=font(14))
+    d.text(((x0 + x1) / 2 - 30, y1 + 22), xlabel, fill='black', font=f)
+    side = Image.new('RGB', (int(y1 - y0), 16), 'white')  # the y label, written sideways
+    ImageDraw.Draw(side).text((4, 1), ylabel, fill='black', font=f)
+    img.paste(side.rotate(90, expand=True), (x0 - 64, y0))
 
 
 def side_by_side(rows, path, max_images=8, gap=8):

@@ -1,86 +1,205 @@
 """
-study.py -- the miniature's studies, which run train.py's GRPO many times in world.py's world: the (lr, beta)
-sweep of the shipped recipe and its spread over GRPO seeds, real rewards against the shuffled-reward control.
+study.py -- how much of the miniature's result survives another GRPO seed and another world, and what each
+change to the recipe buys: train.py --preset demo run many times in world.py's worlds, side by side.
 
-    python study.py --preset demo --study all      # both tables (the README's), printed and in out/study/*.md
-    python study.py --preset demo --study seeds    # the shipped setting over 3 seeds, GRPO vs control
+    python study.py                               # issue 17's table: the demo recipe, GRPO seeds 0 1 2 x worlds 0 1,
+                                                  # each run beside its shuffled-reward control
+    python study.py --beyond --world_seeds 0      # the README's "beyond the paper" table: instance rewards, + loo_fid,
+                                                  # + entropy, both; seeds 0 1 2, and the base with guidance
+    python study.py --seeds 0 --world_seeds 0 --variants "" "--beta 0.2"   # a sweep of your own
 
-It sits on top of the stack: it drives train.train() repeatedly and measures each run with world.measure.
+Each run is `python train.py --preset demo --seed S --world_seed W <variant flags>`, in this process
+(world.run_demo: GRPO, optionally its control, then base and tuned measured on the same seeds). Its outputs stay
+in out_dir/<variant>/w<W>_s<S>/; a run whose report.json exists is read back, not run again (delete its directory
+to redo it). Per variant the study prints, and writes to out_dir/study.md, the mean +- spread (sample standard
+deviation over every run) of each figure, and every run's target checks (world.targets). A world not yet built
+is built first (about 5 minutes). It sits on top of the stack: it drives train.train() and world.measure.
 """
+import json
 import os
+import shlex
 import sys
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
+from typing import List
 
 import numpy as np
+from PIL import Image, ImageDraw
 
 import train
 import world
-from checkpoint import load_gpt
-from cli import parse_config, run
+from cli import UserError, atomic_write, check_range, check_writable_dir, parse_config, run
+from plots import font
+
+
+# the rows of issue 19's side-by-side table: the instance-reward recipe (the demo's), + the distribution-level
+# reward, + the entropy bonus, and both; all trained and sampled without guidance (the demo's cfg 1)
+BEYOND = {'instance rewards (the demo)': '',
+          '+ loo_fid': '--rewards world_class=1,world_quality=0.5,world_real=0.5,loo_fid=0.5',
+          '+ entropy': '--entropy_coef 0.01',
+          '+ loo_fid + entropy': '--rewards world_class=1,world_quality=0.5,world_real=0.5,loo_fid=0.5 '
+                                 '--entropy_coef 0.01'}
 
 
 @dataclass
-class StudyConfig(world.WorldConfig):
-    study: str = field(default='all', metadata=dict(choices=['sweep', 'seeds', 'all']))  # which table(s)
+class StudyConfig:
+    preset: str = 'demo'  # the train.py preset every run starts from (one with a world)
+    seeds: List[int] = field(default_factory=lambda: [0, 1, 2])  # GRPO seeds (train.py --seed)
+    world_seeds: List[int] = field(default_factory=lambda: [0, 1])  # worlds (train.py --world_seed)
+    variants: List[str] = field(default_factory=lambda: [''])  # extra train.py flags, one string per variant
+    beyond: bool = False  # issue 19's table: variants = BEYOND, no controls, plus the base sampled with guidance
+    control: bool = True  # run each variant's shuffled-reward control too (the honest-gain check)
+    guided_cfg: float = 2.0  # --beyond: the base is also measured at this CFG (twice the forward passes)
+    out_dir: str = 'out/study'  # one directory per variant and run, study.md and the pictures
+
+    def validate(self):
+        if self.preset not in train.TRAIN_PRESETS or not train.TRAIN_PRESETS[self.preset].get('world'):
+            worlds = [k for k, v in train.TRAIN_PRESETS.items() if v.get('world')]
+            raise UserError(f"--preset must be a train.py preset with a world ({', '.join(worlds)}), "
+                            f"got {self.preset!r}")
+        for name in ('seeds', 'world_seeds'):
+            if not getattr(self, name) or min(getattr(self, name)) < 0:
+                raise UserError(f"--{name} must be one or more integers >= 0, got {getattr(self, name)}")
+        check_range(self, 'guided_cfg', lo=1, lo_open=True)
+        check_writable_dir(self.out_dir, '--out_dir')
+        for v in self.all_variants().values():  # every variant's flags are checked now, not after an hour of runs
+            train_config(self, v, 0, 0)
+
+    def all_variants(self):
+        """{row name: flags}."""
+        return dict(BEYOND) if self.beyond else {v or 'the preset as it is': v for v in self.variants}
 
 
-SWEEP = [dict(lr=1e-4, beta=0.0), dict(lr=3e-4, beta=0.0), dict(lr=1e-3, beta=0.0), dict(lr=3e-4, beta=0.05),
-         dict(lr=3e-4, beta=0.2)]
-STUDY_KEYS = ('world_class', 'judge_acc', 'mini_fid', 'pixel_div', 'hamming', 'top_token_share', 'kl_to_base')
+def run_dir(sc, variant, world_seed, seed):
+    name = '_'.join(a.lstrip('-').replace('/', '-') for a in shlex.split(variant)) or 'preset'
+    return os.path.join(sc.out_dir, name[:100], f'w{world_seed}_s{seed}')
 
 
-def study_setup(wc):
-    """The demo's TrainConfig in world wc, the world, and a function run -> its measured results."""
-    tcfg = train.TrainConfig(**{**train.TRAIN_PRESETS['demo'], 'world': wc.preset, 'out_dir': 'out/study'})
-    w = world.prepare(tcfg)
-    measure_run = lambda cfg: world.measure(w, load_gpt(os.path.join(cfg.out_dir, 'latest', 'model.safetensors')),
-                                            cfg.cfg_scale, wc.eval_per_class)[0]
-    return train, tcfg, w, measure_run, world.measure(w, w.gpt, tcfg.cfg_scale, wc.eval_per_class)[0]
+def train_config(sc, variant, world_seed, seed):
+    """The TrainConfig of one run, parsed and validated as train.py would parse its command line."""
+    try:
+        flags = shlex.split(variant)
+    except ValueError as e:
+        raise UserError(f"--variants {variant!r} is not a valid flag string ({e})") from None
+    argv = ['--preset', sc.preset, '--seed', str(seed), '--world_seed', str(world_seed),
+            '--out_dir', run_dir(sc, variant, world_seed, seed), *flags]
+    return parse_config(train.TrainConfig, argv, presets=train.TRAIN_PRESETS)
 
 
-def sweep(wc):
-    """The (lr, beta) sweep at seed 0 with the real rewards: a table, one row per setting."""
-    train, tcfg, w, measure_run, base = study_setup(wc)
-    row = lambda r: ' | '.join(f"{r[k]:.3f}" for k in STUDY_KEYS) + ' |'
-    lines = ['sweep (seed 0, real rewards):', '| lr | beta | ' + ' | '.join(STUDY_KEYS) + ' |',
-             '|---' * (2 + len(STUDY_KEYS)) + '|', '| base | | ' + row(base)]
-    for s in SWEEP:
-        cfg = replace(tcfg, **s, out_dir=f"out/study/lr{s['lr']}_beta{s['beta']}")
-        train.train(cfg)
-        lines.append(f"| {s['lr']} | {s['beta']} | " + row(measure_run(cfg)))
-    return lines
+def run_one(sc, variant, world_seed, seed, control):
+    """One demo run (GRPO [+ control] + measures) -> {'base', 'tuned'[, 'control']}; cached in report.json."""
+    path = os.path.join(run_dir(sc, variant, world_seed, seed), 'report.json')
+    if not os.path.isfile(path):
+        print(f"study: variant {variant or '(preset)'!r}, world {world_seed}, GRPO seed {seed}", flush=True)
+        world.run_demo(train_config(sc, variant, world_seed, seed), train.train, control=control)
+    with open(path) as f:
+        return json.load(f)
 
 
-def seeds(wc, seeds=(0, 1, 2)):
-    """The shipped setting (train.py's demo preset) over `seeds`, GRPO vs shuffled control: mean +- spread
-    (sample std across seeds) of each measure."""
-    train, tcfg, w, measure_run, base = study_setup(wc)
-    runs = {'tuned': [], 'control': []}
-    for seed in seeds:
-        for name, shuffle in (('tuned', False), ('control', True)):
-            cfg = replace(tcfg, seed=seed, shuffle_rewards=shuffle, out_dir=f"out/study/seed{seed}_{name}")
-            train.train(cfg)
-            runs[name].append(measure_run(cfg))
-    ms = lambda rs, k: f"{np.mean([r[k] for r in rs]):.3f} ± {np.std([r[k] for r in rs], ddof=1):.3f}"
-    lines = [f"seeds {list(seeds)} (lr {tcfg.lr}, beta {tcfg.beta}): mean ± spread (sample std)",
-             '| metric | base | GRPO | shuffled control |', '|---|---|---|---|']
-    return lines + [f"| {k} | {base[k]:.3f} | {ms(runs['tuned'], k)} | {ms(runs['control'], k)} |" for k in STUDY_KEYS]
+STUDY_KEYS = ('world_class', 'world_quality', 'world_real', 'judge_accuracy', 'mini_fid', 'pixel_diversity',
+              'token_hamming', 'kl_to_base', 'forward_passes')
+ms = lambda vals: f"{np.mean(vals):.3f} ± {np.std(vals, ddof=1) if len(vals) > 1 else 0:.3f}"
 
 
-def study(wc):
-    """python study.py --preset demo --study all|sweep|seeds: prints the tables (and out/study/<part>.md)."""
-    for part in ('sweep', 'seeds') if wc.study == 'all' else (wc.study,):
-        lines = (sweep if part == 'sweep' else seeds)(wc)
-        print('\n'.join(lines), flush=True)
-        os.makedirs('out/study', exist_ok=True)
-        open(f'out/study/{part}.md', 'w').write('\n'.join(lines) + '\n')
+def summarise(name, runs):
+    """Markdown for one variant: mean +- spread of each figure, then each run's target checks.
+    runs: {(world_seed, seed): results}."""
+    parts = [p for p in ('base', 'tuned', 'control') if all(p in r for r in runs.values())]
+    lines = [f"### {name} ({len(runs)} runs: worlds x GRPO seeds)", '',
+             '| figure | ' + ' | '.join({'base': 'base', 'tuned': 'GRPO', 'control': 'shuffled control'}[p]
+                                        for p in parts) + ' |', '|---' * (1 + len(parts)) + '|']
+    for k in STUDY_KEYS:
+        lines.append(f"| {k} | " + ' | '.join(ms([r[p][k] for r in runs.values()]) for p in parts) + ' |')
+    checks = {key: world.targets(r['base'], r['tuned'], r.get('control')) for key, r in runs.items()}
+    names = [c[0] for c in next(iter(checks.values()))]
+    lines += ['', '| world | GRPO seed | ' + ' | '.join(names) + ' |', '|---' * (2 + len(names)) + '|']
+    for (w, s), cs in checks.items():
+        lines.append(f"| {w} | {s} | " + ' | '.join(f"{v:.3f} vs {lim:.3f} {'met' if ok else '**MISSED**'}"
+                                                   for _, v, lim, ok in cs) + ' |')
+    met = sum(all(ok for *_, ok in cs) for cs in checks.values())
+    return lines + ['', f"all {len(names)} targets met in {met} of {len(checks)} runs", '']
+
+
+BEYOND_COLS = [('judge_accuracy', 'held-out accuracy'), ('mini_fid', 'mini-FID'),
+               ('pixel_diversity', 'pixel diversity'), ('token_hamming', 'token Hamming'),
+               ('kl_to_base', 'KL to base'), ('forward_passes', 'forward passes / image')]
+
+
+def beyond_targets(base, r):
+    """Issue 19's targets for a distribution-level reward, one run: (accuracy, mini-FID, diversity) met."""
+    return (r['judge_accuracy'] >= base['judge_accuracy'] + (1 - base['judge_accuracy']) / 2,
+            r['mini_fid'] <= 0.85 * base['mini_fid'], r['pixel_diversity'] >= 0.9 * base['pixel_diversity'])
+
+
+def beyond_table(sc, rows, guided):
+    """The side-by-side table: one row per recipe (mean ± spread over the seeds), the base at cfg 1 and with
+    guidance as references, and per recipe how many seeds meet each of issue 19's three targets.
+    rows: {name: {(world, seed): results}}; guided: [results of the base at sc.guided_cfg, per world]."""
+    base = [r['base'] for r in next(iter(rows.values())).values()]
+    head = '| recipe | ' + ' | '.join(c for _, c in BEYOND_COLS) + ' | targets met (acc, FID, diversity) |'
+    lines = [head, '|---' * (2 + len(BEYOND_COLS)) + '|',
+             '| base, cfg 1 | ' + ' | '.join(ms([b[k] for b in base]) for k, _ in BEYOND_COLS) + ' | |',
+             f'| base, cfg {sc.guided_cfg:g} | ' + ' | '.join(ms([g[k] for g in guided]) for k, _ in BEYOND_COLS)
+             + ' | |']
+    for name, runs in rows.items():
+        met = np.sum([beyond_targets(r['base'], r['tuned']) for r in runs.values()], axis=0)
+        lines.append(f"| {name} | " + ' | '.join(ms([r['tuned'][k] for r in runs.values()]) for k, _ in BEYOND_COLS)
+                     + f" | {met[0]}/{len(runs)}, {met[1]}/{len(runs)}, {met[2]}/{len(runs)} |")
+    return lines + ['']
+
+
+def comparison_picture(path, dirs, names, per_row=6):
+    """Base / instance-reward GRPO / GRPO + loo_fid samples on the same seeds, one row per class: the first
+    per_row samples of each class from each run's samples_*.npz (ADM layout, class-major)."""
+    sets = [np.load(os.path.join(dirs[0], 'samples_base.npz'))['arr_0']]
+    sets += [np.load(os.path.join(d, 'samples_tuned.npz'))['arr_0'] for d in dirs]
+    per = len(sets[0]) // world.NUM_CLASSES
+    zoom, left, top, gap = 5, 100, 30, 16
+    t = sets[0].shape[1] * zoom
+    canvas = Image.new('RGB', (left + len(sets) * (per_row * t + gap), top + world.NUM_CLASSES * t + 8), 'white')
+    d = ImageDraw.Draw(canvas)
+    for j, (images, title) in enumerate(zip(sets, ['base (pretrained)'] + names)):
+        x0 = left + j * (per_row * t + gap)
+        d.text((x0, 8), title, fill='black', font=font(13))
+        for c in range(world.NUM_CLASSES):
+            for k in range(per_row):
+                tile = Image.fromarray(images[c * per + k]).resize((t - 2, t - 2), Image.NEAREST)
+                canvas.paste(tile, (x0 + k * t, top + c * t))
+    for c in range(world.NUM_CLASSES):
+        d.text((4, top + c * t + t // 2 - 7), world.CLASS_NAMES[c], fill='black', font=font(12))
+    atomic_write({path: lambda tmp: canvas.save(tmp, format='PNG')})
+
+
+def guided_base(sc, world_seed):
+    """The base generator of a world measured at sc.guided_cfg (CFG's two forward passes per token), cached."""
+    path = os.path.join(sc.out_dir, f'base_cfg{sc.guided_cfg:g}_w{world_seed}.json')
+    if not os.path.isfile(path):
+        tcfg = train_config(sc, '', world_seed, 0)
+        w = world.prepare(tcfg)
+        with world.fixed_threads():
+            res = world.measure(w, w.gpt, sc.guided_cfg, w.config.eval_per_class)[0]
+        atomic_write({path: lambda tmp: open(tmp, 'w').write(json.dumps(res, indent=1))})
+    with open(path) as f:
+        return json.load(f)
 
 
 def main(argv=None):
-    wc = parse_config(StudyConfig, argv, presets=world.WORLD_PRESETS)
-    with world.fixed_threads():
-        study(wc)
+    sc = parse_config(StudyConfig, argv)  # runs sc.validate(): every variant's flags included
+    control = sc.control and not sc.beyond
+    rows, lines = {}, []
+    for name, variant in sc.all_variants().items():
+        rows[name] = {(w, s): run_one(sc, variant, w, s, control) for w in sc.world_seeds for s in sc.seeds}
+        lines += summarise(name, rows[name])
+        print('\n'.join(lines), flush=True)
+    if sc.beyond:
+        lines = beyond_table(sc, rows, [guided_base(sc, w) for w in sc.world_seeds]) + lines
+        w, s = sc.world_seeds[0], sc.seeds[0]
+        names = list(BEYOND)[:2]
+        comparison_picture(os.path.join(sc.out_dir, 'beyond.png'),
+                           [run_dir(sc, BEYOND[n], w, s) for n in names], names)
+        print('\n'.join(lines), flush=True)
+    text = '\n'.join(lines) + '\n'
+    atomic_write({os.path.join(sc.out_dir, 'study.md'): lambda tmp: open(tmp, 'w').write(text)})
 
 
 if __name__ == '__main__':
-    sys.exit(run(main))
+    sys.exit(run(main))  # a bad flag: one sentence, exit code 2

@@ -1,20 +1,40 @@
 """
-test_world.py -- world.py's miniature on the 'tiny' preset (seconds): every part is trained, the GRPO gain is
-measured by the held-out judge that no reward uses.
+test_world.py -- the miniature world (world.py) and its study driver (study.py), on CPU, in well under a minute.
+
+The 'tiny' world preset (8x8 px, a few thousand images, seconds to build; conftest.tiny_world) stands in for the
+demo world: every part is trained, each reward must beat chance on held-out data, and a short GRPO run must raise
+the held-out judge's accuracy. Statistics are checked against brute-force or independent computations.
 """
+import json
 import math
 import os
+import stat
 import subprocess
 import sys
+from dataclasses import replace
 
 import numpy as np
 import pytest
+import torch
+from safetensors.torch import load_file
 
+import study
 import train
 import world
 from checkpoint import load_gpt
-from cli import UserError
+from cli import UserError, parse_config
 from conftest import HERE
+from fid import LooFID, mean_cov
+from rewards import build_reward
+from tokenizer import to_uint8
+
+
+def heldout_fakes(w, n, seed=77):
+    """Base samples the discriminator never saw (another seed than the build's), balanced classes."""
+    labels = torch.arange(n) % world.NUM_CLASSES
+    return world.decode_all(w.vq, world.sample_tokens(w.gpt, labels, w.config.cfg_scale, seed)), labels
+
+# ----------------------------------------------------------------------------- the parts, on held-out data
 
 
 def test_world_vq_reconstructs_better_than_the_mean_image(tiny_world):
@@ -22,46 +42,231 @@ def test_world_vq_reconstructs_better_than_the_mean_image(tiny_world):
     x = w.heldout_x
     rec = world.decode_all(w.vq, world.encode_all(w.vq, x))
     mean_image = x.mean(0, keepdim=True)  # the best constant prediction of held-out images
-    assert ((rec - x) ** 2).mean() < 0.8 * ((mean_image - x) ** 2).mean()
-    assert w.summary['codebook_used'] > 1
+    assert ((rec - x) ** 2).mean() < 0.5 * ((mean_image - x) ** 2).mean()
+    assert w.summary['codebook_used'] > w.config.codebook_size // 2
+
+
+def test_world_rewards_beat_chance_on_heldout_data(tiny_world):
+    """Each reward through the public scorer interface (rewards.build_reward), on held-out data only."""
+    w = tiny_world
+    spec = 'world_class=1,world_quality=1,world_real=1'
+    reward = build_reward(spec, extra=world.reward_scorers(w.dir, spec))
+    x, y = w.heldout_x, w.heldout_y
+    _, raw = reward(x, y.tolist())
+    assert set(raw) == {'world_class', 'world_quality', 'world_real'}
+    assert all(v.shape == (len(x),) and v.dtype == torch.float32 and 0 <= v.min() <= v.max() <= 1 for v in raw.values())
+    assert raw['world_class'].mean() > 0.5  # P(true class); chance is 0.1
+    gen = torch.Generator().manual_seed(5)  # fresh distortions of held-out images
+    distorted, level = world.random_distortions(x, gen)
+    assert world.spearman(reward.scorers['world_quality'](distorted, y), -level) > 0.5  # more distortion, less quality
+    fakes, labels = heldout_fakes(w, len(x))
+    rech = world.decode_all(w.vq, world.encode_all(w.vq, x))
+    real = reward.scorers['world_real']
+    assert world.roc_auc(real(rech, y), real(fakes, labels)) > 0.6
+    s = w.summary  # the build's own held-out figures say the same
+    assert s['quality_spearman'] > 0.5 and s['disc_auc'] > 0.6 and s['classifier_acc'] > 0.5
 
 
 def test_world_base_samples_are_recognisable(tiny_world):
-    res, images = world.measure(tiny_world, tiny_world.gpt, 1.5, 20)
-    assert images.shape == (200, 3, 16, 16)
-    assert res['judge_acc'] > 1 / world.NUM_CLASSES + 4 * res['judge_acc_se'], res
+    res, images, labels = world.measure(tiny_world, tiny_world.gpt, 1.5, 20)
+    assert images.shape == (200, 3, 8, 8) and labels.tolist() == sorted(labels.tolist())
+    assert res['judge_accuracy'] > 1 / world.NUM_CLASSES + 4 * res['judge_accuracy_se'], res
     assert res['kl_to_base'] == pytest.approx(0, abs=1e-6)  # the base against itself
 
 
-def test_world_grpo_raises_heldout_accuracy(tiny_world, tmp_path):
-    """train.py's own loop on the world's rewards; the judge (never a reward) must see the gain."""
-    d = tiny_world.dir
-    rows = train.train(train.TrainConfig(**{**train.TRAIN_PRESETS['demo'], 'world': d, 'max_steps': 60, 'lr': 5e-4,
-                                            'out_dir': str(tmp_path), 'ckpt': os.path.join(d, 'gpt.safetensors'),
-                                            'vq_ckpt': os.path.join(d, 'vq.safetensors')}))
-    assert all(np.isfinite(r['kl_start']) for r in rows) and rows[-1]['kl_start'] > 0  # logged at beta = 0
-    tuned = load_gpt(str(tmp_path / 'latest' / 'model.safetensors'))
-    b, _ = world.measure(tiny_world, tiny_world.gpt, 1.5, 40)
-    t, _ = world.measure(tiny_world, tuned, 1.5, 40)
-    se = math.hypot(b['judge_acc_se'], t['judge_acc_se'])
-    assert t['judge_acc'] - b['judge_acc'] > 3 * se, (b, t)
+def test_world_classifier_features_are_its_penultimate_layer(tiny_world):
+    clf = tiny_world.classifier
+    x = tiny_world.heldout_x[:16]
+    f = clf.features(x)
+    assert f.shape == (16, 128)
+    torch.testing.assert_close(clf.head(f), clf(x))
+    xt, yt = tiny_world.train_split()  # the train split stays reachable (a later reward's reference)
+    assert xt.shape[0] == tiny_world.config.n_train and yt.shape == (tiny_world.config.n_train,)
+
+# ----------------------------------------------------------------------------- GRPO and the demo's outputs
+
+
+def test_world_grpo_raises_heldout_accuracy_and_writes_the_report(tiny_world, tmp_path):
+    """world.run_demo with train.py's own loop: GRPO and the shuffled control from the base; the judge (never
+    a reward) must see the gain; report.json and the npz files must round-trip what was measured."""
+    cfg = train.TrainConfig(**{**train.TRAIN_PRESETS['demo'], 'world': tiny_world.dir, 'max_steps': 40,
+                               'rewards': 'world_class=1,world_quality=0.1,world_real=0.1', 'lr': 1e-3,
+                               'beta': 0.0, 'out_dir': str(tmp_path)})
+    res = world.run_demo(cfg, train.train, log=lambda *a: None)
+    b, t = res['base'], res['tuned']
+    assert t['judge_accuracy'] - b['judge_accuracy'] > 3 * math.hypot(b['judge_accuracy_se'], t['judge_accuracy_se'])
     assert t['kl_to_base'] > 0
+    report = json.load(open(tmp_path / 'report.json'))
+    assert report == res and set(report) == {'base', 'tuned', 'control'}
+    for key in ('judge_accuracy', 'judge_accuracy_se', 'mini_fid', 'pixel_diversity', 'token_hamming', 'kl_to_base',
+                'world_class', 'world_quality', 'world_real'):
+        assert all(math.isfinite(report[part][key]) for part in report), key
+    per = tiny_world.config.eval_per_class
+    base, _, _ = world.measure(tiny_world, tiny_world.gpt, cfg.cfg_scale, per)  # the same seeds again
+    assert base == pytest.approx(b)
+    z = np.load(tmp_path / 'samples_tuned.npz')
+    assert z['arr_0'].dtype == np.uint8 and z['arr_0'].shape == (10 * per, 8, 8, 3)
+    assert z['arr_1'].tolist() == np.repeat(np.arange(10), per).tolist()
+    tuned = load_gpt(str(tmp_path / 'tuned' / 'latest' / 'model.safetensors'))
+    _, images, _ = world.measure(tiny_world, tuned, cfg.cfg_scale, per)
+    assert np.array_equal(z['arr_0'], to_uint8(images).permute(0, 2, 3, 1).numpy())
+    assert (tmp_path / 'before_after.png').is_file() and (tmp_path / 'curves.png').is_file()
+
+
+def test_world_heldout_npz_is_the_adm_layout(tiny_world):
+    images, labels = world.load_adm(os.path.join(tiny_world.dir, 'heldout.npz'))
+    assert images.dtype == np.uint8 and images.shape == (tiny_world.config.n_heldout, 8, 8, 3)
+    assert labels.dtype == np.int64 and np.bincount(labels).tolist() == [tiny_world.config.n_heldout // 10] * 10
+    torch.testing.assert_close(world.to_float(images), tiny_world.heldout_x)
+    assert np.array_equal(to_uint8(tiny_world.heldout_x).permute(0, 2, 3, 1).numpy(), images)  # exact
+
+# ----------------------------------------------------------------------------- seeds and the cache
+
+
+MICRO = dict(n_train=100, n_heldout=50, codebook_size=16, vq_steps=3, gpt_epochs=1, classifier_epochs=1,
+             quality_epochs=1, fakes=20, disc_epochs=1, judge_epochs=1, eval_per_class=2)  # every part built, none trained for long (seconds)
+
+
+def test_world_seed_changes_the_world_and_the_same_seed_rebuilds_it(tmp_path):
+    def files(root, seed):
+        wc = replace(world.preset_config('tiny', seed, str(root)), **MICRO)
+        with world.fixed_threads():
+            world.build(wc, log=lambda *a: None)
+        d = world.world_dir(wc)
+        nets = {f: load_file(os.path.join(d, f)) for f in sorted(os.listdir(d)) if f.endswith('.safetensors')}
+        return d, nets, world.load_adm(os.path.join(d, 'train.npz'))
+    d0, a, ta = files(tmp_path / 'a', 0)
+    _, b, tb = files(tmp_path / 'b', 0)  # same process, one thread, same shapes: equal by construction
+    d1, c, tc = files(tmp_path / 'c', 1)
+    assert os.path.basename(d0) != os.path.basename(d1)  # the seed is part of the cache key
+    assert len(a) == 6 and a.keys() == b.keys() == c.keys()
+    assert all(torch.equal(a[f][k], b[f][k]) for f in a for k in a[f])
+    assert all(np.array_equal(u, v) for u, v in zip(ta, tb))
+    assert not np.array_equal(ta[0], tc[0])  # other images
+    assert all(any(not torch.equal(a[f][k], c[f][k]) for k in a[f]) for f in a)  # other weights in every net
 
 
 def test_world_cache_key_follows_the_config():
     a = world.WorldConfig()
-    assert world.world_dir(a) == world.world_dir(world.replace(a, eval_per_class=99, preset='demo'))
-    assert world.world_dir(a) != world.world_dir(world.replace(a, seed=1))
+    assert world.world_dir(a) == world.world_dir(replace(a, eval_per_class=99, preset='demo'))
+    assert world.world_dir(a) != world.world_dir(replace(a, world_seed=1))
+    assert world.resolve('demo', 1) == world.world_dir(world.preset_config('demo', 1))
+
+# ----------------------------------------------------------------------------- statistics against references
 
 
-def test_world_user_errors(tmp_path):
+def test_world_rank_statistics_against_brute_force():
+    g = np.random.default_rng(0)
+    pos, neg = g.integers(0, 6, 40).astype(float), g.integers(0, 5, 30).astype(float)  # many ties
+    want = np.mean([(p > n) + 0.5 * (p == n) for p in pos for n in neg])  # P(pos > neg), ties half
+    assert world.roc_auc(torch.tensor(pos), torch.tensor(neg)) == pytest.approx(want, abs=1e-12)
+    x, y = g.integers(0, 4, 50).astype(float), g.normal(size=50)
+    rank = lambda v: np.array([np.mean(np.flatnonzero(np.sort(v) == e)) + 1 for e in v])  # tie-averaged
+    want = np.corrcoef(rank(x), rank(y))[0, 1]
+    assert world.spearman(torch.tensor(x), torch.tensor(y)) == pytest.approx(want, abs=1e-12)
+    assert world.spearman(torch.arange(10.0), torch.arange(10.0) ** 3) == pytest.approx(1)
+
+
+def test_world_distortions_grow_with_level_and_blur_is_torchvision_s():
+    from torchvision.transforms.functional import gaussian_blur
+    g = torch.Generator().manual_seed(0)
+    x = torch.rand(64, 3, 16, 16, generator=g) * 1.6 - 0.8
+    for kind in range(4):
+        change = [(world.distort(x, torch.full((64,), kind), torch.full((64,), lv), g) - x).abs().mean().item()
+                  for lv in range(world.LEVELS)]
+        assert change[0] == 0 and all(a < b for a, b in zip(change, change[1:])), (kind, change)
+    want = gaussian_blur(x, kernel_size=7, sigma=world.BLUR_SIGMA[2])  # reflect padding, as here
+    torch.testing.assert_close(world.blur(x, world.BLUR_SIGMA[2]), want, atol=1e-5, rtol=0)
+
+
+def test_world_token_stats_against_brute_force():
+    g = torch.Generator().manual_seed(0)
+    tokens = torch.randint(5, (12, 7), generator=g)  # 3 classes of 4
+    ham = np.mean([np.mean([(tokens[4 * k + i] != tokens[4 * k + j]).float().mean().item()
+                            for i in range(4) for j in range(4) if i != j]) for k in range(3)])
+    got = world.token_stats(tokens, torch.arange(12) // 4)
+    assert got['token_hamming'] == pytest.approx(ham, rel=1e-6)
+    assert got['top_token_share'] == pytest.approx(np.bincount(tokens.flatten().numpy()).max() / tokens.numel())
+
+
+def test_world_loo_fid_is_against_the_train_split_in_the_classifier_features(tiny_world):
+    """The world's loo_fid: fid.LooFID in the reward classifier's penultimate features, its reference the train
+    split's moments (an independent numpy mean and covariance of those features), never the held-out split."""
+    d = tiny_world.dir
+    scorer = world.reward_scorers(d, 'world_class=1,loo_fid=0.5', fid_decay=0.8)
+    assert set(scorer) == {'world_class', 'loo_fid'} and isinstance(scorer['loo_fid'], LooFID)
+    images, _ = world.load_adm(os.path.join(d, 'train.npz'))
+    f = tiny_world.classifier.features(world.to_float(images)).double().numpy()
+    mu, sigma = mean_cov(torch.from_numpy(f))
+    np.testing.assert_allclose(np.asarray(mu), f.mean(0), atol=1e-10)
+    np.testing.assert_allclose(np.asarray(sigma), np.cov(f, rowvar=False), atol=1e-10)
+    x = tiny_world.heldout_x[:8]
+    torch.testing.assert_close(scorer['loo_fid'].features(x), tiny_world.classifier.features(x))
+    r = scorer['loo_fid'](x, list(range(8)))
+    assert r.shape == (8,) and torch.isfinite(r).all()
+
+
+def test_world_json_torn_is_one_sentence_and_files_follow_the_umask(tiny_world, tmp_path):
+    d = tmp_path / 'w'
+    d.mkdir()
+    for f in os.listdir(tiny_world.dir):
+        os.link(os.path.join(tiny_world.dir, f), d / f)
+    (d / 'world.json').unlink()
+    (d / 'world.json').write_text(open(os.path.join(tiny_world.dir, 'world.json')).read()[:100])  # torn
+    with pytest.raises(UserError, match=r'world\.json cannot be read .*delete .* rebuilt'):
+        world.World(str(d))
+    for f in os.listdir(tiny_world.dir):  # built under the test's umask (022 or stricter): no mkstemp 0600
+        mode = stat.S_IMODE(os.stat(os.path.join(tiny_world.dir, f)).st_mode)
+        assert mode == 0o666 & ~current_umask(), (f, oct(mode))
+
+
+def current_umask():
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+# ----------------------------------------------------------------------------- user errors: one sentence, exit 2
+
+
+WORLD_BAD = [(['--image_size', '12'], '--image_size 12 must be a power-of-2 multiple'),
+             (['--image_size', '16', '--grid', '16'], 'power-of-2 multiple'),
+             (['--vq_ch', '48'], '--vq_ch must be a multiple of 32'),
+             (['--gpt_dim', '40'], '--gpt_dim must be a multiple of 16'),
+             (['--vq_lr', 'nan'], '--vq_lr must be a finite number'),
+             (['--vq_lr', '0'], '--vq_lr must be > 0'),
+             (['--cfg_scale', '-1'], '--cfg_scale must be >= 0'),
+             (['--world_seed', '-1'], '--world_seed must be >= 0'),
+             (['--n_train', '5'], 'at least 10'),
+             (['--fakes', '3000', '--n_train', '2000'], '--fakes 3000 must be at most --n_train'),
+             (['--vq_steps', '0'], '--vq_steps must be >= 1'),
+             (['--preset', 'huge'], 'unknown preset'),
+             (['--study', 'seeds'], 'unrecognized arguments')]  # the study moved to study.py
+
+
+@pytest.mark.parametrize('args,msg', WORLD_BAD)
+def test_world_config_errors(args, msg, tmp_path):
+    with pytest.raises(UserError, match=msg):
+        parse_config(world.WorldConfig, args + ['--root', str(tmp_path)], presets=world.WORLD_PRESETS)
+
+
+def test_world_user_errors(tiny_world, tmp_path):
     cases = [(['--preset', 'demo', '--world', 'nowhere'], 'is neither a world preset'),
-             (['--preset', 'demo_color', '--rewards', 'world_class=1'], 'need a world'),
-             (['--preset', 'demo', '--kl_images', '-1'], '--kl_images')]
+             (['--preset', 'demo_color', '--rewards', 'world_quality=1'], 'need a world'),
+             (['--preset', 'demo', '--kl_images', '-1'], '--kl_images'),
+             (['--preset', 'demo', '--world_seed', '-2'], '--world_seed must be >= 0'),
+             (['--preset', 'demo', '--world', tiny_world.dir, '--world_seed', '1'], '--world_seed picks the seed')]
     for args, msg in cases:  # refused before any world is built or model loaded
         with pytest.raises(UserError, match=msg):
             train.main([*args, '--out_dir', str(tmp_path)])
-    with pytest.raises(UserError, match='--study'):
-        world.main(['--study', 'everything'])
-    p = subprocess.run([sys.executable, 'train.py', *cases[0][0]], cwd=HERE, capture_output=True, text=True)
-    assert p.returncode == 2 and cases[0][1] in p.stderr and 'Traceback' not in p.stderr, p.stderr
+    for args, msg in ([['--preset', 'demo_color'], 'a train.py preset with a world'],
+                      [['--seeds', '-1'], '--seeds must be'],
+                      [['--variants', '--lr nan'], '--lr must be a finite number'],
+                      [['--variants', '--nope 1'], 'unrecognized arguments']):
+        with pytest.raises(UserError, match=msg):
+            study.main([*args, '--out_dir', str(tmp_path)])
+    for script, args, msg in (('train.py', cases[0][0], cases[0][1]), ('world.py', ['--vq_lr', 'nan'], '--vq_lr'),
+                              ('study.py', ['--seeds', '-1'], '--seeds')):
+        p = subprocess.run([sys.executable, script, *args], cwd=HERE, capture_output=True, text=True)
+        assert p.returncode == 2 and msg in p.stderr and 'Traceback' not in p.stderr, p.stderr
+        assert len(p.stderr.strip().splitlines()) == 1, p.stderr

@@ -129,6 +129,7 @@ class TrainConfig:
     eval_ckpt: Optional[str] = None  # --eval: a tuned checkpoint compared with --ckpt on the same seeds (paired)
     # the miniature world (world.py) and honest-reporting controls
     world: str = ''  # world.py preset ('demo') or dir: GRPO in it + the report; ckpt/vq_ckpt '' = the world's
+    world_seed: int = 0  # with a world preset: build (once) and use the world of this seed (another world)
     shuffle_rewards: bool = False  # control run: permute the rewards within each group before advantages
     kl_images: int = 8  # images of each rollout scored under the frozen start for the logged kl_start; 0 = off
     # memory (memory.py; the README's "what fits where" table says which to use)
@@ -146,8 +147,8 @@ TRAIN_PRESETS = {
     # the headline offline demo: world.py builds (once) a pretrained VQ, GPT, reward models and judges;
     # GRPO from that GPT, then base vs tuned vs shuffled-reward control on held-out judges (CPU, minutes)
     'demo': dict(world='demo', ckpt='', vq_ckpt='', image_size=16, classes=list(range(10)),
-                 rewards='world_class=1,world_real=0.5',
-                 conds_per_rank=8, group_size=8, cfg_scale=1.5, lr=3e-4, beta=0.05, max_steps=100,
+                 rewards='world_class=1,world_quality=0.5,world_real=0.5',
+                 conds_per_rank=16, group_size=8, cfg_scale=1.0, lr=3e-4, beta=0.1, max_steps=100,
                  save_every=100, grid_every=0, out_dir='out/demo'),
     # the smallest smoke run: tiny random generator + tiny random VQ + a weight-free reward
     'demo_color': dict(ckpt='', model='GPT-tiny', vq_ckpt='', image_size=16, classes=list(range(8)),
@@ -531,7 +532,7 @@ def _now(device):
         torch.cuda.synchronize(device)
     return time.perf_counter()
 
-EXTRA_REWARDS = world.REWARDS + ('loo_fid',)  # rewards that extra_rewards() hands to build_reward
+EXTRA_REWARDS = world.REWARDS  # rewards that extra_rewards() hands to build_reward: the world's three, loo_fid
 
 # -----------------------------------------------------------------------------
 # checks (skip on a first reading): validate() runs them before anything is loaded; each room checks its own
@@ -557,7 +558,7 @@ def check_train_config(cfg):
     if any(c < 0 for c in cfg.classes):
         raise UserError(f"--classes must be class ids >= 0, got {cfg.classes}")
     check_batch(cfg)
-    world.check_flags(cfg.world, cfg.rewards)
+    world.check_flags(cfg.world, cfg.rewards, cfg.world_seed)
     check_reward_flags(cfg.rewards, EXTRA_REWARDS, cfg.judge_url, cfg.judge)
     check_loo_fid(cfg)
     lora.check_flags(cfg.lora_rank, cfg.lora_alpha, cfg.lora_targets)

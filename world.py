@@ -1,26 +1,33 @@
 """
-world.py -- a miniature of AR-GRPO's world that a laptop CPU builds in minutes: data, tokenizer,
-generator, rewards and held-out judges, all trained here from a seed (nanoGPT's prepare.py analogue).
+world.py -- a miniature of AR-GRPO's world that a laptop CPU builds in minutes: data, tokenizer, generator,
+the paper's three reward dimensions as learned nets, and a held-out judge, all trained here from one seed
+(nanoGPT's prepare.py analogue).
 
-    python world.py                        # smoke demo: the tests' tiny world (about a minute), its summary
-    python world.py --preset demo          # build (or load) the demo world and print its summary
-    python train.py --preset demo          # the headline: GRPO in this world, base vs tuned vs control
-    python study.py --preset demo --study all    # the (lr, beta) sweep and 3 seeds, real vs shuffled rewards
+    python world.py                                # smoke demo: the tests' tiny world (seconds), its summary
+    python world.py --preset demo                  # build (or load) the demo world and print its summary
+    python world.py --preset demo --world_seed 1   # another world: other images, other nets, same recipe
+    python train.py --preset demo                  # the headline: GRPO in this world, base vs tuned vs control
+    python study.py --preset demo                  # the README's table: 3 GRPO seeds x 2 worlds
 
 What each part stands for in the paper (AR-GRPO, arXiv 2508.06924, on ImageNet with LlamaGen):
-  data        procedural shapes: 10 classes (5 shapes x 2 colour families) with random position, size,
-              background and clutter; a train split and a held-out split       ~ ImageNet
-  tokenizer   tokenizer.VQModel trained with the VQ-VAE objective              ~ LlamaGen's VQ-16
-  generator   model.GPT (c2i) pretrained by next-token cross-entropy, class dropout for CFG ~ LlamaGen c2i
-  world_class reward: P(target class) from a CNN trained on the train split   ~ CLIP (semantic fidelity)
-  world_real  reward: a real-vs-generated discriminator against base samples  ~ a realism / quality judge
-  judge       a classifier of another architecture and seed, trained on the held-out split, never a
-              reward: class accuracy of samples and a mini-FID in its feature space ~ the paper's evaluation
-How it departs: the VQ is trained with L2 reconstruction + codebook + commitment only (LlamaGen adds a
-perceptual and a GAN loss) on a subset of the images; the reward classifier and the judge also see
-tokenized (reconstructed) images, since this VQ blurs far more than LlamaGen's; the FID features come from
-the small judge, not Inception. Everything is cached under out/world/<hash of the WorldConfig>, so a
-changed config builds a new world (bump VERSION when the code changes what a config builds).
+  data           10 procedural classes (5 shapes x warm/cool colour) with random position, size, hue
+                 and background; a train split and a held-out split                      ~ ImageNet
+  tokenizer      tokenizer.VQModel, 4x4 tokens per image, VQ-VAE objective               ~ LlamaGen VQ-16
+  generator      model.GPT c2i pretrained by next-token cross-entropy, class dropout     ~ LlamaGen c2i
+  world_class    reward, semantic fidelity: P(target class) from a CNN on the train split ~ CLIP
+  world_quality  reward, perceptual quality: a no-reference net trained, as IQA models are, to predict how
+                 strongly a train image was distorted (blur, noise, blocking, colour cast) ~ MANIQA
+  world_real     reward, realism: P(real) from a discriminator of VQ-reconstructed train images vs base
+                 samples                                                                 ~ the VLM realism judge
+  judge          a classifier of another architecture trained on the held-out split, never a reward: class
+                 accuracy of samples and a mini-FID in its feature space                 ~ the paper's evaluation
+How it departs: the VQ has only L2 reconstruction + codebook + commitment losses (LlamaGen adds perceptual
+and GAN losses); the reward classifier and the judge also see VQ reconstructions, as the discriminator's
+real images are reconstructions, so that they judge a decoded sample's content rather than the tokenizer;
+the FID features come from the small judge, not Inception. Every part is cached under
+out/world/<hash of the WorldConfig>: a changed config builds a new world (bump VERSION when the code
+changes what a config builds). All of it runs on one thread (THREADS), so a machine prints the same
+numbers on any core count; another CPU rounds differently and prints other digits (README).
 """
 import contextlib
 import hashlib
@@ -35,52 +42,88 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from PIL import Image, ImageDraw
-from safetensors.torch import save_file, load_file
+from safetensors.torch import load_file
+from tqdm import tqdm
 
-from checkpoint import load_gpt, load_vq, save_gpt, save_vq
-from fid import frechet_distance, mean_cov
+from checkpoint import load_gpt, load_vq, save_gpt, save_safetensors, save_vq
+from cli import UserError, atomic_write, check_range, check_writable_dir, save_npz
+from fid import LooFID, frechet_distance, mean_cov
 from model import GPT, config_for, generate
+from plots import draw_panel, font
 from rewards import parse_spec
 from tokenizer import VQConfig, VQModel, to_uint8
 
-VERSION = 3  # bump when the world's code changes what a config builds
+VERSION = 4  # bump when the world's code changes what a config builds
 
 
 @dataclass
 class WorldConfig:
     preset: str = 'tiny'  # a WORLD_PRESETS name; its values are defaults the flags override
-    seed: int = 0  # everything random in the world derives from it
+    world_seed: int = 0  # everything random in the world derives from it (train.py --world_seed picks it)
     image_size: int = 16  # pixels per side
-    n_train: int = 600  # training images (VQ, GPT, reward classifier)
-    n_heldout: int = 300  # held-out images (the judge and the mini-FID reference only)
-    codebook_size: int = 64  # VQ codes = the GPT's vocabulary
+    grid: int = 4  # tokens per side; the VQ downsamples by image_size / grid (a power of 2)
+    n_train: int = 2000  # training images: VQ, generator and the three reward nets
+    n_heldout: int = 1000  # held-out images: the judge, the mini-FID reference, every held-out figure
+    codebook_size: int = 128  # VQ codes = the generator's vocabulary
     vq_ch: int = 32  # VQ base width (GroupNorm(32) needs a multiple of 32)
-    vq_images: int = 600  # training images the VQ sees (its convolutions are the slow part on a CPU)
-    vq_epochs: int = 2  # passes over those images
+    vq_steps: int = 100  # VQ optimizer steps (its convolutions are the slow part of the build on a CPU)
+    vq_batch: int = 16  # images per VQ step (16 reconstructs better than 32 for the same compute, measured)
+    vq_lr: float = 2e-3  # VQ Adam learning rate (warm-up, then cosine to 0)
     gpt_layers: int = 2  # generator depth
     gpt_dim: int = 64  # generator width
-    gpt_epochs: int = 2  # pretraining passes; few on purpose: a decent but imperfect base
-    net_epochs: int = 2  # epochs of each small CNN (reward classifier, judge, discriminator)
-    fakes: int = 300  # base samples the discriminator learns to tell from real
-    cfg_scale: float = 1.5  # CFG of the discriminator's fakes (= the GRPO demo's sampling CFG)
-    eval_per_class: int = 10  # samples per class in the base-vs-tuned evaluation
+    gpt_epochs: int = 4  # pretraining passes; few on purpose: a decent but imperfect base
+    classifier_epochs: int = 3  # epochs of the reward classifier (train images and their reconstructions)
+    quality_epochs: int = 4  # epochs of the quality net (each pass distorts the images afresh)
+    fakes: int = 500  # base samples the discriminator learns from (n_heldout more measure its AUC)
+    disc_epochs: int = 3  # discriminator epochs
+    judge_epochs: int = 10  # epochs of the held-out judge (held-out images and their reconstructions)
+    cfg_scale: float = 1.0  # CFG of the discriminator's base samples (= the demo's sampling CFG; 1 = none)
+    eval_per_class: int = 20  # samples per class when a generator is measured (base vs tuned)
     root: str = 'out/world'  # cache root; the world lives in root/<hash>
+
+    def validate(self):
+        """Every value checked before anything is built (cli.parse_config calls it). Raises UserError."""
+        check_range(self, 'world_seed', lo=0)
+        check_range(self, 'image_size grid n_train n_heldout vq_steps vq_batch gpt_layers gpt_epochs '
+                          'classifier_epochs quality_epochs fakes disc_epochs judge_epochs eval_per_class', lo=1)
+        check_range(self, 'codebook_size', lo=2)
+        check_range(self, 'vq_lr', lo=0, lo_open=True)
+        check_range(self, 'cfg_scale', lo=0)
+        ds = self.image_size // self.grid
+        if self.image_size % self.grid or ds < 2 or ds & (ds - 1):
+            raise UserError(f"--image_size {self.image_size} must be a power-of-2 multiple (2 or more) of --grid "
+                            f"{self.grid}, the VQ's downsampling; e.g. --image_size 16 --grid 4")
+        if self.vq_ch % 32:
+            raise UserError(f"--vq_ch must be a multiple of 32 (the VQ's GroupNorm has 32 groups), got {self.vq_ch}")
+        if self.gpt_dim % 16:  # 4 heads, each split into row and column halves of rotation pairs (2D RoPE)
+            raise UserError(f"--gpt_dim must be a multiple of 16 (4 heads of 2D RoPE), got {self.gpt_dim}")
+        if min(self.fakes, self.n_train, self.n_heldout) < NUM_CLASSES:
+            raise UserError(f"--n_train, --n_heldout and --fakes must be at least {NUM_CLASSES}, one per class")
+        if self.fakes > self.n_train:
+            raise UserError(f"--fakes {self.fakes} must be at most --n_train {self.n_train}: the discriminator pairs "
+                            f"each base sample with a reconstructed train image")
+        check_writable_dir(self.root, '--root')
 
 
 WORLD_PRESETS = {
-    'tiny': dict(n_train=2000, n_heldout=1000, vq_images=500, vq_epochs=3, gpt_epochs=10, net_epochs=6,
-                 fakes=500, eval_per_class=20),  # tests and the smoke demo: about a minute
-    'demo': dict(n_train=8000, n_heldout=2000, codebook_size=128, vq_images=1500, vq_epochs=3, gpt_layers=4,
-                 gpt_dim=128, gpt_epochs=8, net_epochs=10, fakes=4000, eval_per_class=50),
+    # the tests and the smoke demo: 8x8 px, every part trained a little (seconds)
+    'tiny': dict(image_size=8, n_train=2000, n_heldout=1000, codebook_size=64, vq_steps=120, vq_lr=3e-3,
+                 gpt_epochs=4, classifier_epochs=10, quality_epochs=8, fakes=2000, disc_epochs=20, judge_epochs=16,
+                 eval_per_class=50),
+    # python train.py --preset demo: each size chosen by measurement (README), about 4 1/2 minutes of one core
+    'demo': dict(n_train=8000, n_heldout=2000, codebook_size=256, vq_steps=750, gpt_layers=4, gpt_dim=96,
+                 gpt_epochs=5, classifier_epochs=3, quality_epochs=6, fakes=8000, disc_epochs=10, judge_epochs=10,
+                 eval_per_class=100),
 }
 NOT_KEYED = {'preset', 'root', 'eval_per_class'}  # fields that do not change what is built
 
 # -----------------------------------------------------------------------------
 # data: procedural class-conditional images
 
-
-SHAPES = ('disk', 'square', 'triangle', 'ring', 'cross')  # class c: SHAPES[c % 5], colour family c // 5
-NUM_CLASSES = 2 * len(SHAPES)
+SHAPES = ('disk', 'square', 'triangle', 'ring', 'cross')  # class c: SHAPES[c % 5] in colour COLOURS[c // 5]
+COLOURS = ('warm', 'cool')
+NUM_CLASSES = len(SHAPES) * len(COLOURS)
+CLASS_NAMES = [f"{COLOURS[c // len(SHAPES)]} {SHAPES[c % len(SHAPES)]}" for c in range(NUM_CLASSES)]
 
 
 def hsv(h, s, v):  # floats in [0, 1] -> an RGB tuple of ints
@@ -91,21 +134,17 @@ def hsv(h, s, v):  # floats in [0, 1] -> an RGB tuple of ints
 def draw_image(c, rng, size=16, ss=4):
     """One (size, size, 3) uint8 image of class c, drawn at ss x the size and box-filtered down.
 
-    The shape (one of 5) and its colour family (warm or cool hue) make the class; its position, size,
-    exact hue, the background (dim, low-saturation, a gradient) and 1-3 random-colour clutter marks vary."""
+    The class is the shape (one of 5) and its colour family (red-orange or blue); the position, the size,
+    the exact hue and brightness, and the background (a dim, low-saturation gradient) vary."""
     S = size * ss
-    bg = np.array([hsv(rng.random(), 0.3 * rng.random(), 0.1 + 0.4 * rng.random()) for _ in range(2)], float)
+    bg = np.array([hsv(rng.random(), 0.3 * rng.random(), 0.1 + 0.35 * rng.random()) for _ in range(2)], float)
     t = np.linspace(0, 1, S)[:, None, None] if rng.random() < 0.5 else np.linspace(0, 1, S)[None, :, None]
     img = Image.fromarray((bg[0] * (1 - t) + bg[1] * t + np.zeros((S, S, 3))).astype(np.uint8))
     d = ImageDraw.Draw(img)
-    for _ in range(rng.integers(1, 4)):  # clutter: short lines of any colour
-        x, y = rng.uniform(0, S, 2)
-        dx, dy = rng.uniform(-S / 4, S / 4, 2)
-        d.line([x, y, x + dx, y + dy], fill=hsv(rng.random(), rng.random(), 0.3 + 0.5 * rng.random()), width=ss)
-    hue = rng.uniform(-0.05, 0.08) if c // len(SHAPES) == 0 else rng.uniform(0.52, 0.66)  # red-orange / blue
+    hue = rng.uniform(-0.05, 0.08) if c // len(SHAPES) == 0 else rng.uniform(0.52, 0.66)
     col = hsv(hue, rng.uniform(0.65, 1.0), rng.uniform(0.75, 1.0))
-    r = rng.uniform(0.22, 0.36) * S  # half the shape's extent
-    cx, cy = rng.uniform(r + ss, S - r - ss, 2)
+    r = rng.uniform(0.24, 0.38) * S  # half the shape's extent
+    cx, cy = rng.uniform(r + ss / 2, S - r - ss / 2, 2)  # half a pixel from the edge, at least
     box = [cx - r, cy - r, cx + r, cy + r]
     shape = SHAPES[c % len(SHAPES)]
     if shape == 'disk':
@@ -115,24 +154,45 @@ def draw_image(c, rng, size=16, ss=4):
     elif shape == 'triangle':
         d.polygon([(cx, cy - r), (cx + r, cy + r), (cx - r, cy + r)], fill=col)
     elif shape == 'ring':
-        d.ellipse(box, outline=col, width=max(ss, int(0.45 * r)))
+        d.ellipse(box, outline=col, width=max(ss, int(0.4 * r)))
     else:  # cross
-        w = 0.38 * r
+        w = 0.36 * r
         d.rectangle([cx - r, cy - w, cx + r, cy + w], fill=col)
         d.rectangle([cx - w, cy - r, cx + w, cy + r], fill=col)
     return np.asarray(img.resize((size, size), Image.BOX))
 
 
 def make_split(n, seed, size):
-    """n images with balanced labels -> (images (n, 3, size, size) float32 in [-1, 1], labels (n,) int64)."""
+    """n images with balanced labels from the random stream `seed` (an int or a list of ints) ->
+    (images (n, size, size, 3) uint8, labels (n,) int64), as numpy arrays: the ADM layout."""
     rng = np.random.default_rng(seed)
     labels = np.arange(n) % NUM_CLASSES
     rng.shuffle(labels)
-    x = np.stack([draw_image(int(c), rng, size) for c in labels])  # (n, H, W, 3) uint8
-    return torch.from_numpy(x).permute(0, 3, 1, 2).float() / 127.5 - 1, torch.from_numpy(labels).long()
+    return np.stack([draw_image(int(c), rng, size) for c in labels]), labels.astype(np.int64)
+
+
+def to_float(u8):
+    """uint8 (n, H, W, 3) numpy -> float32 (n, 3, H, W) tensor in [-1, 1], the decoder's range."""
+    return torch.from_numpy(u8).permute(0, 3, 1, 2).float() / 127.5 - 1
+
+
+def save_adm(path, images, labels):
+    """The ADM evaluator's .npz layout: `arr_0` uint8 (n, H, W, 3), `arr_1` int64 class labels (n,); whole or
+    not at all (a temp file renamed into place), with the mode open() would give."""
+    atomic_write({path: lambda tmp: save_npz(tmp, arr_0=images, arr_1=labels)})
+
+
+def load_adm(path):
+    with np.load(path) as z:
+        return z['arr_0'], z['arr_1']
 
 # -----------------------------------------------------------------------------
-# tokenizer: tokenizer.VQModel trained with the VQ-VAE objective
+# training helpers shared by every part
+
+
+def progress(iterable, desc, total=None):
+    """One tqdm bar per phase of the build, left on screen when done, so a newcomer sees where time goes."""
+    return tqdm(iterable, desc=f"world: {desc}", total=total, leave=True, dynamic_ncols=True, mininterval=1)
 
 
 def warmup_cosine(opt, steps):
@@ -147,6 +207,28 @@ def batches(n, bs, gen):
     return torch.randperm(n, generator=gen).split(bs)
 
 
+def seeded(wc, part):
+    """A generator for one part of the build: parts draw from separate streams, so resizing one part
+    (say, the discriminator's epochs) leaves every other part as it was. Also seeds the nets' init."""
+    seed = wc.world_seed * 1000 + PARTS.index(part)
+    torch.manual_seed(seed)
+    return torch.Generator().manual_seed(seed)
+
+
+PARTS = ('vq', 'gpt', 'classifier', 'quality', 'fakes', 'discriminator', 'judge')
+
+# -----------------------------------------------------------------------------
+# tokenizer: tokenizer.VQModel trained with the VQ-VAE objective
+
+
+def vq_config(wc):
+    """LlamaGen's VQ architecture at this size: one level per halving, the last one twice as wide."""
+    levels = int(math.log2(wc.image_size // wc.grid))  # downsample 4 -> ch_mult [1, 1, 2]
+    mult = [1] * levels + [2]
+    return VQConfig(codebook_size=wc.codebook_size, codebook_embed_dim=8, encoder_ch_mult=mult,
+                    decoder_ch_mult=mult, z_channels=32, ch=wc.vq_ch)
+
+
 def vq_loss(vq, x, beta=0.25):
     """VQ-VAE (van den Oord et al. 2017): |x - D(sg-straight-through(e))|^2 + |sg(z) - e|^2 + beta |z - sg(e)|^2,
     with LlamaGen's l2-normalised latents and codes. x (B, 3, H, W) -> (loss, recon mse, codes (B*h*w,))."""
@@ -159,59 +241,66 @@ def vq_loss(vq, x, beta=0.25):
     return rec + codebook + beta * commit, rec, idx
 
 
-def train_vq(wc, x, gen):
-    """A small VQModel (downsample 4) fit to the training images; dead codes restart on random latents."""
-    torch.manual_seed(int(torch.randint(2 ** 31, (1,), generator=gen)))  # a seeded init
-    vq = VQModel(VQConfig(codebook_size=wc.codebook_size, codebook_embed_dim=8, encoder_ch_mult=[1, 1, 2],
-                          decoder_ch_mult=[1, 1, 2], z_channels=32, ch=wc.vq_ch))
-    x = x[:wc.vq_images]  # the VQ is the costly part on a CPU: it sees a subset
-    opt = torch.optim.Adam(vq.parameters(), lr=1e-3)
-    steps = wc.vq_epochs * math.ceil(len(x) / 32)
-    sched = warmup_cosine(opt, steps)
-    for epoch in range(wc.vq_epochs):
-        used = torch.zeros(wc.codebook_size, dtype=torch.bool)
-        for b in batches(len(x), 32, gen):
-            loss, rec, idx = vq_loss(vq, x[b])
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-            sched.step()
-            used[idx] = True
-        if epoch < wc.vq_epochs - 1:  # codes no latent chose this epoch restart on a random latent
-            with torch.no_grad():
-                z = F.normalize(vq.quant_conv(vq.encoder(x[torch.randperm(len(x), generator=gen)[:256]])), dim=1)
-                z = z.permute(0, 2, 3, 1).reshape(-1, z.shape[1])
-                dead = (~used).nonzero().flatten()
-                vq.quantize.embedding.weight[dead] = z[torch.randint(len(z), (len(dead),), generator=gen)]
+@torch.no_grad()
+def restart_dead_codes(vq, x, used, gen):
+    """Codes no latent chose lately move onto random latents of a random batch (a standard VQ fix: without
+    it a small codebook ends with a third of its codes unused)."""
+    z = F.normalize(vq.quant_conv(vq.encoder(x[torch.randperm(len(x), generator=gen)[:256]])), dim=1)
+    z = z.permute(0, 2, 3, 1).reshape(-1, z.shape[1])  # (256*h*w, C) latents
+    dead = (~used).nonzero().flatten()
+    vq.quantize.embedding.weight[dead] = z[torch.randint(len(z), (len(dead),), generator=gen)]
+    used.zero_()
+
+
+def train_vq(wc, x, restart_every=100):
+    """A VQModel fit to the training images for wc.vq_steps steps of wc.vq_batch images; dead codes restart
+    every restart_every steps over the first 80% of training (the rest settles the codes that survived)."""
+    gen, bs = seeded(wc, 'vq'), wc.vq_batch
+    vq = VQModel(vq_config(wc))
+    opt = torch.optim.Adam(vq.parameters(), lr=wc.vq_lr)
+    sched = warmup_cosine(opt, wc.vq_steps)
+    order = torch.cat([batches(len(x), len(x), gen)[0] for _ in range(math.ceil(wc.vq_steps * bs / len(x)))])
+    used = torch.zeros(wc.codebook_size, dtype=torch.bool)
+    for step in (bar := progress(range(wc.vq_steps), 'VQ tokenizer, steps')):
+        loss, rec, idx = vq_loss(vq, x[order[step * bs:(step + 1) * bs]])
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        sched.step()
+        used[idx] = True
+        if (step + 1) % restart_every == 0 and step < 0.8 * wc.vq_steps:
+            restart_dead_codes(vq, x, used, gen)
+        bar.set_postfix(recon_mse=f"{rec.item():.4f}", refresh=False)
     return vq.eval().requires_grad_(False)
 
 
 @torch.no_grad()
-def encode_all(vq, x, bs=256):
+def encode_all(vq, x, bs=500):
     """images (n, 3, H, W) -> codes (n, h*w) int64."""
     return torch.cat([vq.encode(x[i:i + bs]).flatten(1) for i in range(0, len(x), bs)])
 
 
 @torch.no_grad()
-def decode_all(vq, codes, bs=256):
+def decode_all(vq, codes, bs=500):
+    """codes (n, h*w) -> images (n, 3, H, W) clamped to [-1, 1]."""
     return torch.cat([vq.decode(codes[i:i + bs]).clamp(-1, 1) for i in range(0, len(codes), bs)])
 
 # -----------------------------------------------------------------------------
 # generator: model.GPT pretrained by next-token cross-entropy, nanoGPT style
 
 
-def train_gpt(wc, codes, labels, gen):
+def train_gpt(wc, codes, labels, bs=64):
     """A c2i GPT on the tokenised training set. Class dropout as LlamaGen trains it: 10% of the labels
-    become the null class (row num_classes), which is what makes CFG possible."""
-    cfg = config_for(None, wc.image_size, 4, n_layer=wc.gpt_layers, n_head=4, dim=wc.gpt_dim,
-                     vocab_size=wc.codebook_size, num_classes=NUM_CLASSES, class_dropout_prob=0.1)
-    torch.manual_seed(int(torch.randint(2 ** 31, (1,), generator=gen)))
+    become the null class (row num_classes), which is what makes CFG possible. Batches of 64 sequences:
+    measured, they reach a lower loss than 128 at a higher learning rate for the same compute."""
+    gen = seeded(wc, 'gpt')
+    cfg = config_for(None, wc.image_size, wc.image_size // wc.grid, n_layer=wc.gpt_layers, n_head=4,
+                     dim=wc.gpt_dim, vocab_size=wc.codebook_size, num_classes=NUM_CLASSES, class_dropout_prob=0.1)
     gpt = GPT(cfg).train()  # dropout on while pretraining, as LlamaGen
     opt = torch.optim.AdamW(gpt.parameters(), lr=3e-3, weight_decay=0.05, betas=(0.9, 0.95))
-    steps = wc.gpt_epochs * math.ceil(len(codes) / 128)
-    sched = warmup_cosine(opt, steps)
-    for _ in range(wc.gpt_epochs):
-        for b in batches(len(codes), 128, gen):
+    sched = warmup_cosine(opt, wc.gpt_epochs * math.ceil(len(codes) / bs))
+    for epoch in (bar := progress(range(wc.gpt_epochs), 'generator, epochs')):
+        for b in batches(len(codes), bs, gen):
             y = labels[b].clone()
             y[torch.rand(len(b), generator=gen) < cfg.class_dropout_prob] = NUM_CLASSES  # class dropout
             logits = gpt(codes[b][:, :-1], y)  # (B, N, V): logits[:, j] predicts token j
@@ -221,6 +310,7 @@ def train_gpt(wc, codes, labels, gen):
             torch.nn.utils.clip_grad_norm_(gpt.parameters(), 1.0)
             opt.step()
             sched.step()
+        bar.set_postfix(loss=f"{loss.item():.3f}", refresh=False)
     return gpt.eval().requires_grad_(False)
 
 
@@ -232,21 +322,111 @@ def sample_tokens(gpt, labels, cfg_scale, seed, bs=500):
                       for i in range(0, len(labels), bs)])
 
 # -----------------------------------------------------------------------------
-# the small CNNs: reward classifier (~ CLIP), discriminator (~ realism judge), held-out judge
+# distortions: the quality net's training data, as IQA datasets (KADID, TID) grade synthetic distortions
+
+LEVELS = 5  # level 0 = untouched, 1..4 = ever stronger
+BLUR_SIGMA = (0.5, 0.75, 1.0, 1.4)  # Gaussian blur, pixels
+NOISE_STD = (0.06, 0.12, 0.2, 0.3)  # additive Gaussian noise, in the [-1, 1] pixel range
+BLOCK_MIX, BLOCK_STEPS = (0.3, 0.55, 0.8, 1.0), (24, 12, 7, 4)  # 2x2 block averaging, then grey levels per channel
+CAST = (0.12, 0.22, 0.34, 0.5)  # colour cast: a random RGB direction of this length
 
 
-def reward_classifier():
-    """world_class's network: three 3x3 convs, global average pool, 10 logits."""
-    return nn.Sequential(nn.Conv2d(3, 32, 3, padding=1), nn.GELU(), nn.Conv2d(32, 64, 3, 2, 1), nn.GELU(),
-                         nn.Conv2d(64, 128, 3, 2, 1), nn.GELU(), nn.AdaptiveAvgPool2d(1), nn.Flatten(),
-                         nn.Linear(128, NUM_CLASSES))
+def blur(x, sigma):
+    r = 3
+    k = torch.exp(-torch.arange(-r, r + 1.0) ** 2 / (2 * sigma ** 2))
+    k = (k / k.sum()).to(x)
+    x = F.pad(x, (r, r, r, r), mode='reflect')
+    x = F.conv2d(x, k.view(1, 1, 1, -1).expand(3, 1, 1, -1).contiguous(), groups=3)  # rows, then columns
+    return F.conv2d(x, k.view(1, 1, -1, 1).expand(3, 1, -1, 1).contiguous(), groups=3)
 
 
-def discriminator():
-    """world_real's network: a smaller conv stack -> one real-vs-generated logit."""
-    return nn.Sequential(nn.Conv2d(3, 16, 3, padding=1), nn.LeakyReLU(0.2), nn.Conv2d(16, 32, 3, 2, 1),
-                         nn.LeakyReLU(0.2), nn.Conv2d(32, 64, 3, 2, 1), nn.LeakyReLU(0.2), nn.AdaptiveAvgPool2d(1),
-                         nn.Flatten(), nn.Linear(64, 1))
+def blocking(x, mix, steps):
+    """JPEG-like blocking (2x2 blocks averaged, mixed in) and quantisation (`steps` levels per channel)."""
+    blocks = F.interpolate(F.avg_pool2d(x, 2), scale_factor=2, mode='nearest')
+    x = (1 - mix) * x + mix * blocks
+    return torch.round((x + 1) / 2 * (steps - 1)) / (steps - 1) * 2 - 1
+
+
+def distort(x, kind, level, gen):
+    """x (B, 3, H, W) in [-1, 1]; kind (B,) in 0..3 (blur, noise, blocking, colour cast); level (B,) in
+    0..LEVELS-1 -> the distorted images (B, 3, H, W), clamped to [-1, 1]. Level 0 leaves an image as it is."""
+    out = x.clone()
+    for lv in range(1, LEVELS):
+        i = lv - 1
+        for k in range(4):
+            m = (kind == k) & (level == lv)
+            if not m.any():
+                continue
+            xm = x[m]
+            if k == 0:
+                out[m] = blur(xm, BLUR_SIGMA[i])
+            elif k == 1:
+                out[m] = xm + NOISE_STD[i] * torch.randn(xm.shape, generator=gen)
+            elif k == 2:
+                out[m] = blocking(xm, BLOCK_MIX[i], BLOCK_STEPS[i])
+            else:
+                d = F.normalize(torch.randn(len(xm), 3, generator=gen), dim=1)  # (b, 3) a random cast
+                out[m] = xm + CAST[i] * d[:, :, None, None]
+    return out.clamp(-1, 1)
+
+
+def random_distortions(x, gen):
+    """Each image with a random kind and level (level 0 as often as each other) -> (images, levels (B,) int64)."""
+    kind = torch.randint(4, (len(x),), generator=gen)
+    level = torch.randint(LEVELS, (len(x),), generator=gen)
+    return distort(x, kind, level, gen), level
+
+
+def expected_level(logits):
+    """The quality net's (B, LEVELS) logits -> its expected distortion level (B,), in [0, LEVELS - 1]."""
+    return (logits.softmax(-1) * torch.arange(LEVELS, device=logits.device)).sum(-1)
+
+# -----------------------------------------------------------------------------
+# the small CNNs: reward classifier (~ CLIP), quality net (~ MANIQA), discriminator (~ realism judge), judge
+
+
+def conv_stack(widths, act):
+    """3x3 convs, the first at full resolution and each later one halving it: widths (3, w1, w2, ...)."""
+    layers = []
+    for i, (a, b) in enumerate(zip(widths, widths[1:])):
+        layers += [nn.Conv2d(a, b, 3, 1 if i == 0 else 2, 1), act()]
+    return layers
+
+
+class RewardClassifier(nn.Module):
+    """world_class's network: four 3x3 convs (each after the first halves the resolution), global average
+    pool -> 128 features, 10 logits. features() is also the feature space of a distribution-level reward over
+    the train split (a later issue)."""
+
+    def __init__(self):
+        super().__init__()
+        self.body = nn.Sequential(*conv_stack((3, 32, 64, 128, 128), nn.GELU), nn.AdaptiveAvgPool2d(1), nn.Flatten())
+        self.head = nn.Linear(128, NUM_CLASSES)
+
+    def features(self, x):  # (B, 3, H, W) in [-1, 1] -> (B, 128) penultimate features
+        return self.body(x)
+
+    def forward(self, x):  # -> (B, 10) logits
+        return self.head(self.body(x))
+
+
+def quality_net(size):
+    """world_quality's network: three 3x3 convs down to a (size/4)^2 map, then a small MLP over every position
+    (blur and noise are local, a colour cast is global: the dense layer sees both) -> LEVELS logits, one per
+    distortion level. Trained as a classifier over the levels (measured: it learns several times faster than
+    regressing the level), scored by the expected level."""
+    return nn.Sequential(*conv_stack((3, 32, 64, 96), nn.ReLU), nn.Flatten(), nn.Linear(96 * (size // 4) ** 2, 64),
+                         nn.ReLU(), nn.Linear(64, LEVELS))
+
+
+def discriminator(size):
+    """world_real's network: narrow 3x3 convs down to a 2x2 map, then a dense layer over every position (a
+    malformed shape is a matter of where things are, which global pooling would discard) -> one real-vs-generated
+    logit. Narrow on purpose: measured, more images and steps buy more held-out AUC than more width does."""
+    n = int(math.log2(size // 2))  # stride-2 convs down to 2x2
+    widths = (3,) + tuple(16 * 2 ** i for i in range(n + 1))  # 16 px: (3, 16, 32, 64, 128)
+    return nn.Sequential(*conv_stack(widths, lambda: nn.LeakyReLU(0.2)), nn.Flatten(), nn.Dropout(0.2),
+                         nn.Linear(widths[-1] * 4, 1))
 
 
 class Judge(nn.Module):
@@ -267,26 +447,99 @@ class Judge(nn.Module):
         return self.head(self.body(x))
 
 
-def fit(net, x, y, epochs, gen, loss_fn=F.cross_entropy, lr=2e-3, bs=128):
-    """Adam with a one-cycle schedule; returns the network frozen in eval mode."""
-    torch.manual_seed(int(torch.randint(2 ** 31, (1,), generator=gen)))
-    net.apply(lambda m: m.reset_parameters() if hasattr(m, 'reset_parameters') else None)  # seeded init
-    opt = torch.optim.Adam(net.parameters(), lr=lr)
-    sched = warmup_cosine(opt, epochs * math.ceil(len(x) / bs))
+def fit(net, n, batch_fn, loss_fn, epochs, gen, desc, lr=2e-3, bs=128, weight_decay=0.0):
+    """Adam(W) with warm-up and cosine over `epochs` passes of n items; batch_fn(indices) -> (inputs, targets)
+    (so the quality net can distort each batch afresh). Returns the network frozen in eval mode."""
+    opt = torch.optim.AdamW(net.parameters(), lr=lr, weight_decay=weight_decay)
+    sched = warmup_cosine(opt, epochs * math.ceil(n / bs))
     net.train()
-    for _ in range(epochs):
-        for b in batches(len(x), bs, gen):
-            loss = loss_fn(net(x[b]).squeeze(-1), y[b])
+    for _ in (bar := progress(range(epochs), f"{desc}, epochs")):
+        for b in batches(n, bs, gen):
+            inputs, targets = batch_fn(b)
+            loss = loss_fn(net(inputs).squeeze(-1), targets)
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
             sched.step()
+        bar.set_postfix(loss=f"{loss.item():.3f}", refresh=False)
     return net.eval().requires_grad_(False)
 
 
 @torch.no_grad()
 def predict(net, x, bs=500):
     return torch.cat([net(x[i:i + bs]) for i in range(0, len(x), bs)])
+
+# -----------------------------------------------------------------------------
+# the world's rewards as rewards.py scorers: scorer(images, conditions) -> Tensor[B]
+
+
+class WorldReward(nn.Module):
+    """One learned reward of the world: images (B, 3, H, W) in [-1, 1] at the world's size, conditions B class
+    ids -> (B,) float32 in [0, 1], one forward per batch on the images' device.
+    kind 'class': P(target class); 'quality': 1 - expected distortion level / 4; 'real': P(real)."""
+
+    def __init__(self, net, kind):
+        super().__init__()
+        self.net, self.kind = net, kind
+
+    @torch.no_grad()
+    def forward(self, images, conditions):
+        self.net.to(images.device)
+        out = self.net(images.float().clamp(-1, 1))  # trained on [-1, 1] pixels
+        if self.kind == 'real':
+            return torch.sigmoid(out[:, 0])
+        if self.kind == 'quality':
+            return 1 - expected_level(out) / (LEVELS - 1)
+        ids = torch.as_tensor([int(c) for c in conditions], device=images.device)
+        return out.softmax(-1).gather(1, ids[:, None])[:, 0]
+
+
+INSTANCE = ('world_class', 'world_quality', 'world_real')  # the paper's three dimensions, one image at a time
+REWARDS = INSTANCE + ('loo_fid',)  # every reward a world hands to rewards.build_reward, by its --rewards name
+NETS = dict(world_class=('classifier', 'class'), world_quality=('quality', 'quality'),
+            world_real=('discriminator', 'real'))  # name -> (weights file, WorldReward kind)
+
+
+def reward_scorers(world, spec='world_class=1,world_quality=1,world_real=1', fid_decay=0.9):
+    """{name: scorer} of the world's rewards that the reward spec names, to hand to rewards.build_reward.
+    world: a built world's directory (or a preset name: world seed 0). loo_fid here is fid.LooFID in the reward
+    classifier's penultimate features (128-d) against the train split's statistics: never the held-out split,
+    which the judge owns."""
+    d = resolve(world)
+    if not os.path.isfile(os.path.join(d, 'world.json')):
+        raise FileNotFoundError(f"the world {world!r} is not built ({d}); run python world.py --preset demo")
+    size = read_summary(d)['config']['image_size']
+    nets = dict(classifier=RewardClassifier(), quality=quality_net(size), discriminator=discriminator(size))
+    out = {}
+    for name in parse_spec(spec, REWARDS):
+        if name in NETS:
+            file, kind = NETS[name]
+            out[name] = WorldReward(load_net(os.path.join(d, f'{file}.safetensors'), nets[file]), kind)
+        elif name == 'loo_fid':
+            classifier = load_net(os.path.join(d, 'classifier.safetensors'), RewardClassifier())
+            x, _ = load_train_split(d)
+            ref = mean_cov(predict(classifier.features, x))
+            features = lambda images, net=classifier: net.to(images.device).features(images.float().clamp(-1, 1))
+            out[name] = LooFID(features, *ref, decay=fid_decay)
+    return out
+
+
+def check_flags(world, rewards, world_seed=0):
+    """train.py's --world, --world_seed and the world's rewards, before anything is built. Raises UserError."""
+    if world and world not in WORLD_PRESETS and not os.path.isdir(world):
+        raise UserError(f"--world {world!r} is neither a world preset ({', '.join(WORLD_PRESETS)}) "
+                        f"nor a directory built by world.py; pass --world demo")
+    if world and world not in WORLD_PRESETS and not os.path.isfile(os.path.join(world, 'world.json')):
+        raise UserError(f"--world {world} holds no world (no world.json); build one with python world.py, or pass "
+                        f"--world demo")
+    if world_seed < 0:
+        raise UserError(f"--world_seed must be >= 0, got {world_seed}")
+    if world_seed and world not in WORLD_PRESETS:
+        raise UserError(f"--world_seed picks the seed of a world preset, but --world is {world or 'not set'}; pass "
+                        f"--world demo (a built directory has its own seed)")
+    if any(n in INSTANCE for n in parse_spec(rewards, REWARDS)) and not world:
+        raise UserError("the world_class / world_quality / world_real rewards need a world; pass --world demo (or "
+                        "--preset demo)")
 
 # -----------------------------------------------------------------------------
 # building the world (cached) and loading it back
@@ -299,7 +552,17 @@ def world_dir(wc):
 
 
 def save_net(net, path):
-    save_file({k: v.contiguous() for k, v in net.state_dict().items()}, path)
+    save_safetensors({k: v.contiguous() for k, v in net.state_dict().items()}, path)
+
+
+def read_summary(d):
+    """world.json of the world in d; a torn or unreadable one is one sentence naming it and what to do."""
+    path = os.path.join(d, 'world.json')
+    try:
+        with open(path) as f:
+            return json.load(f)
+    except (OSError, ValueError) as e:
+        raise UserError(f"{path} cannot be read ({e}); delete {d} and the world is rebuilt on the next run") from None
 
 
 def load_net(path, net):
@@ -308,79 +571,154 @@ def load_net(path, net):
 
 
 def build(wc, log=print):
-    """Build every part of the world into world_dir(wc) and return its summary (also world.json)."""
-    d, t0, gen, times = world_dir(wc), time.perf_counter(), torch.Generator().manual_seed(wc.seed), {}
+    """Build every part of the world into world_dir(wc), in the order each needs the last, and return its
+    summary (also world.json): what each part scores on data it never trained on, and the seconds it took."""
+    d, times, t = world_dir(wc), {}, [time.perf_counter()]
     os.makedirs(d, exist_ok=True)
-    lap = lambda name: times.__setitem__(name, round(time.perf_counter() - t0 - sum(times.values()), 1))
-    x, y = make_split(wc.n_train, wc.seed, wc.image_size)
-    xh, yh = make_split(wc.n_heldout, wc.seed + 1, wc.image_size)  # a different stream: unseen images
+
+    def lap(name):  # seconds since the previous lap
+        times[name], t[0] = round(time.perf_counter() - t[0], 1), time.perf_counter()
+    log(f"world: drawing {wc.n_train} train and {wc.n_heldout} held-out images")
+    (x, y), (xh, yh) = build_data(wc, d)
     lap('data')
-    vq = train_vq(wc, x, gen)
-    codes = encode_all(vq, x)
-    lap('vq')
-    log(f"world: VQ trained in {times['vq']} s; pretraining the generator")
-    gpt = train_gpt(wc, codes, y, gen)
-    lap('gpt')
-    # both classifiers see real images and the same images through the tokenizer, so that they judge the
-    # content of decoded samples rather than the VQ's blur (Inception and CLIP recognise LlamaGen's
-    # reconstructions; this small VQ's are far blurrier)
-    rec, rech = decode_all(vq, codes), decode_all(vq, encode_all(vq, xh))
-    clf = fit(reward_classifier(), torch.cat([x, rec]), torch.cat([y, y]), wc.net_epochs, gen)
-    judge = fit(Judge(wc.image_size), torch.cat([xh, rech]), torch.cat([yh, yh]), wc.net_epochs, gen)  # held out
-    lap('classifiers')
-    # the discriminator: VQ reconstructions of training images (real through the same decoder) vs base samples
-    fake_y = torch.arange(wc.fakes) % NUM_CLASSES
-    fakes = decode_all(vq, sample_tokens(gpt, fake_y, wc.cfg_scale, wc.seed + 2))
-    real = rec[:wc.fakes]
-    xd, yd = torch.cat([real, fakes]), torch.cat([torch.ones(len(real)), torch.zeros(len(fakes))])
-    disc = fit(discriminator(), xd, yd, wc.net_epochs, gen, F.binary_cross_entropy_with_logits)
-    lap('discriminator')
+    vq = train_vq(wc, x)
     save_vq(vq, os.path.join(d, 'vq.safetensors'))
+    log("world: tokenizing every image")
+    codes = encode_all(vq, x)
+    rec, rech = decode_all(vq, codes), decode_all(vq, encode_all(vq, xh))  # train / held-out through the VQ
+    lap('tokenizer')
+    gpt = train_gpt(wc, codes, y)
     save_gpt(gpt, os.path.join(d, 'gpt.safetensors'))
-    for name, net in (('classifier', clf), ('judge', judge), ('discriminator', disc)):
+    lap('generator')
+    nets = dict(classifier=train_classifier(wc, x, rec, y))
+    lap('classifier')
+    nets['quality'] = train_quality(wc, x)
+    lap('quality')
+    fakes, held_fakes, held_y = base_samples(wc, gpt, vq)
+    nets['discriminator'] = train_discriminator(wc, rec[:wc.fakes], fakes)
+    lap('discriminator')
+    nets['judge'] = train_judge(wc, xh, rech, yh)
+    lap('judge')
+    for name, net in nets.items():
         save_net(net, os.path.join(d, f'{name}.safetensors'))
-    torch.save(dict(x=xh, y=yh), os.path.join(d, 'heldout.pt'))
-    summary = dict(config=asdict(wc), build_s=times, **world_stats(vq, clf, judge, disc, x, y, xh, yh))
-    json.dump(summary, open(os.path.join(d, 'world.json'), 'w'), indent=1)
+    log("world: measuring every part on held-out data")
+    stats = world_stats(wc, nets, (x, rec, y), (xh, rech, yh), (held_fakes, held_y))
+    stats |= dict(codebook_used=int(codes.unique().numel()), vq_mse=F.mse_loss(rech, xh).item(),
+                  mean_image_mse=F.mse_loss(x.mean(0, keepdim=True).expand_as(xh), xh).item())  # chance level
+    summary = dict(config=asdict(wc), build_s=times, **stats)
+    text = json.dumps(summary, indent=1)  # written last and whole (a temp file renamed): marks the world complete
+    atomic_write({os.path.join(d, 'world.json'): lambda tmp: open(tmp, 'w').write(text)})
     return summary
 
 
+def build_data(wc, d):
+    """The train and held-out splits from separate random streams of the world seed, saved in the ADM layout
+    (train.npz, heldout.npz) -> ((x, y), (xh, yh)) as float tensors in [-1, 1] and int64 labels."""
+    out = []
+    for split, n, stream in (('train', wc.n_train, 0), ('heldout', wc.n_heldout, 1)):
+        images, labels = make_split(n, [wc.world_seed, stream], wc.image_size)
+        save_adm(os.path.join(d, f'{split}.npz'), images, labels)
+        out.append((to_float(images), torch.from_numpy(labels)))
+    return out
+
+
+def train_classifier(wc, x, rec, y):
+    """world_class: the reward classifier, on the train images and the same images through the VQ (so that
+    it reads a decoded sample's content, not the tokenizer's softness)."""
+    gen = seeded(wc, 'classifier')
+    xs, ys = torch.cat([x, rec]), torch.cat([y, y])
+    return fit(RewardClassifier(), len(xs), lambda b: (xs[b], ys[b]), F.cross_entropy, wc.classifier_epochs, gen,
+               'reward classifier', lr=3e-3)
+
+
+def train_quality(wc, x):
+    """world_quality: tell the distortion level of train images distorted afresh in every batch."""
+    gen = seeded(wc, 'quality')
+    return fit(quality_net(wc.image_size), len(x), lambda b: random_distortions(x[b], gen), F.cross_entropy,
+               wc.quality_epochs, gen, 'quality net')
+
+
 @torch.no_grad()
-def world_stats(vq, clf, judge, disc, x, y, xh, yh):
-    """How good each part is on data it did not train on."""
-    rec = decode_all(vq, encode_all(vq, xh))
+def base_samples(wc, gpt, vq):
+    """Decoded base samples at the demo's CFG, classes balanced: wc.fakes for the discriminator to learn from,
+    and n_heldout more from another seed that it never sees -> (fakes, held-out fakes, their labels)."""
+    gen = seeded(wc, 'fakes')
+    out = []
+    for n in progress((wc.fakes, wc.n_heldout), 'base samples for the discriminator (train, held-out)'):
+        labels = torch.arange(n) % NUM_CLASSES
+        seed = int(torch.randint(2 ** 31, (1,), generator=gen))
+        out.append((decode_all(vq, sample_tokens(gpt, labels, wc.cfg_scale, seed)), labels))
+    return out[0][0], out[1][0], out[1][1]
+
+
+def train_discriminator(wc, real, fakes):
+    """world_real: VQ reconstructions of train images (real through the same decoder) vs base samples."""
+    gen = seeded(wc, 'discriminator')
+    xs, ys = torch.cat([real, fakes]), torch.cat([torch.ones(len(real)), torch.zeros(len(fakes))])
+    return fit(discriminator(wc.image_size), len(xs), lambda b: (xs[b], ys[b]), F.binary_cross_entropy_with_logits,
+               wc.disc_epochs, gen, 'discriminator', weight_decay=0.05)
+
+
+def train_judge(wc, xh, rech, yh):
+    """The held-out judge: the held-out images and their reconstructions; no reward ever sees it."""
+    gen = seeded(wc, 'judge')
+    xs, ys = torch.cat([xh, rech]), torch.cat([yh, yh])
+    return fit(Judge(wc.image_size), len(xs), lambda b: (xs[b], ys[b]), F.cross_entropy, wc.judge_epochs, gen,
+               'held-out judge')
+
+
+@torch.no_grad()
+def world_stats(wc, nets, train, heldout, fakes):
+    """How good each part is on data it did not train on. train and heldout: (images, reconstructions,
+    labels); fakes: (held-out base samples, labels)."""
+    (x, rec, y), (xh, rech, yh), (held_fakes, fakes_y) = train, heldout, fakes
     acc = lambda net, a, b: (predict(net, a).argmax(1) == b).float().mean().item()
-    return dict(vq_mse=F.mse_loss(rec, xh).item(),  # held-out reconstruction error, pixels in [-1, 1]
-                mean_image_mse=F.mse_loss(x.mean(0, keepdim=True).expand_as(xh), xh).item(),  # chance level
-                codebook_used=int(encode_all(vq, x).unique().numel()),
-                classifier_acc=acc(clf, xh, yh), classifier_acc_recon=acc(clf, rec, yh),
-                judge_acc=acc(judge, x, y),  # the judge never saw the train split
-                judge_acc_recon=acc(judge, decode_all(vq, encode_all(vq, x[:2000])), y[:2000]),
-                disc_real=torch.sigmoid(predict(disc, rec)).mean().item())
+    gen = torch.Generator().manual_seed(wc.world_seed * 1000 + 999)  # the held-out distortions
+    distorted, level = random_distortions(xh, gen)
+    real_p, fake_p = (predict(nets['discriminator'], a)[:, 0] for a in (rech, held_fakes))
+    feats = lambda a: predict(nets['judge'].body, a)
+    return dict(classifier_acc=acc(nets['classifier'], xh, yh), classifier_acc_recon=acc(nets['classifier'], rech, yh),
+                quality_spearman=spearman(expected_level(predict(nets['quality'], distorted)), level),
+                disc_auc=roc_auc(real_p, fake_p),  # held-out reals (through the VQ) vs held-out base samples
+                disc_real=torch.sigmoid(real_p).mean().item(), disc_fake=torch.sigmoid(fake_p).mean().item(),
+                judge_acc=acc(nets['judge'], x, y),  # the judge never saw the train split
+                judge_acc_recon=acc(nets['judge'], rec, y),
+                base_judge_acc=acc(nets['judge'], held_fakes, fakes_y),
+                mini_fid_recon=fid_of(feats(xh), feats(rech)))  # the VQ's floor for any generator
 
 
 class World:
-    """A built world loaded back: vq, gpt (the base), classifier, judge, discriminator, held-out data."""
+    """A built world loaded back: vq, gpt (the base), classifier, judge, the three reward scorers, held-out data."""
 
     def __init__(self, d):
         if not os.path.isfile(os.path.join(d, 'world.json')):
             raise FileNotFoundError(f"no world in {d}; build it with python world.py --preset demo")
-        self.dir, self.summary = d, json.load(open(os.path.join(d, 'world.json')))
+        self.dir, self.summary = d, read_summary(d)
         known = {f.name for f in fields(WorldConfig)}  # a world.json of an older version may hold other keys
         self.config = WorldConfig(**{k: v for k, v in self.summary['config'].items() if k in known})
         self.vq = load_vq(os.path.join(d, 'vq.safetensors')).requires_grad_(False)
         self.gpt = load_gpt(os.path.join(d, 'gpt.safetensors')).requires_grad_(False)
-        self.classifier = load_net(os.path.join(d, 'classifier.safetensors'), reward_classifier())
         self.judge = load_net(os.path.join(d, 'judge.safetensors'), Judge(self.config.image_size))
-        self.discriminator = load_net(os.path.join(d, 'discriminator.safetensors'), discriminator())
-        held = torch.load(os.path.join(d, 'heldout.pt'), weights_only=True)
-        self.heldout_x, self.heldout_y = held['x'], held['y']
+        self.scorers = reward_scorers(d)  # the three instance rewards: {'world_class': ..., ...}
+        self.classifier = self.scorers['world_class'].net
+        images, labels = load_adm(os.path.join(d, 'heldout.npz'))
+        self.heldout_x, self.heldout_y = to_float(images), torch.from_numpy(labels)
+
+    def train_split(self):
+        return load_train_split(self.dir)
+
+
+def load_train_split(d):
+    """The train split the generator and the rewards learned from: (images (n, 3, H, W) in [-1, 1], labels)."""
+    images, labels = load_adm(os.path.join(d, 'train.npz'))
+    return to_float(images), torch.from_numpy(labels)
 
 
 # The world's CPU work runs on one thread, whatever the machine: float sums then happen in one order, so the
-# demo prints the same numbers on any core count. Measured here: built and tuned with 2 threads instead of 1,
-# the same seeds gave a tuned held-out accuracy of 0.656 instead of 0.826 (RL amplifies rounding differences,
-# and the world itself is trained on them). One thread costs time (world 289 s instead of 167 s on 2 cores).
+# demo prints the same numbers on any core count. Measured on the old world: built and tuned with 2 threads
+# instead of 1, the same seeds gave a tuned held-out accuracy of 0.656 instead of 0.826 (RL amplifies
+# rounding differences, and the world itself is trained on them). Another CPU model rounds differently too:
+# that is why the README gives the spread over seeds and worlds, not one run's digits.
 THREADS = 1
 
 
@@ -394,24 +732,53 @@ def fixed_threads():
         torch.set_num_threads(n)
 
 
-def resolve(name, root='out/world'):
+def preset_config(name, world_seed=0, root='out/world'):
+    """The WorldConfig of a preset name and a world seed."""
+    return WorldConfig(**{**WORLD_PRESETS[name], 'preset': name, 'world_seed': world_seed, 'root': root})
+
+
+def resolve(name, world_seed=0):
     """A world preset name ('demo', 'tiny') or a directory -> the directory of that world."""
-    if name in WORLD_PRESETS:
-        return world_dir(replace(WorldConfig(**WORLD_PRESETS[name]), preset=name, root=root))
-    return name
+    return world_dir(preset_config(name, world_seed)) if name in WORLD_PRESETS else name
 
 
 def load_or_build(wc, log=print):
     d = world_dir(wc)
     if not os.path.isfile(os.path.join(d, 'world.json')):
         t = time.perf_counter()
-        log(f"world: building {wc.preset!r} into {d} (once; cached by config hash)")
+        log(f"world: building {wc.preset!r} (world seed {wc.world_seed}) into {d}, once: it is cached by config hash")
         build(wc, log)
         log(f"world: built in {time.perf_counter() - t:.0f} s")
     return World(d)
 
 # -----------------------------------------------------------------------------
-# measuring a generator: rewards, held-out judges, diversity, KL to the base
+# measuring: held-out figures of the parts, and a generator's rewards, judges, diversity, KL to the base
+
+
+def ranks(x):
+    """Ranks 1..n of x (n,), ties sharing the mean of their positions (as scipy.stats.rankdata)."""
+    x = x.double()
+    r = torch.empty_like(x)
+    r[x.argsort()] = torch.arange(1, len(x) + 1, dtype=x.dtype)
+    _, tie = torch.unique(x, return_inverse=True)  # tie[i]: the group of values equal to x[i]
+    mean = torch.zeros(int(tie.max()) + 1, dtype=x.dtype).index_add_(0, tie, r) / torch.bincount(tie)
+    return mean[tie]
+
+
+def spearman(a, b):
+    """Spearman's rank correlation: Pearson's on the (tie-averaged) ranks."""
+    return torch.corrcoef(torch.stack([ranks(a), ranks(b)]))[0, 1].item()
+
+
+def roc_auc(pos, neg):
+    """ROC AUC = P(a positive scores above a negative), ties counting half: Mann-Whitney U / (n_pos n_neg)."""
+    r = ranks(torch.cat([pos, neg]))[:len(pos)]
+    return ((r.sum() - len(pos) * (len(pos) + 1) / 2) / (len(pos) * len(neg))).item()
+
+
+def fid_of(f1, f2):
+    """FID's formula (fid.frechet_distance) between two feature sets (n, d)."""
+    return frechet_distance(*mean_cov(f1), *mean_cov(f2))
 
 
 def pairwise_mean(x, labels, fn):
@@ -428,7 +795,7 @@ def token_stats(tokens, labels):
     """Token-level diversity: distinct sequences, within-class Hamming distance, top-token share."""
     counts = torch.bincount(tokens.flatten())
     return dict(distinct=len(torch.unique(tokens, dim=0)) / len(tokens),
-                hamming=pairwise_mean(tokens, labels, lambda a, b: (a != b).float().mean(-1)),
+                token_hamming=pairwise_mean(tokens, labels, lambda a, b: (a != b).float().mean(-1)),
                 top_token_share=(counts.max() / tokens.numel()).item())
 
 
@@ -447,80 +814,33 @@ def model_stats(gpt, base, tokens, labels, bs=500):
 
 @torch.no_grad()
 def measure(w, gpt, cfg_scale, per_class, seed=1234):
-    """Sample per_class images of every class with fixed seeds and score them on everything."""
+    """Sample per_class images of every class with fixed seeds and score them on everything: each reward's
+    mean (by its name), the held-out judge's accuracy (+- its standard error) and mini-FID to the held-out
+    images, within-class pixel diversity (RMS distance), token diversity, entropy and KL to the base.
+    -> (results dict, images (n, 3, H, W), labels (n,))."""
     labels = torch.arange(NUM_CLASSES).repeat_interleave(per_class)
     tokens = sample_tokens(gpt, labels, cfg_scale, seed)
     images = decode_all(w.vq, tokens)
     hit = (predict(w.judge, images).argmax(1) == labels).float()
-    feats = lambda x: torch.cat([w.judge.features(x[i:i + 500]) for i in range(0, len(x), 500)])
-    out = dict(world_class=predict(w.classifier, images).softmax(-1).gather(1, labels[:, None]).mean().item(),
-               world_real=torch.sigmoid(predict(w.discriminator, images)).mean().item(),
-               judge_acc=hit.mean().item(), judge_acc_se=(hit.std() / math.sqrt(len(hit))).item(),
-               mini_fid=frechet_distance(*mean_cov(feats(w.heldout_x)), *mean_cov(feats(images))),
-               pixel_div=pairwise_mean(images.flatten(1), labels, lambda a, b: (a - b).pow(2).mean(-1).sqrt()))
+    feats = lambda x: predict(w.judge.body, x)
+    out = {name: scorer(images, labels).mean().item() for name, scorer in w.scorers.items()}
+    out |= dict(judge_accuracy=hit.mean().item(), judge_accuracy_se=(hit.std() / math.sqrt(len(hit))).item(),
+                mini_fid=fid_of(feats(w.heldout_x), feats(images)),
+                pixel_diversity=pairwise_mean(images.flatten(1), labels, lambda a, b: (a - b).pow(2).mean(-1).sqrt()))
     out |= token_stats(tokens, labels) | model_stats(gpt, w.gpt, tokens, labels)
-    return out, images
-
-
-REWARDS = ('world_class', 'world_real')  # the world's rewards, by the names --rewards takes
-
-
-class WorldScorer(nn.Module):
-    """The miniature world's learned rewards (world.py), stand-ins for the paper's: 'class' = P(target
-    class) from the reward classifier (~ CLIP fidelity), 'real' = the discriminator's P(real) (~ a realism
-    judge). Both in (0, 1); one forward per batch on the images' device."""
-
-    def __init__(self, net, kind):
-        super().__init__()
-        self.net, self.kind = net, kind
-
-    @torch.no_grad()
-    def forward(self, images, conditions):
-        self.net.to(images.device)
-        logits = self.net(images.float().clamp(-1, 1))  # trained on [-1, 1] pixels at the world's size
-        if self.kind == "real":
-            return torch.sigmoid(logits[:, 0])
-        ids = torch.as_tensor([int(c) for c in conditions], device=images.device)
-        return logits.softmax(-1).gather(1, ids[:, None])[:, 0]
-
-
-def check_flags(world, rewards):
-    """train.py's --world and the world's rewards, before anything is built. Raises UserError."""
-    from cli import UserError
-    if world and world not in WORLD_PRESETS and not os.path.isdir(world):
-        raise UserError(f"--world {world!r} is neither a world preset ({', '.join(WORLD_PRESETS)}) "
-                        f"nor a directory built by world.py; pass --world demo")
-    if world and world not in WORLD_PRESETS and not os.path.isfile(os.path.join(world, 'world.json')):
-        raise UserError(f"--world {world} holds no world (no world.json); build one with python world.py, or pass "
-                        f"--world demo")
-    if 'world_' in rewards and not world:
-        raise UserError("the world_class / world_real rewards need a world; pass --world demo (or --preset demo)")
-
-
-def reward_scorers(world, spec, fid_decay=0.9):
-    """{name: scorer} of the world's rewards that the reward spec names, to hand to rewards.build_reward."""
-    return {n: reward_scorer(world, n) for n in parse_spec(spec, REWARDS) if n in REWARDS}
-
-
-def reward_scorer(world, name):
-    """The scorer named `name` (one of REWARDS) of a world (a preset or a directory), to hand to
-    rewards.build_reward: 'world_class' -> the reward classifier, 'world_real' -> the discriminator."""
-    d = resolve(world)
-    if not os.path.isfile(os.path.join(d, 'world.json')):
-        raise FileNotFoundError(f"the world {world!r} is not built ({d}); run python world.py --preset {world}")
-    if name == 'world_class':
-        return WorldScorer(load_net(os.path.join(d, 'classifier.safetensors'), reward_classifier()), 'class')
-    return WorldScorer(load_net(os.path.join(d, 'discriminator.safetensors'), discriminator()), 'real')
+    out['forward_passes'] = tokens.shape[1] * (2 if cfg_scale > 1 else 1)  # CFG's unconditional half doubles them
+    return out, images, labels
 
 # -----------------------------------------------------------------------------
 # the demo: GRPO in the world (train.py's own loop), a shuffled-reward control, the report
 
 
 def prepare(tcfg, log=print):
-    """Build or load tcfg.world and point the TrainConfig at its generator, tokenizer and reward nets."""
+    """Build or load tcfg.world (a preset at tcfg.world_seed, or a directory) and point the TrainConfig at its
+    generator, tokenizer and reward nets."""
     if tcfg.world in WORLD_PRESETS:
         with fixed_threads():
-            w = load_or_build(WorldConfig(**{**WORLD_PRESETS[tcfg.world], 'preset': tcfg.world}), log)
+            w = load_or_build(preset_config(tcfg.world, tcfg.world_seed), log)
     else:
         w = World(tcfg.world)
     tcfg.ckpt = tcfg.ckpt or os.path.join(w.dir, 'gpt.safetensors')  # '' = the world's pretrained base
@@ -529,10 +849,10 @@ def prepare(tcfg, log=print):
     return w
 
 
-def accuracy_hook(w, tcfg, every=10, per_class=8):
+def accuracy_hook(w, tcfg, every=10, per_class=10):
     """A train.py hook: held-out judge accuracy on fixed seeds every `every` steps (the curve)."""
     def hook(step, policy):
-        if step % every and step != 1:
+        if step % every:
             return {}
         labels = torch.arange(NUM_CLASSES).repeat_interleave(per_class)
         images = decode_all(w.vq, sample_tokens(policy, labels, tcfg.cfg_scale, 999))
@@ -540,148 +860,185 @@ def accuracy_hook(w, tcfg, every=10, per_class=8):
     return hook
 
 
-def run_pair(w, tcfg, train_fn, log=print):
-    """GRPO with the real rewards and the shuffled control from the same start and seeds -> results."""
+def run_pair(w, tcfg, train_fn, log=print, control=True):
+    """GRPO with the real rewards and (control=True) the shuffled control from the same start and seeds ->
+    {name: run} (rows: train.py's metrics per step, led by the base's judge accuracy as step 0)."""
     runs = {}
-    for name, shuffle in (('tuned', False), ('control', True)):
+    for name, shuffle in (('tuned', False), ('control', True))[:1 + control]:
         cfg = replace(tcfg, shuffle_rewards=shuffle, out_dir=os.path.join(tcfg.out_dir, name))
+        hook = accuracy_hook(w, cfg)
         t = time.perf_counter()
-        rows = train_fn(cfg, accuracy_hook(w, cfg))
+        rows = [{'step': 0, **hook(0, w.gpt)}] + train_fn(cfg, hook)
         secs = time.perf_counter() - t
         gpt = load_gpt(os.path.join(cfg.out_dir, 'latest', 'model.safetensors')).requires_grad_(False)
         runs[name] = dict(rows=rows, seconds=secs, gpt=gpt)
-        log(f"world: {name} run, {len(rows)} GRPO steps in {secs:.0f} s")
+        log(f"world: {name} run, {len(rows) - 1} GRPO steps in {secs:.0f} s")
     return runs
 
 
-def run_demo(tcfg, train_fn, log=print):
-    """python train.py --preset demo: world, base, GRPO + control, the base-vs-tuned table, grids, curves."""
+def run_demo(tcfg, train_fn, log=print, control=True):
+    """python train.py --preset demo: the world, GRPO + control, then base vs tuned vs control measured on the
+    same seeds -> report.md, report.json, samples_*.npz, before_after.png, curves.png in tcfg.out_dir."""
     with fixed_threads():
-        return _run_demo(tcfg, train_fn, log)
-
-
-def _run_demo(tcfg, train_fn, log):
-    torch.manual_seed(0)
-    t0 = time.perf_counter()
-    w = prepare(tcfg, log)
-    t1 = time.perf_counter()
-    runs = run_pair(w, tcfg, train_fn, log)
-    t2 = time.perf_counter()
-    per = w.config.eval_per_class
-    res = {'base': measure(w, w.gpt, tcfg.cfg_scale, per)}
-    res |= {k: measure(w, runs[k]['gpt'], tcfg.cfg_scale, per) for k in ('tuned', 'control')}
-    times = dict(world_s=t1 - t0, grpo_s=t2 - t1, tuned_s=runs['tuned']['seconds'],
-                 control_s=runs['control']['seconds'], eval_s=time.perf_counter() - t2)
-    table = report(w, tcfg, {k: v[0] for k, v in res.items()}, times)
-    print(table, flush=True)
-    open(os.path.join(tcfg.out_dir, 'report.md'), 'w').write(table)
-    write_before_after(os.path.join(tcfg.out_dir, 'before_after.png'), w, res['base'][1], res['tuned'][1], per)
-    plot_lines(os.path.join(tcfg.out_dir, 'curves.png'), runs)
-    return {k: v[0] for k, v in res.items()}
+        torch.manual_seed(0)
+        t0 = time.perf_counter()
+        w = prepare(tcfg, log)
+        t1 = time.perf_counter()
+        runs = run_pair(w, tcfg, train_fn, log, control)
+        t2 = time.perf_counter()
+        models = dict(base=w.gpt) | {k: r['gpt'] for k, r in runs.items()}
+        measured = {k: measure(w, m, tcfg.cfg_scale, w.config.eval_per_class) for k, m in models.items()}
+        res = {k: v[0] for k, v in measured.items()}
+        times = dict(world_s=t1 - t0, grpo_s=t2 - t1, **{f'{k}_s': r['seconds'] for k, r in runs.items()},
+                     eval_s=time.perf_counter() - t2)
+        write_report(tcfg.out_dir, w, tcfg, res, times)
+        save_samples(tcfg.out_dir, {k: v[1:] for k, v in measured.items()})
+        write_before_after(os.path.join(tcfg.out_dir, 'before_after.png'), w, measured, res)
+        plot_curves(os.path.join(tcfg.out_dir, 'curves.png'), runs)
+    return res
 
 
 ROWS = [('world_class', 'reward: P(target class), reward classifier', '.3f'),
+        ('world_quality', 'reward: quality, 1 - predicted distortion level / 4', '.3f'),
         ('world_real', 'reward: P(real), discriminator', '.3f'),
-        ('judge_acc', 'held-out judge: class accuracy', '.3f'),
+        ('judge_accuracy', 'held-out judge: class accuracy', '.3f'),
         ('mini_fid', 'held-out judge: mini-FID to held-out images', '.2f'),
-        ('pixel_div', 'pixel diversity: within-class RMS distance', '.3f'),
-        ('hamming', 'token diversity: within-class Hamming distance', '.3f'),
+        ('pixel_diversity', 'pixel diversity: within-class RMS distance', '.3f'),
+        ('token_hamming', 'token diversity: within-class Hamming distance', '.3f'),
         ('distinct', 'distinct token sequences', '.3f'),
         ('top_token_share', 'share of the most common token', '.3f'),
         ('entropy', 'per-token entropy (nats)', '.3f'),
-        ('kl_to_base', 'KL to the base (nats/token)', '.4f')]
+        ('kl_to_base', 'KL to the base (nats/token)', '.4f'),
+        ('forward_passes', 'forward passes per image (tokens x 2 with CFG)', '.0f')]
 
 
-def report(w, tcfg, res, times):
-    """The markdown table the README quotes, with the world's own quality and the target checks."""
-    s = w.summary
+def targets(base, tuned, control=None):
+    """The four checks of one GRPO seed against its base (three without a control) -> [(check, value, limit, met)]."""
+    need = base['judge_accuracy'] + (1 - base['judge_accuracy']) / 2  # half the base's error made good
+    checks = [('tuned judge accuracy >= base + half its error', tuned['judge_accuracy'], need,
+             tuned['judge_accuracy'] >= need),
+            ('tuned mini-FID <= base', tuned['mini_fid'], base['mini_fid'], tuned['mini_fid'] <= base['mini_fid']),
+            ('tuned pixel diversity >= 0.5 x base', tuned['pixel_diversity'], 0.5 * base['pixel_diversity'],
+             tuned['pixel_diversity'] >= 0.5 * base['pixel_diversity'])]
+    if control:
+        two_se = 2 * math.hypot(base['judge_accuracy_se'], control['judge_accuracy_se'])
+        gain = control['judge_accuracy'] - base['judge_accuracy']
+        checks.append(('control accuracy gain <= 2 s.e.', gain, two_se, gain <= two_se))
+    return checks
+
+
+def world_line(w):
+    """The world's own held-out figures in one paragraph (world.py's summary and the report's header)."""
+    s, c = w.summary, w.config
+    return (f"world {w.dir} (seed {c.world_seed}): VQ held-out MSE {s['vq_mse']:.4f} vs {s['mean_image_mse']:.4f} for "
+            f"the mean image, {s['codebook_used']}/{c.codebook_size} codes used; reward classifier "
+            f"{s['classifier_acc']:.3f} on held-out images, {s['classifier_acc_recon']:.3f} on their reconstructions; "
+            f"quality net Spearman {s['quality_spearman']:.3f} on held-out distorted images; discriminator AUC "
+            f"{s['disc_auc']:.3f} (held-out reals through the VQ vs held-out base samples); judge "
+            f"{s['judge_acc']:.3f} on train images ({s['judge_acc_recon']:.3f} reconstructed), base samples "
+            f"{s['base_judge_acc']:.3f}; mini-FID of reconstructions (the VQ's floor) {s['mini_fid_recon']:.2f}; "
+            f"built in {sum(s['build_s'].values()):.0f} s")
+
+
+def write_report(out_dir, w, tcfg, res, times):
+    """report.md (the table the README quotes, the target checks, times) and report.json
+    ({"base": {...}, "tuned": {...}, "control": {...}}, every measured number by name)."""
     n = NUM_CLASSES * w.config.eval_per_class
-    lines = [f"world {w.dir}: VQ held-out MSE {s['vq_mse']:.4f} (mean image {s['mean_image_mse']:.4f}), "
-             f"{s['codebook_used']}/{w.config.codebook_size} codes used; reward classifier {s['classifier_acc']:.3f} "
-             f"on held-out images ({s['classifier_acc_recon']:.3f} reconstructed); judge {s['judge_acc']:.3f} on "
-             f"train images ({s['judge_acc_recon']:.3f} reconstructed); built in {sum(s['build_s'].values()):.0f} s",
-             f"{n} samples ({w.config.eval_per_class} per class, same seeds), cfg {tcfg.cfg_scale}, "
-             f"{tcfg.max_steps} steps, lr {tcfg.lr}, beta {tcfg.beta}, rewards {tcfg.rewards}", '',
-             '| metric | base | GRPO | shuffled-reward control |', '|---|---|---|---|']
+    lines = [world_line(w), '',
+             f"{n} samples ({w.config.eval_per_class} per class, same seeds), cfg {tcfg.cfg_scale}, {tcfg.max_steps} "
+             f"steps, lr {tcfg.lr}, beta {tcfg.beta}, group {tcfg.group_size}, rewards {tcfg.rewards}", '',
+             '| metric | base | GRPO |' + (' shuffled-reward control |' if 'control' in res else ''),
+             '|---' * (1 + len(res)) + '|']
     for key, name, fmt in ROWS:
-        cell = lambda r: format(r[key], fmt) + (f" ± {r['judge_acc_se']:.3f}" if key == 'judge_acc' else '')
-        lines.append(f"| {name} | {cell(res['base'])} | {cell(res['tuned'])} | {cell(res['control'])} |")
-    b, t = res['base'], res['tuned']
-    need = b['judge_acc'] + (1 - b['judge_acc']) / 2
-    lines += ['', f"targets: judge accuracy {t['judge_acc']:.3f} vs >= {need:.3f} (half the base's error): "
-              f"{'met' if t['judge_acc'] >= need else 'MISSED'}; mini-FID {t['mini_fid']:.2f} vs <= "
-              f"{1.1 * b['mini_fid']:.2f}: {'met' if t['mini_fid'] <= 1.1 * b['mini_fid'] else 'MISSED'}; pixel "
-              f"diversity {t['pixel_div']:.3f} vs > {b['pixel_div'] / 2:.3f}: "
-              f"{'met' if t['pixel_div'] > b['pixel_div'] / 2 else 'MISSED'}",
-              "times (s): " + ", ".join(f"{k} {v:.0f}" for k, v in times.items())]
-    return '\n'.join(lines) + '\n'
+        cell = lambda r: format(r[key], fmt) + (f" ± {r['judge_accuracy_se']:.3f}" if key == 'judge_accuracy' else '')
+        lines.append(f"| {name} | " + ' | '.join(cell(r) for r in res.values()) + ' |')
+    lines += ['', 'targets:'] + [f"- {name}: {v:.3f} vs {lim:.3f}: {'met' if ok else 'MISSED'}"
+                                 for name, v, lim, ok in targets(res['base'], res['tuned'], res.get('control'))]
+    lines.append("times (s): " + ", ".join(f"{k} {v:.0f}" for k, v in times.items()))
+    table = '\n'.join(lines) + '\n'
+    print(table, flush=True)
+    atomic_write({os.path.join(out_dir, 'report.md'): lambda tmp: open(tmp, 'w').write(table),
+                  os.path.join(out_dir, 'report.json'): lambda tmp: open(tmp, 'w').write(json.dumps(res, indent=1))})
 
 
-def write_before_after(path, w, before, after, per_class, cols=8, real=3, zoom=4):
-    """One row per class: `real` held-out images | `cols` base samples | `cols` GRPO samples drawn with the same
-    seeds. Under each sample a bar: green when the held-out judge (never a reward) recognises its class."""
-    labels = torch.arange(NUM_CLASSES).repeat_interleave(per_class)
-    pick = lambda x: x.view(NUM_CLASSES, per_class, *x.shape[1:])[:, :cols]  # (10, cols, ...)
-    ok = {k: pick(predict(w.judge, x).argmax(1) == labels) for k, x in (('base', before), ('tuned', after))}
-    reals = torch.stack([w.heldout_x[w.heldout_y == c][:real] for c in range(NUM_CLASSES)])  # (10, real, 3, H, W)
-    H, W = before.shape[-2:]
-    t, gap, top, left = H * zoom, 6, 16, 70  # tile side, gap between blocks, header and label widths (px)
-    blocks = [('held-out real', reals, None), ('base', pick(before), ok['base']), ('GRPO', pick(after), ok['tuned'])]
-    xs = [left]
-    for _, imgs, _ in blocks[:-1]:
-        xs.append(xs[-1] + imgs.shape[1] * t + gap)
-    canvas = Image.new('RGB', (xs[-1] + cols * t, top + NUM_CLASSES * (t + 4)), 'white')
-    draw = ImageDraw.Draw(canvas)
-    for x0, (title, imgs, hits) in zip(xs, blocks):
-        draw.text((x0, 2), title, fill='black')
-        tiles = to_uint8(imgs).permute(0, 1, 3, 4, 2).cpu().numpy()  # (10, n, H, W, 3)
-        for c in range(NUM_CLASSES):
-            y = top + c * (t + 4)
-            for k in range(tiles.shape[1]):
-                canvas.paste(Image.fromarray(tiles[c, k]).resize((t, t), Image.NEAREST), (x0 + k * t, y))
-                if hits is not None:  # the judge's verdict: a 3-px bar under the tile
-                    colour = (40, 170, 60) if hits[c, k] else (210, 50, 40)
-                    draw.rectangle([x0 + k * t + 1, y + t, x0 + (k + 1) * t - 2, y + t + 2], fill=colour)
-    for c in range(NUM_CLASSES):
-        draw.text((2, top + c * (t + 4) + t // 2 - 6), f"{SHAPES[c % 5]}, {('warm', 'cool')[c // 5]}", fill='black')
-    canvas.save(path)
-
-
-def plot_lines(path, runs, size=(720, 300), pad=36):
-    """Two panels drawn with PIL: the mean reward per step and held-out judge accuracy, GRPO (blue)
-    beside the shuffled control (orange)."""
-    img = Image.new('RGB', (size[0], 2 * size[1]), 'white')
-    d = ImageDraw.Draw(img)
-    colours = {'tuned': (20, 60, 200), 'control': (230, 120, 20)}
-    for panel, key in enumerate(('reward', 'judge_acc')):
-        series = {k: [(r['step'], r[key]) for r in v['rows'] if key in r] for k, v in runs.items()}
-        ys = [y for s in series.values() for _, y in s]
-        lo, hi = min(ys), max(max(ys), min(ys) + 1e-6)
-        x1, y0 = max(x for s in series.values() for x, _ in s), panel * size[1]
-        box = [pad, y0 + pad, size[0] - pad, y0 + size[1] - pad]
-        d.rectangle(box, outline='black')
-        for k, s in series.items():
-            pts = [(pad + x / x1 * (box[2] - pad), box[3] - (y - lo) / (hi - lo) * (box[3] - box[1])) for x, y in s]
-            d.line(pts, fill=colours[k], width=2)
-        d.text((pad, y0 + 10), f"{key} per step: GRPO (blue) vs shuffled control (orange)   {lo:.3f} .. {hi:.3f}",
-               fill='black')
-    img.save(path)
+def save_samples(out_dir, samples):
+    """samples_{base,tuned,control}.npz in the ADM layout, from {name: (images, labels)}."""
+    for name, (images, labels) in samples.items():
+        save_adm(os.path.join(out_dir, f'samples_{name}.npz'), to_uint8(images).permute(0, 2, 3, 1).numpy(),
+                 labels.numpy())
 
 # -----------------------------------------------------------------------------
-# main: build and summarise
+# pictures: the before/after grid and the curves, drawn with PIL (no plotting dependency)
+
+
+def write_before_after(path, w, measured, res, cols=6, real=3, zoom=5):
+    """One row per class: `real` held-out images | `cols` base samples | `cols` GRPO samples drawn with the same
+    seeds. Under each sample the held-out judge's verdict (never a reward): a green bar, or a red bar and the
+    class it saw instead. measured: {'base'|'tuned': (results, images, labels)}, class-major."""
+    per = w.config.eval_per_class
+    t, lab_h, left, top = w.config.image_size * zoom, 16, 100, 40  # tile side, verdict row, label column, header
+    blocks = [('held-out real images', torch.stack([w.heldout_x[w.heldout_y == c][:real] for c in range(NUM_CLASSES)]),
+               None)]
+    for key, title in (('base', 'base: the pretrained generator'), ('tuned', 'after GRPO (same seeds)')):
+        images, labels = measured[key][1:]
+        pred = predict(w.judge, images).argmax(1).view(NUM_CLASSES, per)[:, :cols]  # (10, cols)
+        blocks.append((title, images.view(NUM_CLASSES, per, *images.shape[1:])[:, :cols], pred))
+    xs = [left]
+    for _, imgs, _ in blocks[:-1]:
+        xs.append(xs[-1] + imgs.shape[1] * t + 16)
+    canvas = Image.new('RGB', (xs[-1] + cols * t + 8, top + NUM_CLASSES * (t + lab_h + 4) + 24), 'white')
+    d, f, small = ImageDraw.Draw(canvas), font(14), font(11)
+    for x0, (title, imgs, pred) in zip(xs, blocks):
+        d.text((x0, 12), title, fill='black', font=f)
+        tiles = to_uint8(imgs).permute(0, 1, 3, 4, 2).numpy()  # (10, n, H, W, 3)
+        for c in range(NUM_CLASSES):
+            y = top + c * (t + lab_h + 4)
+            for k in range(tiles.shape[1]):
+                x = x0 + k * t
+                canvas.paste(Image.fromarray(tiles[c, k]).resize((t - 2, t - 2), Image.NEAREST), (x, y))
+                if pred is not None:  # the judge's verdict under the tile
+                    ok = int(pred[c, k]) == c
+                    d.rectangle([x, y + t - 1, x + t - 3, y + t + 1], fill=(40, 170, 60) if ok else (210, 50, 40))
+                    if not ok:
+                        d.text((x + 1, y + t + 2), CLASS_NAMES[int(pred[c, k])], fill=(190, 30, 30), font=small)
+    for c in range(NUM_CLASSES):
+        d.text((4, top + c * (t + lab_h + 4) + t // 2 - 8), CLASS_NAMES[c], fill='black', font=f)
+    acc = lambda k: f"{res[k]['judge_accuracy']:.0%}"
+    control = f", shuffled-reward control {acc('control')}" if 'control' in res else ''
+    d.text((left, canvas.height - 20), f"held-out judge (green: recognises the class, red: saw another) over all "
+           f"{NUM_CLASSES * per} samples: base {acc('base')}, after GRPO {acc('tuned')}{control}", fill='black', font=f)
+    atomic_write({path: lambda tmp: canvas.save(tmp, format='PNG')})
+
+
+def plot_curves(path, runs, panel=(470, 280)):
+    """Two panels: the mean reward of each step's rollouts and the held-out judge's accuracy (step 0: the
+    base), GRPO (blue) beside the shuffled-reward control (orange)."""
+    colours = {'tuned': ((20, 60, 200), 'GRPO'), 'control': ((230, 120, 20), 'shuffled control')}
+    img = Image.new('RGB', (2 * panel[0] + 200, panel[1] + 130), 'white')
+    for i, (key, title, ylabel) in enumerate((('reward', 'mean reward of the rollouts', 'reward'),
+                                               ('judge_acc', 'held-out judge accuracy (never a reward)', 'accuracy'))):
+        series = {colours[k][1]: (colours[k][0], [(r['step'], r[key]) for r in v['rows'] if key in r])
+                  for k, v in runs.items()}
+        x0 = 80 + i * (panel[0] + 100)
+        draw_panel(img, (x0, 60, x0 + panel[0], 60 + panel[1]), series, title, 'GRPO step', ylabel)
+    atomic_write({path: lambda tmp: img.save(tmp, format='PNG')})
+
+
+# -----------------------------------------------------------------------------
+# main: build (or load) a world and print its summary
 
 
 def main(argv=None):
     from cli import parse_config
-    wc = parse_config(WorldConfig, argv, presets=WORLD_PRESETS)
+    wc = parse_config(WorldConfig, argv, presets=WORLD_PRESETS)  # runs wc.validate()
     torch.set_num_threads(THREADS)  # see fixed_threads
     w = load_or_build(wc)
-    print(json.dumps({k: v for k, v in w.summary.items() if k != 'config'}, indent=1))
-    base, _ = measure(w, w.gpt, wc.cfg_scale, wc.eval_per_class)
-    print("base generator at cfg", wc.cfg_scale, json.dumps({k: round(v, 4) for k, v in base.items()}))
+    print(world_line(w))
+    base = measure(w, w.gpt, wc.cfg_scale, wc.eval_per_class)[0]
+    print(f"base generator at cfg {wc.cfg_scale}:", json.dumps({k: round(v, 4) for k, v in base.items()}))
 
 
 if __name__ == '__main__':
     import sys
     from cli import run
-    sys.exit(run(main))  # a bad flag: one sentence, exit code 2, as train.py
+    sys.exit(run(main, errors=(UserError, FileNotFoundError)))  # a bad flag: one sentence, exit code 2
