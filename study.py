@@ -31,13 +31,13 @@ from cli import UserError, atomic_write, check_range, check_writable_dir, parse_
 from plots import font
 
 
-# the rows of issue 19's side-by-side table: the instance-reward recipe (the demo's), + the distribution-level
-# reward, + the entropy bonus, and both; all trained and sampled without guidance (the demo's cfg 1)
-BEYOND = {'instance rewards (the demo)': '',
-          '+ loo_fid': '--rewards world_class=1,world_quality=0.5,world_real=0.5,loo_fid=0.5',
-          '+ entropy': '--entropy_coef 0.01',
-          '+ loo_fid + entropy': '--rewards world_class=1,world_quality=0.5,world_real=0.5,loo_fid=0.5 '
-                                 '--entropy_coef 0.01'}
+# the rows of issue 19's side-by-side table: the paper's instance rewards alone, + the distribution-level reward
+# (the demo's recipe), + the entropy bonus, and both; all trained and sampled without guidance (the demo's cfg 1)
+INSTANCE = '--rewards world_class=1,world_quality=0.5,world_real=0.5'
+BEYOND = {'instance rewards': INSTANCE,
+          '+ loo_fid (the demo)': INSTANCE + ',loo_fid=0.5',
+          '+ entropy': INSTANCE + ' --entropy_coef 0.01',
+          '+ loo_fid + entropy': INSTANCE + ',loo_fid=0.5 --entropy_coef 0.01'}
 
 
 @dataclass

@@ -19,6 +19,8 @@ What each part stands for in the paper (AR-GRPO, arXiv 2508.06924, on ImageNet w
                  strongly a train image was distorted (blur, noise, blocking, colour cast) ~ MANIQA
   world_real     reward, realism: P(real) from a discriminator of VQ-reconstructed train images vs base
                  samples                                                                 ~ the VLM realism judge
+  loo_fid        beyond the paper (fid.LooFID): a leave-one-out FID reward in the reward classifier's features
+                 against the train split's statistics                                     ~ Inception FID
   judge          a classifier of another architecture trained on the held-out split, never a reward: class
                  accuracy of samples and a mini-FID in its feature space                 ~ the paper's evaluation
 How it departs: the VQ has only L2 reconstruction + codebook + commitment losses (LlamaGen adds perceptual
