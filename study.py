@@ -15,6 +15,7 @@ to redo it). Per variant the study prints, and writes to out_dir/study.md, the m
 deviation over every run) of each figure, and every run's target checks (world.targets). A world not yet built
 is built first (about 5 minutes). It sits on top of the stack: it drives train.train() and world.measure.
 """
+import hashlib
 import json
 import os
 import shlex
@@ -32,12 +33,15 @@ from plots import font
 
 
 # the rows of issue 19's side-by-side table: the paper's instance rewards alone, + the distribution-level reward
-# (the demo's recipe), + the entropy bonus, and both; all trained and sampled without guidance (the demo's cfg 1)
+# (the demo's recipe), + the entropy bonus, both, and both stronger (loo_fid 1, the entropy coefficient adapted
+# toward the world-0 base's 3.7 nats/token); all trained and sampled without guidance (the demo's cfg 1)
 INSTANCE = '--rewards world_class=1,world_quality=0.5,world_real=0.5'
 BEYOND = {'instance rewards': INSTANCE,
           '+ loo_fid (the demo)': INSTANCE + ',loo_fid=0.5',
           '+ entropy': INSTANCE + ' --entropy_coef 0.01',
-          '+ loo_fid + entropy': INSTANCE + ',loo_fid=0.5 --entropy_coef 0.01'}
+          '+ loo_fid + entropy': INSTANCE + ',loo_fid=0.5 --entropy_coef 0.01',
+          '+ loo_fid x2 + adaptive entropy': INSTANCE + ',loo_fid=1 --entropy_coef 0.01 --entropy_target 3.7 '
+                                                        '--entropy_lr 0.05'}
 
 
 @dataclass
@@ -62,7 +66,7 @@ class StudyConfig:
         check_range(self, 'guided_cfg', lo=1, lo_open=True)
         check_writable_dir(self.out_dir, '--out_dir')
         for v in self.all_variants().values():  # every variant's flags are checked now, not after an hour of runs
-            train_config(self, v, 0, 0)
+            train_config(self, v, 0, 0, out_dir=os.path.join(self.out_dir, '.check'))  # (a path that holds nothing)
 
     def all_variants(self):
         """{row name: flags}."""
@@ -71,17 +75,20 @@ class StudyConfig:
 
 def run_dir(sc, variant, world_seed, seed):
     name = '_'.join(a.lstrip('-').replace('/', '-') for a in shlex.split(variant)) or 'preset'
-    return os.path.join(sc.out_dir, name[:100], f'w{world_seed}_s{seed}')
+    if len(name) > 100:  # a file name has at most 255 bytes; a hash keeps two long variants apart
+        name = name[:88] + '_' + hashlib.sha1(variant.encode()).hexdigest()[:11]
+    return os.path.join(sc.out_dir, name, f'w{world_seed}_s{seed}')
 
 
-def train_config(sc, variant, world_seed, seed):
-    """The TrainConfig of one run, parsed and validated as train.py would parse its command line."""
+def train_config(sc, variant, world_seed, seed, out_dir=None):
+    """The TrainConfig of one run, parsed and validated as train.py would parse its command line. A run left
+    without its report.json (a study killed mid-run) is started over: the study owns its run directories."""
     try:
         flags = shlex.split(variant)
     except ValueError as e:
         raise UserError(f"--variants {variant!r} is not a valid flag string ({e})") from None
-    argv = ['--preset', sc.preset, '--seed', str(seed), '--world_seed', str(world_seed),
-            '--out_dir', run_dir(sc, variant, world_seed, seed), *flags]
+    argv = ['--preset', sc.preset, '--seed', str(seed), '--world_seed', str(world_seed), '--overwrite',
+            '--out_dir', out_dir or run_dir(sc, variant, world_seed, seed), *flags]
     return parse_config(train.TrainConfig, argv, presets=train.TRAIN_PRESETS)
 
 
@@ -173,9 +180,8 @@ def guided_base(sc, world_seed):
     """The base generator of a world measured at sc.guided_cfg (CFG's two forward passes per token), cached."""
     path = os.path.join(sc.out_dir, f'base_cfg{sc.guided_cfg:g}_w{world_seed}.json')
     if not os.path.isfile(path):
-        tcfg = train_config(sc, '', world_seed, 0)
-        w = world.prepare(tcfg)
         with world.fixed_threads():
+            w = world.load_or_build(world.preset_config(train.TRAIN_PRESETS[sc.preset]['world'], world_seed))
             res = world.measure(w, w.gpt, sc.guided_cfg, w.config.eval_per_class)[0]
         atomic_write({path: lambda tmp: open(tmp, 'w').write(json.dumps(res, indent=1))})
     with open(path) as f:

@@ -270,3 +270,41 @@ def test_world_user_errors(tiny_world, tmp_path):
         p = subprocess.run([sys.executable, script, *args], cwd=HERE, capture_output=True, text=True)
         assert p.returncode == 2 and msg in p.stderr and 'Traceback' not in p.stderr, p.stderr
         assert len(p.stderr.strip().splitlines()) == 1, p.stderr
+
+
+def test_study_runs_reduced_and_reads_its_runs_back(tiny_world, tmp_path):
+    """study.py end to end on the tiny world (2 GRPO steps a run, 2 seeds, no control): each run's report.json
+    is what study.md summarises, a second call reads the runs back instead of training again, the beyond table
+    counts the targets per seed, and the comparison picture is drawn from the runs' npz files."""
+    variant = f'--world {tiny_world.dir} --max_steps 2 --conds_per_rank 2'
+    argv = ['--seeds', '0', '1', '--world_seeds', '0', '--no-control', '--variants', variant, '--out_dir', str(tmp_path)]
+    study.main(argv)
+    sc = parse_config(study.StudyConfig, argv)
+    runs = {s: json.load(open(os.path.join(study.run_dir(sc, variant, 0, s), 'report.json'))) for s in (0, 1)}
+    assert all(set(r) == {'base', 'tuned'} for r in runs.values())
+    text = open(tmp_path / 'study.md').read()
+    acc = [r['tuned']['judge_accuracy'] for r in runs.values()]
+    assert f"{np.mean(acc):.3f} ± {np.std(acc, ddof=1):.3f}" in text
+    stamp = os.path.getmtime(tmp_path / 'study.md')
+    mtimes = [os.path.getmtime(os.path.join(study.run_dir(sc, variant, 0, s), 'report.json')) for s in (0, 1)]
+    study.main(argv)  # read back: no run is trained again
+    assert mtimes == [os.path.getmtime(os.path.join(study.run_dir(sc, variant, 0, s), 'report.json')) for s in (0, 1)]
+    assert os.path.getmtime(tmp_path / 'study.md') >= stamp
+    base = dict(judge_accuracy=0.6, mini_fid=60.0, pixel_diversity=0.3)
+    good = dict(judge_accuracy=0.8, mini_fid=51.0, pixel_diversity=0.27)  # every target met, each at its limit
+    bad = dict(judge_accuracy=0.79, mini_fid=51.1, pixel_diversity=0.269)
+    assert study.beyond_targets(base, good) == (True, True, True)
+    assert study.beyond_targets(base, bad) == (False, False, False)
+    dirs = [study.run_dir(sc, variant, 0, s) for s in (0, 1)]
+    study.comparison_picture(str(tmp_path / 'cmp.png'), dirs, ['seed 0', 'seed 1'])
+    from PIL import Image
+    assert Image.open(tmp_path / 'cmp.png').size[0] > 3 * 6 * 8 * 5  # three blocks of 6 tiles of 8 px, zoomed
+
+
+def test_study_run_dirs_keep_long_variants_apart():
+    sc = study.StudyConfig(out_dir='out/x')
+    a = '--rewards world_class=1,world_quality=0.5,world_real=0.5,loo_fid=1 --entropy_coef 0.01 --entropy_lr 0.05'
+    b = a.replace('0.05', '0.1')
+    assert study.run_dir(sc, a, 0, 0) != study.run_dir(sc, b, 0, 0)
+    assert all(len(os.path.basename(os.path.dirname(study.run_dir(sc, v, 0, 0)))) <= 100 for v in (a, b))
+    assert study.run_dir(sc, '', 1, 2) == os.path.join('out/x', 'preset', 'w1_s2')
