@@ -21,6 +21,7 @@ import os
 import shlex
 import sys
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import List
 
 import numpy as np
@@ -183,7 +184,7 @@ def guided_base(sc, world_seed):
         with world.fixed_threads():
             w = world.load_or_build(world.preset_config(train.TRAIN_PRESETS[sc.preset]['world'], world_seed))
             res = world.measure(w, w.gpt, sc.guided_cfg, w.config.eval_per_class)[0]
-        atomic_write({path: lambda tmp: open(tmp, 'w').write(json.dumps(res, indent=1))})
+        atomic_write({path: lambda tmp: Path(tmp).write_text(json.dumps(res, indent=1))})
     with open(path) as f:
         return json.load(f)
 
@@ -204,7 +205,7 @@ def main(argv=None):
                            [run_dir(sc, BEYOND[n], w, s) for n in names], names)
         print('\n'.join(lines), flush=True)
     text = '\n'.join(lines) + '\n'
-    atomic_write({os.path.join(sc.out_dir, 'study.md'): lambda tmp: open(tmp, 'w').write(text)})
+    atomic_write({os.path.join(sc.out_dir, 'study.md'): lambda tmp: Path(tmp).write_text(text)})
 
 
 if __name__ == '__main__':

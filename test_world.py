@@ -261,6 +261,7 @@ def test_world_user_errors(tiny_world, tmp_path):
             train.main([*args, '--out_dir', str(tmp_path)])
     for args, msg in ([['--preset', 'demo_color'], 'a train.py preset with a world'],
                       [['--seeds', '-1'], '--seeds must be'],
+                      [['--beyond', '--guided_cfg', '1'], '--guided_cfg must be > 1'],
                       [['--variants', '--lr nan'], '--lr must be a finite number'],
                       [['--variants', '--nope 1'], 'unrecognized arguments']):
         with pytest.raises(UserError, match=msg):

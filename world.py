@@ -38,6 +38,7 @@ import math
 import os
 import time
 from dataclasses import dataclass, asdict, fields, replace
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -609,7 +610,7 @@ def build(wc, log=print):
                   mean_image_mse=F.mse_loss(x.mean(0, keepdim=True).expand_as(xh), xh).item())  # chance level
     summary = dict(config=asdict(wc), build_s=times, **stats)
     text = json.dumps(summary, indent=1)  # written last and whole (a temp file renamed): marks the world complete
-    atomic_write({os.path.join(d, 'world.json'): lambda tmp: open(tmp, 'w').write(text)})
+    atomic_write({os.path.join(d, 'world.json'): lambda tmp: Path(tmp).write_text(text)})
     return summary
 
 
@@ -959,8 +960,8 @@ def write_report(out_dir, w, tcfg, res, times):
     lines.append("times (s): " + ", ".join(f"{k} {v:.0f}" for k, v in times.items()))
     table = '\n'.join(lines) + '\n'
     print(table, flush=True)
-    atomic_write({os.path.join(out_dir, 'report.md'): lambda tmp: open(tmp, 'w').write(table),
-                  os.path.join(out_dir, 'report.json'): lambda tmp: open(tmp, 'w').write(json.dumps(res, indent=1))})
+    atomic_write({os.path.join(out_dir, 'report.md'): lambda tmp: Path(tmp).write_text(table),
+                  os.path.join(out_dir, 'report.json'): lambda tmp: Path(tmp).write_text(json.dumps(res, indent=1))})
 
 
 def save_samples(out_dir, samples):
