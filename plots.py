@@ -1,7 +1,8 @@
 """
 plots.py -- every picture this project draws, with PIL alone (no plotting dependency): image grids as LlamaGen's
 save_image makes them, train.py's grid of groups with each image's reward, line charts with ticks and labels
-(train.py's reward curve, the miniature's curves), and the base-vs-tuned side-by-side of an evaluation.
+(train.py's reward curve, the miniature's curves), the miniature's class-by-row grids, and the base-vs-tuned
+side-by-side of an evaluation.
 
     python plots.py      # smoke demo: a grid and a curve of random numbers into /tmp
 """
@@ -49,6 +50,21 @@ def plot_curve(path, steps, rewards, size=(720, 400)):
               '10-step average': ((20, 60, 200), list(zip(steps[len(steps) - len(smooth):], smooth)))}
     img = Image.new('RGB', size, 'white')
     draw_panel(img, (90, 70, size[0] - 30, size[1] - 60), series, 'mean reward of the rollouts', 'GRPO step', 'reward')
+    atomic_write({path: lambda tmp: img.save(tmp, format='PNG')})
+
+
+def plot_runs(path, runs, panel=(470, 280)):
+    """The miniature's curves, two panels: the mean reward of each step's rollouts and the held-out judge's
+    accuracy (step 0: the base). runs: {'tuned' | 'control': train.py's rows, [{'step': s, 'reward': r, ...}]};
+    GRPO in blue beside the shuffled-reward control in orange."""
+    colours = {'tuned': ((20, 60, 200), 'GRPO'), 'control': ((230, 120, 20), 'shuffled control')}
+    img = Image.new('RGB', (2 * panel[0] + 200, panel[1] + 130), 'white')
+    for i, (key, title, ylabel) in enumerate((('reward', 'mean reward of the rollouts', 'reward'),
+                                               ('judge_acc', 'held-out judge accuracy (never a reward)', 'accuracy'))):
+        series = {colours[k][1]: (colours[k][0], [(r['step'], r[key]) for r in rows if key in r])
+                  for k, rows in runs.items()}
+        x0 = 80 + i * (panel[0] + 100)
+        draw_panel(img, (x0, 60, x0 + panel[0], 60 + panel[1]), series, title, 'GRPO step', ylabel)
     atomic_write({path: lambda tmp: img.save(tmp, format='PNG')})
 
 
@@ -100,6 +116,39 @@ def draw_panel(img, box, series, title, xlabel, ylabel):
     img.paste(side.rotate(90, expand=True), (x0 - 64, y0))
 
 
+def class_rows(path, blocks, class_names, footer='', zoom=5, gap=16):
+    """One row per class, blocks of tiles side by side under their titles (the miniature's before/after grid and
+    its study picture). blocks: [(title, tiles uint8 (C, n, H, W, 3), verdict)], verdict None or (C, n) class
+    ids: the class a judge saw in each tile, drawn under it as a green bar (the row's class) or a red bar and the
+    name of the class it saw instead."""
+    C, side = len(class_names), blocks[0][1].shape[2] * zoom
+    label_h, left, top = (16 if any(v is not None for *_, v in blocks) else 0), 100, 40
+    row = side + label_h + 4
+    xs = [left]
+    for _, tiles, _ in blocks[:-1]:
+        xs.append(xs[-1] + tiles.shape[1] * side + gap)
+    canvas = Image.new('RGB', (xs[-1] + blocks[-1][1].shape[1] * side + 8, top + C * row + (24 if footer else 8)),
+                       'white')
+    d, f, small = ImageDraw.Draw(canvas), font(14), font(11)
+    for x0, (title, tiles, verdict) in zip(xs, blocks):
+        d.text((x0, 12), title, fill='black', font=f)
+        for c in range(C):
+            y = top + c * row
+            for k in range(tiles.shape[1]):
+                x = x0 + k * side
+                canvas.paste(Image.fromarray(tiles[c, k]).resize((side - 2, side - 2), Image.NEAREST), (x, y))
+                if verdict is not None:
+                    ok = int(verdict[c, k]) == c
+                    d.rectangle([x, y + side - 1, x + side - 3, y + side + 1], fill=(40, 170, 60) if ok else (210, 50, 40))
+                    if not ok:
+                        d.text((x + 1, y + side + 2), class_names[int(verdict[c, k])], fill=(190, 30, 30), font=small)
+    for c, name in enumerate(class_names):
+        d.text((4, top + c * row + side // 2 - 8), name, fill='black', font=f)
+    if footer:
+        d.text((left, canvas.height - 20), footer, fill='black', font=f)
+    atomic_write({path: lambda tmp: canvas.save(tmp, format='PNG')})
+
+
 def side_by_side(rows, path, max_images=8, gap=8):
     """rows: [(base (n, H, W, 3), tuned (n, H, W, 3))] -> one PNG: a row per condition, base left, tuned right."""
     n = min(max_images, len(rows[0][0]))
@@ -116,4 +165,7 @@ if __name__ == '__main__':
     write_grid('/tmp/plots_grid.png', images, torch.rand(16, generator=g), group_size=8)
     steps = list(range(1, 101))
     plot_curve('/tmp/plots_curve.png', steps, [0.3 + 0.4 * (1 - math.exp(-s / 30)) + 0.05 * math.sin(s) for s in steps])
-    print("wrote /tmp/plots_grid.png (2 groups of 8 with their rewards) and /tmp/plots_curve.png")
+    tiles = (torch.rand(3, 4, 8, 8, 3, generator=g) * 255).to(torch.uint8).numpy()  # 3 classes x 4 tiles
+    class_rows('/tmp/plots_rows.png', [('random', tiles, None), ('judged', tiles, np.array([[0, 1, 0, 0]] * 3))],
+               ['a', 'b', 'c'], footer='green: the judge saw the row class')
+    print("wrote /tmp/plots_grid.png (2 groups of 8 with their rewards), /tmp/plots_curve.png, /tmp/plots_rows.png")

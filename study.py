@@ -25,12 +25,11 @@ from pathlib import Path
 from typing import List
 
 import numpy as np
-from PIL import Image, ImageDraw
 
 import train
 import world
 from cli import UserError, atomic_write, check_range, check_writable_dir, parse_config, run
-from plots import font
+from plots import class_rows
 
 
 # the rows of issue 19's side-by-side table: the paper's instance rewards alone, + the distribution-level reward
@@ -160,21 +159,10 @@ def comparison_picture(path, dirs, names, per_row=6):
     per_row samples of each class from each run's samples_*.npz (ADM layout, class-major)."""
     sets = [np.load(os.path.join(dirs[0], 'samples_base.npz'))['arr_0']]
     sets += [np.load(os.path.join(d, 'samples_tuned.npz'))['arr_0'] for d in dirs]
-    per = len(sets[0]) // world.NUM_CLASSES
-    zoom, left, top, gap = 5, 100, 30, 16
-    t = sets[0].shape[1] * zoom
-    canvas = Image.new('RGB', (left + len(sets) * (per_row * t + gap), top + world.NUM_CLASSES * t + 8), 'white')
-    d = ImageDraw.Draw(canvas)
-    for j, (images, title) in enumerate(zip(sets, ['base (pretrained)'] + names)):
-        x0 = left + j * (per_row * t + gap)
-        d.text((x0, 8), title, fill='black', font=font(13))
-        for c in range(world.NUM_CLASSES):
-            for k in range(per_row):
-                tile = Image.fromarray(images[c * per + k]).resize((t - 2, t - 2), Image.NEAREST)
-                canvas.paste(tile, (x0 + k * t, top + c * t))
-    for c in range(world.NUM_CLASSES):
-        d.text((4, top + c * t + t // 2 - 7), world.CLASS_NAMES[c], fill='black', font=font(12))
-    atomic_write({path: lambda tmp: canvas.save(tmp, format='PNG')})
+    C = world.NUM_CLASSES
+    blocks = [(title, x.reshape(C, len(x) // C, *x.shape[1:])[:, :per_row], None)
+              for x, title in zip(sets, ['base (pretrained)'] + names)]
+    class_rows(path, blocks, world.CLASS_NAMES)
 
 
 def guided_base(sc, world_seed):

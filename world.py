@@ -52,7 +52,7 @@ from checkpoint import load_gpt, load_vq, save_gpt, save_safetensors, save_vq
 from cli import UserError, atomic_write, check_range, check_writable_dir, save_npz
 from fid import LooFID, frechet_distance, mean_cov
 from model import GPT, config_for, generate
-from plots import draw_panel, font
+from plots import class_rows, plot_runs
 from rewards import parse_spec
 from tokenizer import VQConfig, VQModel, to_uint8
 
@@ -897,7 +897,7 @@ def run_demo(tcfg, train_fn, log=print, control=True):
         write_report(tcfg.out_dir, w, tcfg, res, times)
         save_samples(tcfg.out_dir, {k: v[1:] for k, v in measured.items()})
         write_before_after(os.path.join(tcfg.out_dir, 'before_after.png'), w, measured, res)
-        plot_curves(os.path.join(tcfg.out_dir, 'curves.png'), runs)
+        plot_runs(os.path.join(tcfg.out_dir, 'curves.png'), {k: r['rows'] for k, r in runs.items()})
     return res
 
 
@@ -974,57 +974,22 @@ def save_samples(out_dir, samples):
 # pictures: the before/after grid and the curves, drawn with PIL (no plotting dependency)
 
 
-def write_before_after(path, w, measured, res, cols=6, real=3, zoom=5):
+def write_before_after(path, w, measured, res, cols=6, real=3):
     """One row per class: `real` held-out images | `cols` base samples | `cols` GRPO samples drawn with the same
     seeds. Under each sample the held-out judge's verdict (never a reward): a green bar, or a red bar and the
     class it saw instead. measured: {'base'|'tuned': (results, images, labels)}, class-major."""
     per = w.config.eval_per_class
-    t, lab_h, left, top = w.config.image_size * zoom, 16, 100, 40  # tile side, verdict row, label column, header
-    blocks = [('held-out real images', torch.stack([w.heldout_x[w.heldout_y == c][:real] for c in range(NUM_CLASSES)]),
-               None)]
+    tiles = lambda x: to_uint8(x.flatten(0, 1)).permute(0, 2, 3, 1).reshape(*x.shape[:2], *x.shape[3:], 3).numpy()
+    reals = torch.stack([w.heldout_x[w.heldout_y == c][:real] for c in range(NUM_CLASSES)])  # (10, real, 3, H, W)
+    blocks = [('held-out real images', tiles(reals), None)]
     for key, title in (('base', 'base: the pretrained generator'), ('tuned', 'after GRPO (same seeds)')):
-        images, labels = measured[key][1:]
-        pred = predict(w.judge, images).argmax(1).view(NUM_CLASSES, per)[:, :cols]  # (10, cols)
-        blocks.append((title, images.view(NUM_CLASSES, per, *images.shape[1:])[:, :cols], pred))
-    xs = [left]
-    for _, imgs, _ in blocks[:-1]:
-        xs.append(xs[-1] + imgs.shape[1] * t + 16)
-    canvas = Image.new('RGB', (xs[-1] + cols * t + 8, top + NUM_CLASSES * (t + lab_h + 4) + 24), 'white')
-    d, f, small = ImageDraw.Draw(canvas), font(14), font(11)
-    for x0, (title, imgs, pred) in zip(xs, blocks):
-        d.text((x0, 12), title, fill='black', font=f)
-        tiles = to_uint8(imgs).permute(0, 1, 3, 4, 2).numpy()  # (10, n, H, W, 3)
-        for c in range(NUM_CLASSES):
-            y = top + c * (t + lab_h + 4)
-            for k in range(tiles.shape[1]):
-                x = x0 + k * t
-                canvas.paste(Image.fromarray(tiles[c, k]).resize((t - 2, t - 2), Image.NEAREST), (x, y))
-                if pred is not None:  # the judge's verdict under the tile
-                    ok = int(pred[c, k]) == c
-                    d.rectangle([x, y + t - 1, x + t - 3, y + t + 1], fill=(40, 170, 60) if ok else (210, 50, 40))
-                    if not ok:
-                        d.text((x + 1, y + t + 2), CLASS_NAMES[int(pred[c, k])], fill=(190, 30, 30), font=small)
-    for c in range(NUM_CLASSES):
-        d.text((4, top + c * (t + lab_h + 4) + t // 2 - 8), CLASS_NAMES[c], fill='black', font=f)
+        images = measured[key][1]
+        seen = predict(w.judge, images).argmax(1).view(NUM_CLASSES, per)[:, :cols]  # (10, cols)
+        blocks.append((title, tiles(images.view(NUM_CLASSES, per, *images.shape[1:])[:, :cols]), seen.numpy()))
     acc = lambda k: f"{res[k]['judge_accuracy']:.0%}"
     control = f", shuffled-reward control {acc('control')}" if 'control' in res else ''
-    d.text((left, canvas.height - 20), f"held-out judge (green: recognises the class, red: saw another) over all "
-           f"{NUM_CLASSES * per} samples: base {acc('base')}, after GRPO {acc('tuned')}{control}", fill='black', font=f)
-    atomic_write({path: lambda tmp: canvas.save(tmp, format='PNG')})
-
-
-def plot_curves(path, runs, panel=(470, 280)):
-    """Two panels: the mean reward of each step's rollouts and the held-out judge's accuracy (step 0: the
-    base), GRPO (blue) beside the shuffled-reward control (orange)."""
-    colours = {'tuned': ((20, 60, 200), 'GRPO'), 'control': ((230, 120, 20), 'shuffled control')}
-    img = Image.new('RGB', (2 * panel[0] + 200, panel[1] + 130), 'white')
-    for i, (key, title, ylabel) in enumerate((('reward', 'mean reward of the rollouts', 'reward'),
-                                               ('judge_acc', 'held-out judge accuracy (never a reward)', 'accuracy'))):
-        series = {colours[k][1]: (colours[k][0], [(r['step'], r[key]) for r in v['rows'] if key in r])
-                  for k, v in runs.items()}
-        x0 = 80 + i * (panel[0] + 100)
-        draw_panel(img, (x0, 60, x0 + panel[0], 60 + panel[1]), series, title, 'GRPO step', ylabel)
-    atomic_write({path: lambda tmp: img.save(tmp, format='PNG')})
+    class_rows(path, blocks, CLASS_NAMES, f"held-out judge (green: recognises the class, red: saw another) over all "
+               f"{NUM_CLASSES * per} samples: base {acc('base')}, after GRPO {acc('tuned')}{control}")
 
 
 # -----------------------------------------------------------------------------
