@@ -34,14 +34,16 @@ from plots import class_rows
 
 # the rows of issue 19's side-by-side table: the paper's instance rewards alone, + the distribution-level reward
 # (the demo's recipe), + the entropy bonus, both, and both stronger (loo_fid 1, the entropy coefficient adapted
-# toward the world-0 base's 3.7 nats/token); all trained and sampled without guidance (the demo's cfg 1)
+# toward the world-0 base's 3.7 nats/token), all trained and sampled without guidance (the demo's cfg 1); and the
+# demo's recipe trained and sampled with guidance (cfg 2), to set guidance-free RL beside guided RL
 INSTANCE = '--rewards world_class=1,world_quality=0.5,world_real=0.5'
 BEYOND = {'instance rewards': INSTANCE,
           '+ loo_fid (the demo)': INSTANCE + ',loo_fid=0.5',
           '+ entropy': INSTANCE + ' --entropy_coef 0.01',
           '+ loo_fid + entropy': INSTANCE + ',loo_fid=0.5 --entropy_coef 0.01',
           '+ loo_fid x2 + adaptive entropy': INSTANCE + ',loo_fid=1 --entropy_coef 0.01 --entropy_target 3.7 '
-                                                        '--entropy_lr 0.05'}
+                                                        '--entropy_lr 0.05',
+          '+ loo_fid, trained and sampled at cfg 2': INSTANCE + ',loo_fid=0.5 --cfg_scale 2'}
 
 
 @dataclass
