@@ -2,10 +2,10 @@
 study.py -- how much of the miniature's result survives another GRPO seed and another world, and what each
 change to the recipe buys: train.py --preset demo run many times in world.py's worlds, side by side.
 
-    python study.py                               # issue 17's table: the demo recipe, GRPO seeds 0 1 2 x worlds 0 1,
-                                                  # each run beside its shuffled-reward control
-    python study.py --beyond --world_seeds 0      # the README's "beyond the paper" table: instance rewards, + loo_fid,
-                                                  # + entropy, both; seeds 0 1 2, and the base with guidance
+    python study.py                               # the README's demo table: the demo recipe, GRPO seeds 0 1 2 x
+                                                  # worlds 0 1, each run beside its shuffled-reward control
+    python study.py --beyond --world_seeds 0      # the README's "beyond the paper" table (BEYOND's rows, seeds
+                                                  # 0 1 2, the base with and without guidance) and beyond.png
     python study.py --seeds 0 --world_seeds 0 --variants "" "--beta 0.2"   # a sweep of your own
 
 Each run is `python train.py --preset demo --seed S --world_seed W <variant flags>`, in this process
@@ -13,7 +13,7 @@ Each run is `python train.py --preset demo --seed S --world_seed W <variant flag
 in out_dir/<variant>/w<W>_s<S>/; a run whose report.json exists is read back, not run again (delete its directory
 to redo it). Per variant the study prints, and writes to out_dir/study.md, the mean +- spread (sample standard
 deviation over every run) of each figure, and every run's target checks (world.targets). A world not yet built
-is built first (about 5 minutes). It sits on top of the stack: it drives train.train() and world.measure.
+is built first (about 4 minutes). It sits on top of the stack: it drives train.train() and world.measure.
 """
 import hashlib
 import json
