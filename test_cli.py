@@ -122,6 +122,8 @@ BAD_INPUTS = [  # (script, argv with {placeholders}, phrase of the message)
     ('train', TRAIN + ['--eval_ckpt', '{ckpt}'], 'add --eval'),
     ('train', TRAIN + ['--eval', '--eval_ckpt', '{tmp}/nope.safetensors'], 'is not a release'),
     ('train', TRAIN + ['--world', 'nowhere'], 'is neither a world preset'),
+    ('train', TRAIN + ['--world_seed', '-1'], '--world_seed must be >= 0'),
+    ('train', TRAIN + ['--world_seed', '1'], '--world_seed picks the seed of a world preset'),
     ('train', TRAIN + ['--rewards', 'world_class=1'], 'need a world'),
     ('train', TRAIN + ['--kl_images', '-1'], '--kl_images must be >= 0'),
     ('train', TRAIN + ['--lora_rank', '-2'], '--lora_rank must be >= 0'),

@@ -512,14 +512,15 @@ def reward_scorers(world, spec='world_class=1,world_quality=1,world_real=1', fid
     if not os.path.isfile(os.path.join(d, 'world.json')):
         raise FileNotFoundError(f"the world {world!r} is not built ({d}); run python world.py --preset demo")
     size = read_summary(d)['config']['image_size']
-    nets = dict(classifier=RewardClassifier(), quality=quality_net(size), discriminator=discriminator(size))
+    make = dict(classifier=RewardClassifier, quality=lambda: quality_net(size),
+                discriminator=lambda: discriminator(size))
+    net = lambda file: load_net(os.path.join(d, f'{file}.safetensors'), make[file]())  # only the nets the spec names
     out = {}
     for name in parse_spec(spec, REWARDS):
         if name in NETS:
-            file, kind = NETS[name]
-            out[name] = WorldReward(load_net(os.path.join(d, f'{file}.safetensors'), nets[file]), kind)
+            out[name] = WorldReward(net(NETS[name][0]), NETS[name][1])
         elif name == 'loo_fid':
-            classifier = load_net(os.path.join(d, 'classifier.safetensors'), RewardClassifier())
+            classifier = net('classifier')
             x, _ = load_train_split(d)
             ref = mean_cov(predict(classifier.features, x))
             features = lambda images, net=classifier: net.to(images.device).features(images.float().clamp(-1, 1))
