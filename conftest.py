@@ -22,6 +22,7 @@ import checkpoint
 import model
 import tokenizer
 import train
+import miniature
 import world
 from checkpoint import load_into, read_state_dict
 from judge import tiny_judge
@@ -200,5 +201,5 @@ def assert_same_weights(a, b, atol):
 @pytest.fixture(scope='session')
 def tiny_world(tmp_path_factory):
     wc = world.preset_config('tiny', root=str(tmp_path_factory.mktemp('world')))
-    with world.fixed_threads():
+    with miniature.fixed_threads():
         return world.load_or_build(wc, log=lambda *a: None)

@@ -27,6 +27,7 @@ from typing import List
 import numpy as np
 
 import train
+import miniature
 import world
 from cli import UserError, atomic_write, check_range, check_writable_dir, parse_config, run
 from plots import class_rows
@@ -171,7 +172,7 @@ def guided_base(sc, world_seed):
     """The base generator of a world measured at sc.guided_cfg (CFG's two forward passes per token), cached."""
     path = os.path.join(sc.out_dir, f'base_cfg{sc.guided_cfg:g}_w{world_seed}.json')
     if not os.path.isfile(path):
-        with world.fixed_threads():
+        with miniature.fixed_threads():
             w = world.load_or_build(world.preset_config(train.TRAIN_PRESETS[sc.preset]['world'], world_seed))
             res = world.measure(w, w.gpt, sc.guided_cfg, w.config.eval_per_class)[0]
         atomic_write({path: lambda tmp: Path(tmp).write_text(json.dumps(res, indent=1))})

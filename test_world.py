@@ -20,6 +20,7 @@ from safetensors.torch import load_file
 
 import study
 import train
+import miniature
 import world
 from checkpoint import load_gpt
 from cli import UserError, parse_config
@@ -32,7 +33,7 @@ from tokenizer import to_uint8
 def heldout_fakes(w, n, seed=77):
     """Base samples the discriminator never saw (another seed than the build's), balanced classes."""
     labels = torch.arange(n) % world.NUM_CLASSES
-    return world.decode_all(w.vq, world.sample_tokens(w.gpt, labels, w.config.cfg_scale, seed)), labels
+    return miniature.decode_all(w.vq, world.sample_tokens(w.gpt, labels, w.config.cfg_scale, seed)), labels
 
 # ----------------------------------------------------------------------------- the parts, on held-out data
 
@@ -40,7 +41,7 @@ def heldout_fakes(w, n, seed=77):
 def test_world_vq_reconstructs_better_than_the_mean_image(tiny_world):
     w = tiny_world
     x = w.heldout_x
-    rec = world.decode_all(w.vq, world.encode_all(w.vq, x))
+    rec = miniature.decode_all(w.vq, miniature.encode_all(w.vq, x))
     mean_image = x.mean(0, keepdim=True)  # the best constant prediction of held-out images
     assert ((rec - x) ** 2).mean() < 0.5 * ((mean_image - x) ** 2).mean()
     assert w.summary['codebook_used'] > w.config.codebook_size // 2
@@ -57,12 +58,12 @@ def test_world_rewards_beat_chance_on_heldout_data(tiny_world):
     assert all(v.shape == (len(x),) and v.dtype == torch.float32 and 0 <= v.min() <= v.max() <= 1 for v in raw.values())
     assert raw['world_class'].mean() > 0.5  # P(true class); chance is 0.1
     gen = torch.Generator().manual_seed(5)  # fresh distortions of held-out images
-    distorted, level = world.random_distortions(x, gen)
-    assert world.spearman(reward.scorers['world_quality'](distorted, y), -level) > 0.5  # more distortion, less quality
+    distorted, level = miniature.random_distortions(x, gen)
+    assert miniature.spearman(reward.scorers['world_quality'](distorted, y), -level) > 0.5  # more distortion, less quality
     fakes, labels = heldout_fakes(w, len(x))
-    rech = world.decode_all(w.vq, world.encode_all(w.vq, x))
+    rech = miniature.decode_all(w.vq, miniature.encode_all(w.vq, x))
     real = reward.scorers['world_real']
-    assert world.roc_auc(real(rech, y), real(fakes, labels)) > 0.6
+    assert miniature.roc_auc(real(rech, y), real(fakes, labels)) > 0.6
     s = w.summary  # the build's own held-out figures say the same
     assert s['quality_spearman'] > 0.5 and s['disc_auc'] > 0.6 and s['classifier_acc'] > 0.5
 
@@ -114,10 +115,10 @@ def test_world_grpo_raises_heldout_accuracy_and_writes_the_report(tiny_world, tm
 
 
 def test_world_heldout_npz_is_the_adm_layout(tiny_world):
-    images, labels = world.load_adm(os.path.join(tiny_world.dir, 'heldout.npz'))
+    images, labels = miniature.load_adm(os.path.join(tiny_world.dir, 'heldout.npz'))
     assert images.dtype == np.uint8 and images.shape == (tiny_world.config.n_heldout, 8, 8, 3)
     assert labels.dtype == np.int64 and np.bincount(labels).tolist() == [tiny_world.config.n_heldout // 10] * 10
-    torch.testing.assert_close(world.to_float(images), tiny_world.heldout_x)
+    torch.testing.assert_close(miniature.to_float(images), tiny_world.heldout_x)
     assert np.array_equal(to_uint8(tiny_world.heldout_x).permute(0, 2, 3, 1).numpy(), images)  # exact
 
 # ----------------------------------------------------------------------------- seeds and the cache
@@ -130,11 +131,11 @@ MICRO = dict(n_train=100, n_heldout=50, codebook_size=16, vq_steps=3, gpt_epochs
 def test_world_seed_changes_the_world_and_the_same_seed_rebuilds_it(tmp_path):
     def files(root, seed):
         wc = replace(world.preset_config('tiny', seed, str(root)), **MICRO)
-        with world.fixed_threads():
+        with miniature.fixed_threads():
             world.build(wc, log=lambda *a: None)
         d = world.world_dir(wc)
         nets = {f: load_file(os.path.join(d, f)) for f in sorted(os.listdir(d)) if f.endswith('.safetensors')}
-        return d, nets, world.load_adm(os.path.join(d, 'train.npz'))
+        return d, nets, miniature.load_adm(os.path.join(d, 'train.npz'))
     d0, a, ta = files(tmp_path / 'a', 0)
     _, b, tb = files(tmp_path / 'b', 0)  # same process, one thread, same shapes: equal by construction
     d1, c, tc = files(tmp_path / 'c', 1)
@@ -159,12 +160,12 @@ def test_world_rank_statistics_against_brute_force():
     g = np.random.default_rng(0)
     pos, neg = g.integers(0, 6, 40).astype(float), g.integers(0, 5, 30).astype(float)  # many ties
     want = np.mean([(p > n) + 0.5 * (p == n) for p in pos for n in neg])  # P(pos > neg), ties half
-    assert world.roc_auc(torch.tensor(pos), torch.tensor(neg)) == pytest.approx(want, abs=1e-12)
+    assert miniature.roc_auc(torch.tensor(pos), torch.tensor(neg)) == pytest.approx(want, abs=1e-12)
     x, y = g.integers(0, 4, 50).astype(float), g.normal(size=50)
     rank = lambda v: np.array([np.mean(np.flatnonzero(np.sort(v) == e)) + 1 for e in v])  # tie-averaged
     want = np.corrcoef(rank(x), rank(y))[0, 1]
-    assert world.spearman(torch.tensor(x), torch.tensor(y)) == pytest.approx(want, abs=1e-12)
-    assert world.spearman(torch.arange(10.0), torch.arange(10.0) ** 3) == pytest.approx(1)
+    assert miniature.spearman(torch.tensor(x), torch.tensor(y)) == pytest.approx(want, abs=1e-12)
+    assert miniature.spearman(torch.arange(10.0), torch.arange(10.0) ** 3) == pytest.approx(1)
 
 
 def test_world_distortions_grow_with_level_and_blur_is_torchvision_s():
@@ -172,11 +173,11 @@ def test_world_distortions_grow_with_level_and_blur_is_torchvision_s():
     g = torch.Generator().manual_seed(0)
     x = torch.rand(64, 3, 16, 16, generator=g) * 1.6 - 0.8
     for kind in range(4):
-        change = [(world.distort(x, torch.full((64,), kind), torch.full((64,), lv), g) - x).abs().mean().item()
-                  for lv in range(world.LEVELS)]
+        change = [(miniature.distort(x, torch.full((64,), kind), torch.full((64,), lv), g) - x).abs().mean().item()
+                  for lv in range(miniature.LEVELS)]
         assert change[0] == 0 and all(a < b for a, b in zip(change, change[1:])), (kind, change)
-    want = gaussian_blur(x, kernel_size=7, sigma=world.BLUR_SIGMA[2])  # reflect padding, as here
-    torch.testing.assert_close(world.blur(x, world.BLUR_SIGMA[2]), want, atol=1e-5, rtol=0)
+    want = gaussian_blur(x, kernel_size=7, sigma=miniature.BLUR_SIGMA[2])  # reflect padding, as here
+    torch.testing.assert_close(miniature.blur(x, miniature.BLUR_SIGMA[2]), want, atol=1e-5, rtol=0)
 
 
 def test_world_token_stats_against_brute_force():
@@ -184,7 +185,7 @@ def test_world_token_stats_against_brute_force():
     tokens = torch.randint(5, (12, 7), generator=g)  # 3 classes of 4
     ham = np.mean([np.mean([(tokens[4 * k + i] != tokens[4 * k + j]).float().mean().item()
                             for i in range(4) for j in range(4) if i != j]) for k in range(3)])
-    got = world.token_stats(tokens, torch.arange(12) // 4)
+    got = miniature.token_stats(tokens, torch.arange(12) // 4)
     assert got['token_hamming'] == pytest.approx(ham, rel=1e-6)
     assert got['top_token_share'] == pytest.approx(np.bincount(tokens.flatten().numpy()).max() / tokens.numel())
 
@@ -195,8 +196,8 @@ def test_world_loo_fid_is_against_the_train_split_in_the_classifier_features(tin
     d = tiny_world.dir
     scorer = world.reward_scorers(d, 'world_class=1,loo_fid=0.5', fid_decay=0.8)
     assert set(scorer) == {'world_class', 'loo_fid'} and isinstance(scorer['loo_fid'], LooFID)
-    images, _ = world.load_adm(os.path.join(d, 'train.npz'))
-    f = tiny_world.classifier.features(world.to_float(images)).double().numpy()
+    images, _ = miniature.load_adm(os.path.join(d, 'train.npz'))
+    f = tiny_world.classifier.features(miniature.to_float(images)).double().numpy()
     mu, sigma = mean_cov(torch.from_numpy(f))
     np.testing.assert_allclose(np.asarray(mu), f.mean(0), atol=1e-10)
     np.testing.assert_allclose(np.asarray(sigma), np.cov(f, rowvar=False), atol=1e-10)
