@@ -51,7 +51,7 @@ BEYOND = {'instance rewards': INSTANCE,
 class StudyConfig:
     preset: str = 'demo'  # the train.py preset every run starts from (one with a world)
     seeds: List[int] = field(default_factory=lambda: [0, 1, 2])  # GRPO seeds (train.py --seed)
-    world_seeds: List[int] = field(default_factory=lambda: [0, 1])  # worlds (train.py --world_seed)
+    world_seeds: List[int] = field(default_factory=lambda: [0, 1, 2, 3, 4])  # worlds (train.py --world_seed)
     variants: List[str] = field(default_factory=lambda: [''])  # extra train.py flags, one string per variant
     beyond: bool = False  # issue 19's table: variants = BEYOND, no controls, plus the base sampled with guidance
     control: bool = True  # run each variant's shuffled-reward control too (the honest-gain check)
@@ -123,9 +123,13 @@ def summarise(name, runs):
     names = [c[0] for c in next(iter(checks.values()))]
     lines += ['', '| world | GRPO seed | ' + ' | '.join(names) + ' |', '|---' * (2 + len(names)) + '|']
     for (w, s), cs in checks.items():
-        lines.append(f"| {w} | {s} | " + ' | '.join(f"{v:.3f} vs {lim:.3f} {'met' if ok else '**MISSED**'}"
-                                                   for _, v, lim, ok in cs) + ' |')
-    met = sum(all(ok for *_, ok in cs) for cs in checks.values())
+        lines.append(f"| {w} | {s} | " + ' | '.join(f"{v:.3f} vs {lim:.3f} {'met' if ok else '**MISSED**'} ({m:+.1f} s.e.)"
+                                                   for _, v, lim, ok, m in cs) + ' |')
+    worst = [min(checks, key=lambda k: checks[k][i][4]) for i in range(len(names))]  # the run nearest each limit
+    lines.append('| worst run | | ' + ' | '.join(f"{checks[k][i][1]:.3f} vs {checks[k][i][2]:.3f} "
+                                               f"({checks[k][i][4]:+.1f} s.e.), world {k[0]} seed {k[1]}"
+                                               for i, k in enumerate(worst)) + ' |')
+    met = sum(all(c[3] for c in cs) for cs in checks.values())
     return lines + ['', f"all {len(names)} targets met in {met} of {len(checks)} runs", '']
 
 

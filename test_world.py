@@ -63,9 +63,19 @@ def test_world_rewards_beat_chance_on_heldout_data(tiny_world):
     fakes, labels = heldout_fakes(w, len(x))
     rech = miniature.decode_all(w.vq, miniature.encode_all(w.vq, x))
     real = reward.scorers['world_real']
-    assert miniature.roc_auc(real(rech, y), real(fakes, labels)) > 0.6
+    auc = miniature.roc_auc(real(rech, y), real(fakes, labels))
+    assert auc > 0.5 + 3 * auc_se(auc, len(x), len(fakes))  # chance is 0.5
     s = w.summary  # the build's own held-out figures say the same
-    assert s['quality_spearman'] > 0.5 and s['disc_auc'] > 0.6 and s['classifier_acc'] > 0.5
+    assert s['quality_spearman'] > 0.5 and s['classifier_acc'] > 0.5
+    assert s['disc_auc'] > 0.5 + 3 * auc_se(s['disc_auc'], w.config.n_heldout, w.config.n_heldout)
+
+
+def auc_se(a, n_pos, n_neg):
+    """The standard error of a ROC AUC a from n_pos positives and n_neg negatives (Hanley & McNeil 1982).
+    The tiny world's discriminator judges base samples that are fairly good (AUC ~0.64 on a 2-core AMD EPYC,
+    2026-12-04): the test asks for a margin over chance in standard errors, not a fixed AUC."""
+    q1, q2 = a / (2 - a), 2 * a * a / (1 + a)
+    return math.sqrt((a * (1 - a) + (n_pos - 1) * (q1 - a * a) + (n_neg - 1) * (q2 - a * a)) / (n_pos * n_neg))
 
 
 def test_world_base_samples_are_recognisable(tiny_world):

@@ -148,8 +148,8 @@ TRAIN_PRESETS = {
     # GRPO from that GPT, then base vs tuned vs shuffled-reward control on held-out judges (CPU, minutes)
     'demo': dict(world='demo', ckpt='', vq_ckpt='', image_size=16, classes=list(range(10)),
                  rewards='world_class=1,world_quality=0.5,world_real=0.5,loo_fid=0.5',
-                 conds_per_rank=16, group_size=8, cfg_scale=1.0, lr=3e-4, beta=0.1, max_steps=100,
-                 save_every=100, grid_every=0, out_dir='out/demo'),
+                 conds_per_rank=16, group_size=8, cfg_scale=1.0, lr=3e-4, beta=0.1, max_steps=150,
+                 save_every=50, grid_every=0, out_dir='out/demo'),
     # the smallest smoke run: tiny random generator + tiny random VQ + a weight-free reward
     'demo_color': dict(ckpt='', model='GPT-tiny', vq_ckpt='', image_size=16, classes=list(range(8)),
                        rewards='colorfulness=1', conds_per_rank=4, group_size=8, cfg_scale=1.0, lr=3e-3,
