@@ -29,7 +29,7 @@ import numpy as np
 import train
 import miniature
 import world
-from cli import UserError, atomic_write, check_range, check_writable_dir, parse_config, run
+from cli import UserError, atomic_write, check_range, check_seed, check_writable_dir, parse_config, run
 from plots import class_rows
 
 
@@ -64,8 +64,9 @@ class StudyConfig:
             raise UserError(f"--preset must be a train.py preset with a world ({', '.join(worlds)}), "
                             f"got {self.preset!r}")
         for name in ('seeds', 'world_seeds'):
-            if not getattr(self, name) or min(getattr(self, name)) < 0:
+            if not getattr(self, name):
                 raise UserError(f"--{name} must be one or more integers >= 0, got {getattr(self, name)}")
+        check_seed(self, 'seeds world_seeds')
         check_range(self, 'guided_cfg', lo=1, lo_open=True)
         check_writable_dir(self.out_dir, '--out_dir')
         for v in self.all_variants().values():  # every variant's flags are checked now, not after an hour of runs

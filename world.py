@@ -46,7 +46,7 @@ import torch.nn.functional as F
 from PIL import Image, ImageDraw
 
 from checkpoint import load_gpt, load_vq, save_gpt, save_vq
-from cli import UserError, atomic_write, check_range, check_writable_dir
+from cli import UserError, atomic_write, check_range, check_seed, check_writable_dir
 from fid import LooFID, mean_cov
 from miniature import (LEVELS, THREADS, batches, conv_stack, decode_all, encode_all, expected_level, fid_of, fit,
                        fixed_threads, load_adm, load_net, model_stats, pairwise_mean, predict, progress,
@@ -88,7 +88,7 @@ class WorldConfig:
 
     def validate(self):
         """Every value checked before anything is built (cli.parse_config calls it). Raises UserError."""
-        check_range(self, 'world_seed', lo=0)
+        check_seed(self, 'world_seed')  # a seed beyond 64 bits failed after the world folder was made
         check_range(self, 'image_size grid n_train n_heldout vq_steps vq_batch gpt_layers gpt_epochs '
                           'classifier_epochs quality_epochs fakes disc_epochs judge_epochs eval_per_class', lo=1)
         check_range(self, 'codebook_size', lo=2)
