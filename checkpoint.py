@@ -684,7 +684,8 @@ def resumed_rows(out_dir, step):
     rows |= {s: copy_[s] for s in back}
     gone = [s for s in lost if s not in copy_]
     if back:
-        print(f"--resume: restored {'the row' if len(back) == 1 else 'the rows'} of {_steps(back)} of {log} from the save")
+        print(f"--resume: restored {'the row' if len(back) == 1 else 'the rows'} of {_steps(back)} of {log} from "
+              f"the save")
     if gone:
         print(f"warning: {log} has no row for {_steps(gone)}, and the save holds no copy of them; the log keeps "
               f"that hole")
