@@ -559,13 +559,13 @@ def check_out_dir(cfg):
     """Validation of --out_dir against what it holds: a fresh run never silently replaces an earlier one, and
     --resume needs a save. Reads only."""
     check_not_locked(os.path.join(cfg.out_dir, '.lock'), '--out_dir', cfg.out_dir)  # a live writer: say so first
+    if cfg.resume and cfg.overwrite:
+        raise UserError("--resume continues the run in --out_dir and --overwrite replaces it; pass one of them")
     if cfg.resume and not cfg.world:  # (a demo resumes its runs one level down, out_dir/tuned and /control)
         newest_checkpoint(cfg.out_dir)  # nothing to resume: said now, before any folder or lock is made
     held = holds_run(cfg.out_dir)
     if held and not cfg.resume and not cfg.overwrite:
         _refuse(cfg, held)
-    if cfg.resume and cfg.overwrite:
-        raise UserError("--resume continues the run in --out_dir and --overwrite replaces it; pass one of them")
 
 
 @contextlib.contextmanager

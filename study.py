@@ -47,6 +47,12 @@ BEYOND = {'instance rewards': INSTANCE,
           '+ loo_fid, trained and sampled at cfg 2': INSTANCE + ',loo_fid=0.5 --cfg_scale 2'}
 
 
+# train.py flags the study sets itself for every run: a variant that set them would write outside the study or
+# repeat one run under the name of another
+STUDY_OWNS = {'--out_dir', '--seed', '--world_seed', '--preset', '--overwrite', '--no-overwrite', '--resume',
+              '--no-resume'}
+
+
 @dataclass
 class StudyConfig:
     preset: str = 'demo'  # the train.py preset every run starts from (one with a world)
@@ -71,6 +77,11 @@ class StudyConfig:
         check_writable_dir(self.out_dir, '--out_dir')
         for v in self.all_variants().values():  # every variant's flags are checked now, not after an hour of runs
             train_config(self, v, 0, 0, out_dir=os.path.join(self.out_dir, '.check'))  # (a path that holds nothing)
+            owned = [a.split('=')[0] for a in shlex.split(v) if a.split('=')[0] in STUDY_OWNS]
+            if owned:
+                raise UserError(f"--variants {v!r} sets {owned[0]}, which the study sets for each run (its runs "
+                                f"live in --out_dir/<variant>/w<W>_s<S>; seeds come from --seeds and --world_seeds); "
+                                f"drop it from the variant")
 
     def all_variants(self):
         """{row name: flags}."""

@@ -560,6 +560,9 @@ def check_train_config(cfg):
         raise UserError(f"--classes must be class ids >= 0, got {cfg.classes}")
     check_batch(cfg)
     world.check_flags(cfg.world, cfg.rewards, cfg.world_seed)
+    if cfg.world in world.WORLD_PRESETS and not os.path.isfile(os.path.join(world.resolve(cfg.world, cfg.world_seed),
+                                                                             'world.json')):  # to be built there
+        check_writable_dir(world.cache_root(), f'the world cache (${world.CACHE_ENV}, default out/world)')
     check_reward_flags(cfg.rewards, EXTRA_REWARDS, cfg.judge_url, cfg.judge)
     check_loo_fid(cfg)
     lora.check_flags(cfg.lora_rank, cfg.lora_alpha, cfg.lora_targets)
