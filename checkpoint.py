@@ -24,7 +24,7 @@ the usual single file that sample.py --ckpt and LlamaGen-format loaders read.
 import argparse
 import contextlib
 import copy
-import errno
+import itertools
 import json
 import math
 import os
@@ -38,7 +38,8 @@ import torch.distributed as dist
 
 import distributed
 import lora
-from cli import UserError, as_umask_allows, check_not_locked, disk_full_is_one_sentence, exclusive
+from cli import (TORCH_WRITE_FAILED, UserError, as_umask_allows, check_not_locked, disk_full_is_one_sentence,
+                 exclusive, is_disk_full)
 from model import GPT, GPT_PRESETS, GPTConfig, config_for, precompute_freqs_cis_2d
 from tokenizer import VQ_PRESETS, VQConfig, VQModel
 
@@ -400,10 +401,13 @@ RESUME_FREE = {'max_steps', 'resume', 'save_every', 'grid_every', 'eval', 'devic
 #   model.safetensors   full weights (LoRA merged), LlamaGen keys + GPTConfig: sample.py --ckpt reads it
 #   adapter_model.safetensors, adapter_config.json   the LoRA adapter alone, in PEFT's format (LoRA only)
 #   dcp/                trained weights + AdamW state via torch.distributed.checkpoint: any world size loads it
-#   state.pt            step, bad-step count, RNG, config
+#   state.pt            step, bad-step count, RNG, config, model.safetensors' SHA-256 (checked on --resume)
+#   metrics.jsonl       a copy of the log's rows up to this step: --resume restores rows the log lost from it
 # It is written as .tmp_step_NNNNNN and renamed when whole, then the `latest` symlink is switched to it, then
-# older saves are deleted: a kill at any moment leaves at least one whole step_* directory.
+# saves older than the last KEEP_SAVES are deleted: a kill at any moment leaves at least one whole step_*
+# directory, and a newest save damaged later (a bad disk, a hand edit) still has an older one to resume from.
 STEP_DIR = re.compile(r'step_(\d+)$')
+KEEP_SAVES = 2  # the newest save and the one before it (twice the disk of one save: the price of a fallback)
 
 
 def _barrier(world):
@@ -426,9 +430,10 @@ def full_weights(policy):
     return {k: v.detach().cpu() for k, v in policy.state_dict().items()}
 
 
-def save_checkpoint(cfg, policy, opt, step, bad_steps, rank=0, world=1, extra=None):
+def save_checkpoint(cfg, policy, opt, step, bad_steps, rank=0, world=1, extra=None, rows=None):
     """Write step_NNNNNN as one unit (see above). Called on every rank. `extra`: more training state for state.pt
     (the moving statistics of a distribution-level reward, the entropy coefficient), identical on every rank.
+    `rows`: rank 0's metrics.jsonl rows up to this step, kept in the save as a copy of the log.
     If any part fails (a full disk, say), the temp directory is removed, every rank raises the same error, and
     the previous save stays whole."""
     import torch.distributed.checkpoint as dcp
@@ -445,7 +450,7 @@ def save_checkpoint(cfg, policy, opt, step, bad_steps, rank=0, world=1, extra=No
             dcp.save(_dcp_state(cfg, policy, opt), checkpoint_id=os.path.join(tmp, 'dcp'), no_dist=world == 1)
         sd = full_weights(policy)
         if rank == 0:
-            _write_save(cfg, policy, sd, tmp, step, bad_steps, extra or {})
+            _write_save(cfg, policy, sd, tmp, step, bad_steps, extra or {}, rows)
     except BaseException as e:  # DCP's CheckpointException is a BaseException
         error = _save_failed(e, tmp, cfg.out_dir)
     if world > 1:  # every rank learns whether rank 0's part failed
@@ -461,31 +466,47 @@ def save_checkpoint(cfg, policy, opt, step, bad_steps, rank=0, world=1, extra=No
     _barrier(world)
 
 
-def _write_save(cfg, policy, sd, tmp, step, bad_steps, extra):
-    """Rank 0's files of a save: the LoRA adapter, model.safetensors, state.pt."""
+def _write_save(cfg, policy, sd, tmp, step, bad_steps, extra, rows=None):
+    """Rank 0's files of a save: the LoRA adapter, model.safetensors, the log's copy, state.pt (last)."""
     if cfg.lora_rank:
         lora.save_adapter(sd, tmp, cfg.lora_rank, cfg.lora_alpha, cfg.lora_targets, cfg.ckpt)
         sd = lora.merge_lora(sd, cfg.lora_alpha / cfg.lora_rank)
     save_gpt(policy, os.path.join(tmp, 'model.safetensors'), state_dict=sd, step=step)
+    if rows is not None:
+        with open(os.path.join(tmp, 'metrics.jsonl'), 'w') as f:
+            f.writelines(json.dumps(r) + '\n' for r in rows if r['step'] <= step)
+        as_umask_allows(os.path.join(tmp, 'metrics.jsonl'))
     torch.save(dict(step=step, bad_steps=bad_steps, config=asdict(cfg), rng_cpu=torch.get_rng_state(),
-                    rng_cuda=torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [], extra=extra),
+                    rng_cuda=torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [], extra=extra,
+                    model_sha256=file_sha256(os.path.join(tmp, 'model.safetensors'))),
                os.path.join(tmp, 'state.pt'))
+
+
+def file_sha256(path):
+    """The SHA-256 of a file, read 16 MiB at a time (about 2 s for a 3 GB model.safetensors)."""
+    import hashlib
+    h = hashlib.sha256()
+    with open(path, 'rb') as f:
+        while chunk := f.read(1 << 24):
+            h.update(chunk)
+    return h.hexdigest()
 
 
 def _save_failed(e, tmp, out_dir):
     """The exception to raise for a failed save: a full disk becomes one sentence; anything else as it was."""
     text = f"{e} {getattr(e, 'failures', '')}".lower()  # DCP wraps each rank's exception in its failures
-    if getattr(e, 'errno', None) in (errno.ENOSPC, errno.EDQUOT) or 'no space left' in text:
+    if is_disk_full(e) or 'no space left' in text or TORCH_WRITE_FAILED.search(text):  # torch.save: a short write
         saves = sorted(d for d in os.listdir(out_dir) if STEP_DIR.match(d))
         return UserError(f"no space left on the device while writing the save {tmp} (removed); "
                          f"{'the previous save ' + saves[-1] + ' is intact' if saves else 'there was no earlier save'}"
-                         f"; free some space and run the same command with --resume")
+                         f"; free some space and run the same command with --resume (a full disk, or a write the "
+                         f"file system refused)")
     return e
 
 
 def _switch_to(out_dir, name, tmp, final):
-    """Rank 0: rename the whole save into place, switch `latest` to it, delete older saves, killed saves' temp
-    directories and a run that --overwrite moved aside (the new run now has a save of its own)."""
+    """Rank 0: rename the whole save into place, switch `latest` to it, delete saves older than the last
+    KEEP_SAVES, killed saves' temp directories and the runs --overwrite moved aside (the new run has a save now)."""
     shutil.rmtree(final, ignore_errors=True)  # only if this very step was saved before
     os.replace(tmp, final)  # the save exists from here on
     link = os.path.join(out_dir, '.latest_tmp')
@@ -493,14 +514,20 @@ def _switch_to(out_dir, name, tmp, final):
         os.remove(link)
     os.symlink(name, link)
     os.replace(link, os.path.join(out_dir, 'latest'))  # atomic switch of the pointer
+    keep = sorted((d for d in os.listdir(out_dir) if STEP_DIR.match(d)), key=_step_of)[-KEEP_SAVES:]
     for d in os.listdir(out_dir):
-        if (STEP_DIR.match(d) and d != name) or d.startswith('.tmp_step_') or d == REPLACED:
+        if (STEP_DIR.match(d) and d not in keep + [name]) or d.startswith('.tmp_step_') or REPLACED_DIR.match(d):
             shutil.rmtree(os.path.join(out_dir, d), ignore_errors=True)
+
+
+def _step_of(name):
+    return int(STEP_DIR.match(name).group(1))
 
 # -----------------------------------------------------------------------------
 # the run directory: one writer, never overwritten unasked, a torn log line recovered
 
 REPLACED = '.replaced'  # where --overwrite moves an earlier run until the new run's first save is in place
+REPLACED_DIR = re.compile(r'\.replaced(_\d+)?$')  # a second --overwrite before a save: .replaced_2, never a deletion
 RUN_FILES = re.compile(r'(step_\d+|latest|metrics\.jsonl|grid_\d+\.png|reward_curve\.png|\.tmp_step_\d+|'
                        r'\.latest_tmp|report\.(md|json)|before_after\.png|curves\.png|samples_\w+\.npz|'
                        r'tuned|control)$')
@@ -518,6 +545,7 @@ def holds_run(out_dir):
     for sub in ('tuned', 'control'):  # the demo's two runs
         if holds_run(os.path.join(out_dir, sub)):
             found.append(f"a {sub} run")
+    found += [f"the run --overwrite moved to {d}" for d in sorted(os.listdir(out_dir)) if REPLACED_DIR.match(d)]
     return ', '.join(found)
 
 
@@ -531,11 +559,13 @@ def check_out_dir(cfg):
     """Validation of --out_dir against what it holds: a fresh run never silently replaces an earlier one, and
     --resume needs a save. Reads only."""
     check_not_locked(os.path.join(cfg.out_dir, '.lock'), '--out_dir', cfg.out_dir)  # a live writer: say so first
+    if cfg.resume and cfg.overwrite:
+        raise UserError("--resume continues the run in --out_dir and --overwrite replaces it; pass one of them")
+    if cfg.resume and not cfg.world:  # (a demo resumes its runs one level down, out_dir/tuned and /control)
+        newest_checkpoint(cfg.out_dir)  # nothing to resume: said now, before any folder or lock is made
     held = holds_run(cfg.out_dir)
     if held and not cfg.resume and not cfg.overwrite:
         _refuse(cfg, held)
-    if cfg.resume and cfg.overwrite:
-        raise UserError("--resume continues the run in --out_dir and --overwrite replaces it; pass one of them")
 
 
 @contextlib.contextmanager
@@ -544,6 +574,8 @@ def open_run(cfg, rank=0, world=1):
     with --overwrite the earlier run moved into out_dir/.replaced (deleted by the first save)."""
     with contextlib.ExitStack() as stack:
         def take():  # rank 0 only: the lock is taken once per job, not per rank
+            if cfg.resume:
+                newest_checkpoint(cfg.out_dir)  # nothing to resume: no folder, no lock left behind
             os.makedirs(cfg.out_dir, exist_ok=True)
             stack.enter_context(exclusive(os.path.join(cfg.out_dir, '.lock'), '--out_dir', cfg.out_dir))
             if not cfg.resume:
@@ -553,25 +585,30 @@ def open_run(cfg, rank=0, world=1):
 
 
 def _move_aside(cfg):
-    """A fresh run: an earlier run in out_dir is refused, or with --overwrite moved aside (not deleted)."""
+    """A fresh run: an earlier run in out_dir is refused, or with --overwrite moved aside (not deleted). A run
+    moved aside by an earlier --overwrite whose replacement never saved stays where it is (it may be the only
+    copy of a real run); this one goes beside it, into .replaced_2, _3, ..."""
     held = holds_run(cfg.out_dir)
     if not held:
         return
     if not cfg.overwrite:  # validation said so already; a run started from code (the demo) is checked here
         _refuse(cfg, held)
-    aside = os.path.join(cfg.out_dir, REPLACED)
-    shutil.rmtree(aside, ignore_errors=True)  # a run replaced earlier whose replacement never saved
+    names = [d for d in os.listdir(cfg.out_dir) if RUN_FILES.match(d)]
+    if not names:  # only runs moved aside before: they wait for this run's first save
+        return
+    aside = next(p for p in (os.path.join(cfg.out_dir, REPLACED + (f'_{i}' if i > 1 else '')) for i in
+                             itertools.count(1)) if not os.path.lexists(p))
     os.makedirs(aside)
-    for d in os.listdir(cfg.out_dir):
-        if RUN_FILES.match(d):
-            os.replace(os.path.join(cfg.out_dir, d), os.path.join(aside, d))
-    print(f"--overwrite: the earlier run ({held}) moved to {aside}; it is deleted once this run has saved")
+    for d in names:
+        os.replace(os.path.join(cfg.out_dir, d), os.path.join(aside, d))
+    print(f"--overwrite: the earlier run ({', '.join(sorted(names))}) moved to {aside}; it is deleted once this run "
+          f"has saved")
 
 
 def read_metrics(path, upto=None):
     """The rows of metrics.jsonl up to step `upto`. A torn last line (a kill or a full disk during the append) is
-    dropped with a warning, since the rows past the save are written again anyway; any other bad line is one
-    sentence naming the file."""
+    dropped with a warning: a row past the save is written again, one up to it comes back from the save's copy
+    (resumed_rows); any other bad line is one sentence naming the file."""
     if not os.path.isfile(path):
         return []
     lines = [line for line in open(path, errors='replace').read().split('\n') if line.strip()]
@@ -591,15 +628,77 @@ def newest_checkpoint(out_dir):
     """The newest whole save in out_dir (a save is named step_* only once it is whole)."""
     steps = [d for d in os.listdir(out_dir) if STEP_DIR.match(d)] if os.path.isdir(out_dir) else []
     if not steps:
-        aside = ' (the run --overwrite replaced is in ' + os.path.join(out_dir, REPLACED) + ')' \
-            if os.path.isdir(os.path.join(out_dir, REPLACED)) else ''
+        aside = [os.path.join(out_dir, d) for d in sorted(os.listdir(out_dir)) if REPLACED_DIR.match(d)] \
+            if os.path.isdir(out_dir) else []
+        aside = f" (the runs --overwrite replaced are in {', '.join(aside)})" if aside else ''
         raise UserError(f"--resume: no checkpoint in {out_dir} (no step_* directory){aside}; drop --resume to start")
-    d = os.path.join(out_dir, max(steps, key=lambda n: int(STEP_DIR.match(n).group(1))))
+    d = os.path.join(out_dir, max(steps, key=_step_of))
     for f in ('state.pt', 'model.safetensors', os.path.join('dcp', '.metadata')):
         if not os.path.isfile(os.path.join(d, f)):
-            raise UserError(f"--resume: {os.path.join(d, f)} is missing; restore it or delete {d} to resume "
-                            f"from an older save")
+            raise UserError(f"--resume: {os.path.join(d, f)} is missing; {_what_to_do(d)}")
     return d
+
+
+def _what_to_do(d):
+    """The advice for a damaged newest save d: resume from the older save if there is one; never delete the only
+    copy of a run."""
+    out_dir, name = os.path.split(d)
+    older = sorted((n for n in os.listdir(out_dir) if STEP_DIR.match(n) and _step_of(n) < _step_of(name)),
+                   key=_step_of)
+    if older:
+        return f"restore it, or move {d} out of {out_dir} to resume from the older save {older[-1]}"
+    return (f"restore it from a copy ({d} is the run's only save: keep it), or start over with --overwrite (the run "
+            f"is then kept in {os.path.join(out_dir, REPLACED)} until the new run has saved)")
+
+
+def check_model_file(d, state):
+    """model.safetensors of the save d (what sample.py --ckpt reads) is whole: its SHA-256 is the one state.pt
+    recorded (older saves: its header and size are consistent). Raises UserError with what to do."""
+    path = os.path.join(d, 'model.safetensors')
+    if 'model_sha256' in state:
+        ok = file_sha256(path) == state['model_sha256']
+    else:
+        try:
+            from safetensors import safe_open
+            with safe_open(path, 'pt') as f:  # checks the header against the file's length
+                ok = bool(list(f.keys()))
+        except Exception:
+            ok = False
+    if not ok:
+        raise UserError(f"--resume: {path} is truncated or corrupt (it is not the file this save wrote); "
+                        f"{_what_to_do(d)}")
+
+
+def resumed_rows(out_dir, step):
+    """metrics.jsonl's rows of steps 1..step for a run resumed at `step`: the log's, and each row the log lost
+    (a torn last line, a cut or deleted file) from the copy in the save. A row neither holds is named in one warning
+    line. -> (rows in step order, whether any row was restored or is missing)."""
+    log = os.path.join(out_dir, 'metrics.jsonl')
+    rows = {r['step']: r for r in read_metrics(log, upto=step)}
+    lost = [s for s in range(1, step + 1) if s not in rows]
+    if not lost:
+        return [rows[s] for s in sorted(rows)], False
+    saved = os.path.join(newest_checkpoint(out_dir), 'metrics.jsonl')
+    copy_ = {r['step']: r for r in read_metrics(saved, upto=step)}
+    back = [s for s in lost if s in copy_]
+    rows |= {s: copy_[s] for s in back}
+    gone = [s for s in lost if s not in copy_]
+    if back:
+        print(f"--resume: restored {'the row' if len(back) == 1 else 'the rows'} of {_steps(back)} of {log} from "
+              f"the save")
+    if gone:
+        print(f"warning: {log} has no row for {_steps(gone)}, and the save holds no copy of them; the log keeps "
+              f"that hole")
+    return [rows[s] for s in sorted(rows)], True
+
+
+def _steps(steps):
+    """[1, 2, 3, 7] -> 'steps 1-3, 7'."""
+    runs = [[s] for s in steps[:1]]
+    for s in steps[1:]:
+        runs[-1].append(s) if s == runs[-1][-1] + 1 else runs.append([s])
+    return ('step ' if len(steps) == 1 else 'steps ') + ', '.join(
+        f"{r[0]}-{r[-1]}" if len(r) > 1 else str(r[0]) for r in runs)
 
 
 def load_checkpoint(cfg, policy, opt):
@@ -613,7 +712,8 @@ def load_checkpoint(cfg, policy, opt):
         saved = state['config']
     except Exception as e:
         raise UserError(f"--resume: {os.path.join(d, 'state.pt')} is truncated or corrupt ({type(e).__name__}); "
-                        f"delete {d} to resume from an older save, or drop --resume") from None
+                        f"{_what_to_do(d)}") from None
+    check_model_file(d, state)  # also when there is nothing left to do: sample.py --ckpt reads this file
     diff = [k for k, v in saved.items() if k not in RESUME_FREE and getattr(cfg, k, None) != v]
     if diff:
         raise UserError(f"--resume: the config differs from the checkpoint's in {', '.join(diff)} "
@@ -626,7 +726,7 @@ def load_checkpoint(cfg, policy, opt):
             dcp.load(target, checkpoint_id=os.path.join(d, 'dcp'), no_dist=not dist.is_initialized())
     except (Exception, CheckpointException) as e:
         raise UserError(f"--resume: the sharded state in {os.path.join(d, 'dcp')} is truncated, corrupt or "
-                        f"from another model ({type(e).__name__}); delete {d} to resume from an older save") from None
+                        f"from another model ({type(e).__name__}); {_what_to_do(d)}") from None
     # LoRA: the dict holds the adapters only (dcp.load above already failed if any was absent); the frozen base
     # keys are not in it by design, hence strict=False there
     lora = bool(cfg.lora_rank)

@@ -110,6 +110,19 @@ def check_range(cfg, names, lo=None, hi=None, lo_open=False, hi_open=False):
             raise UserError(f"{flag_name(cfg, name)} must be {' and '.join(filter(None, (lo_s, hi_s)))}, got {v}")
 
 
+SEED_MAX = 2 ** 31 - 1  # seeds are mixed with steps and ranks (seed * 1_000_003 + step): keep them far from 2**63
+
+
+def check_seed(cfg, names):
+    """Each seed field in `names` (an int, or a list of ints) is in 0 .. SEED_MAX: torch's generators take 64 bits,
+    and a larger seed failed deep inside, after the models were built, naming no flag."""
+    for name in names.split():
+        v = getattr(cfg, name)
+        for x in v if isinstance(v, (list, tuple)) else [v]:
+            if not 0 <= x <= SEED_MAX:
+                raise UserError(f"{flag_name(cfg, name)} must be >= 0 and <= 2**31 - 1 ({SEED_MAX}), got {x}")
+
+
 def check_device(device, flag='--device'):
     """'cpu', 'cuda', 'cuda:N' or 'mps' that this torch build and this machine have ('auto'/None pass)."""
     import torch
@@ -129,6 +142,8 @@ def check_writable_dir(path, flag):
     """Directory `path` can be written: it is a writable directory, or the nearest existing folder above it is
     (it is created when something is written). Proved with a temp file that is removed at once: a command that
     fails validation leaves the file system as it was."""
+    if not path:  # '' would mean the current directory to some calls and no directory to others (os.makedirs)
+        raise UserError(f"{flag} is empty; give a directory (e.g. {flag} out/run)")
     if os.path.exists(path) and not os.path.isdir(path):
         raise UserError(f"{flag} {path} is a file, not a directory; choose another path")
     probe = os.path.abspath(path)
@@ -198,16 +213,28 @@ def as_umask_allows(path):
     os.chmod(path, 0o666 & ~mask)
 
 
+# what torch.save's zip writer (inline_container.cc) raises when a write comes back short: a full disk, mostly
+TORCH_WRITE_FAILED = re.compile(r'unexpected pos|PytorchStreamWriter failed writing|file write failed')
+
+
+def is_disk_full(e):
+    """A full disk or quota: OSError ENOSPC / EDQUOT, or torch.save's RuntimeError for a short write."""
+    if isinstance(e, OSError):
+        return e.errno in (errno.ENOSPC, errno.EDQUOT)
+    return isinstance(e, RuntimeError) and bool(TORCH_WRITE_FAILED.search(str(e)))
+
+
 @contextlib.contextmanager
 def disk_full_is_one_sentence(path):
     """Inside, a full disk (or quota) becomes a UserError naming `path`; the caller removes its temp files."""
     try:
         yield
-    except OSError as e:
-        if e.errno not in (errno.ENOSPC, errno.EDQUOT):
+    except (OSError, RuntimeError) as e:
+        if not is_disk_full(e):
             raise
-        raise UserError(f"no space left on the device while writing {e.filename or path}; free some space and run "
-                        f"the same command again (what was written before is intact)") from None
+        raise UserError(f"no space left on the device while writing {getattr(e, 'filename', None) or path} (or the "
+                        f"file system refused the write); free some space and run the same command again (what was "
+                        f"written before is intact)") from None
 
 
 def check_not_locked(path, flag, target):

@@ -9,6 +9,7 @@ caption rotated so the padding comes first (left-padded), lowercased and whitesp
 minus the URL/HTML rules). Prompt files: .txt, a .json list, AR-GRPO's t2i .json, COCO captions .json, GenEval
 .jsonl.
 """
+import codecs
 import difflib
 import json
 import os
@@ -40,17 +41,32 @@ def class_ids(specs):
 # text-to-image: prompt files, and FLAN-T5 encodings left-padded as LlamaGen's
 
 
+MAX_PROMPT_BYTES = 256 << 20  # COCO's largest captions file is ~90 MB; a bigger "prompt file" is a wrong path
+
+
 def read_prompts(path):
     """Prompts from .txt (one per line), .jsonl (GenEval metadata: "prompt" per line) or .json: a list of
     strings, AR-GRPO's t2i file (a list of {"conversations": [{"value": caption}, ...]}, the first value
     taken) or COCO captions ({"annotations": [{"caption": ...}, ...]})."""
+    if path and os.path.isdir(path):
+        raise UserError(f"prompt file {path} is a directory; pass --prompts FILE (.txt, .json or .jsonl)")
     if not path or not os.path.isfile(path):
         raise UserError(f"prompt file {path!r} does not exist; pass --prompts FILE (.txt, .json or .jsonl)")
+    if os.path.getsize(path) > MAX_PROMPT_BYTES:  # said before reading it whole
+        raise UserError(f"prompt file {path} is {os.path.getsize(path) / 2 ** 20:.0f} MiB, more than the "
+                        f"{MAX_PROMPT_BYTES >> 20} MiB a prompt file may hold; pass a smaller .txt, .json or .jsonl")
     try:
-        text = open(path, encoding='utf-8').read()
+        with open(path, 'rb') as f:  # the head first: a binary file is refused before it is read whole
+            head = f.read(1 << 16)
+        codecs.getincrementaldecoder('utf-8')().decode(head)  # (a character cut at the end of the head is fine)
+        binary = b'\x00' in head  # text never holds NUL bytes
+        text = '' if binary else open(path, encoding='utf-8').read()
     except (OSError, UnicodeDecodeError) as e:
         raise UserError(f"prompt file {path} could not be read as UTF-8 text ({type(e).__name__}); pass a .txt, "
                         f".json or .jsonl file") from None
+    if binary or '\x00' in text:
+        raise UserError(f"prompt file {path} holds NUL bytes, so it is binary, not text; pass a .txt, .json or "
+                        f".jsonl file")
     try:
         if path.endswith('.jsonl'):
             prompts = [json.loads(line)['prompt'] for line in text.splitlines() if line.strip()]

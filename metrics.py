@@ -31,6 +31,7 @@ second checkpoint, both see the same seeds and it reports paired differences, th
 tuned model's win rate, and writes a side-by-side grid (base left, tuned right) and a JSON summary.
 """
 import contextlib
+import itertools
 import json
 import math
 import os
@@ -594,7 +595,7 @@ class MetricsConfig:
 
 def main(argv=None):
     argv = list(sys.argv[1:] if argv is None else argv)
-    pos = [a for a in argv[:2] if not a.startswith('--')]  # SAMPLES REF may come first, without flags
+    pos = list(itertools.takewhile(lambda a: not a.startswith('--'), argv[:2]))  # SAMPLES REF, first, no flags
     argv = [x for k, v in zip(('--samples', '--ref'), pos) for x in (k, v)] + argv[len(pos):]
     cfg = parse_config(MetricsConfig, argv)
     cfg.validate()

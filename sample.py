@@ -70,7 +70,7 @@ class SampleConfig:
     batch: Optional[int] = None  # images per generate call (and per shard on disk); None = 32
     eval_size: Optional[int] = None  # pixels, bicubic resize as LlamaGen's FID; None = 256, 0 = native size
     resume: Optional[bool] = None  # keep the finished shards of an interrupted run (None = yes); --no-resume: afresh
-    overwrite: bool = False  # --per_class: replace an existing --npz (only once the new one is complete)
+    overwrite: bool = False  # replace an existing --npz (written whole at the end; --per_class: once complete)
 
     def __post_init__(self):  # defaults that depend on the condition, so the printed config is final
         t2i = bool(self.prompts)
@@ -103,6 +103,8 @@ class SampleConfig:
                         vq_downsample(self.vq_ckpt), flags=('--prompt', '--class'))
         for path in filter(None, (self.out, self.npz)):
             check_writable_file(path, '--out' if path == self.out else '--npz')
+        _check(self.per_class is not None or not self.npz or not os.path.isfile(self.npz) or self.overwrite,
+               f"--npz {self.npz} already exists; choose another --npz, or pass --overwrite to replace it")
         if self.per_class is not None:
             check_shards(self, ids)
         return ids
@@ -127,9 +129,9 @@ class SampleConfig:
     def _check_combinations(self):
         _check(not (self.classes and self.prompts),
                "give either --class (class-to-image) or --prompt (text-to-image), not both")
+        _check(all(p.strip() for p in self.prompts), "--prompt must not be empty; give the text to draw, in quotes")
         if self.per_class is None:  # a grid: the FID flags would be silently ignored
             given = [k for k in ('batch', 'eval_size', 'resume') if getattr(self, k) is not None]
-            given += ['overwrite'] if self.overwrite else []
             _check(not given, f"--{(given or [''])[0]} applies to --per_class (FID) sampling only; drop it or "
                               f"add --per_class N")
             _check(int(os.environ.get('WORLD_SIZE', '1')) == 1, "under torchrun only --per_class sampling is "

@@ -29,7 +29,7 @@ import numpy as np
 import train
 import miniature
 import world
-from cli import UserError, atomic_write, check_range, check_writable_dir, parse_config, run
+from cli import UserError, atomic_write, check_range, check_seed, check_writable_dir, parse_config, run
 from plots import class_rows
 
 
@@ -45,6 +45,12 @@ BEYOND = {'instance rewards': INSTANCE,
           '+ loo_fid x2 + adaptive entropy': INSTANCE + ',loo_fid=1 --entropy_coef 0.01 --entropy_target 3.7 '
                                                         '--entropy_lr 0.05',
           '+ loo_fid, trained and sampled at cfg 2': INSTANCE + ',loo_fid=0.5 --cfg_scale 2'}
+
+
+# train.py flags the study sets itself for every run: a variant that set them would write outside the study or
+# repeat one run under the name of another
+STUDY_OWNS = {'--out_dir', '--seed', '--world_seed', '--preset', '--overwrite', '--no-overwrite', '--resume',
+              '--no-resume'}
 
 
 @dataclass
@@ -64,12 +70,18 @@ class StudyConfig:
             raise UserError(f"--preset must be a train.py preset with a world ({', '.join(worlds)}), "
                             f"got {self.preset!r}")
         for name in ('seeds', 'world_seeds'):
-            if not getattr(self, name) or min(getattr(self, name)) < 0:
+            if not getattr(self, name):
                 raise UserError(f"--{name} must be one or more integers >= 0, got {getattr(self, name)}")
+        check_seed(self, 'seeds world_seeds')
         check_range(self, 'guided_cfg', lo=1, lo_open=True)
         check_writable_dir(self.out_dir, '--out_dir')
         for v in self.all_variants().values():  # every variant's flags are checked now, not after an hour of runs
             train_config(self, v, 0, 0, out_dir=os.path.join(self.out_dir, '.check'))  # (a path that holds nothing)
+            owned = [a.split('=')[0] for a in shlex.split(v) if a.split('=')[0] in STUDY_OWNS]
+            if owned:
+                raise UserError(f"--variants {v!r} sets {owned[0]}, which the study sets for each run (its runs "
+                                f"live in --out_dir/<variant>/w<W>_s<S>; seeds come from --seeds and --world_seeds); "
+                                f"drop it from the variant")
 
     def all_variants(self):
         """{row name: flags}."""

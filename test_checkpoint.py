@@ -219,7 +219,8 @@ def test_a_fresh_run_never_replaces_a_run_unasked(tmp_path, capsys):
     before = latest_weights(r)
     with pytest.raises(UserError, match='holds a run .step_000004, 4 rows'):  # validation: nothing computed
         run_train(r, '--max_steps', '1', '--save_every', '1')
-    assert sorted(os.listdir(r)) == ['.lock', 'latest', 'metrics.jsonl', 'reward_curve.png', 'step_000004']
+    assert sorted(os.listdir(r)) == ['.lock', 'latest', 'metrics.jsonl', 'reward_curve.png', 'step_000002',
+                                     'step_000004']  # the last two saves
     assert len(_rows(r)) == 4 and all(torch.equal(before[k], v) for k, v in latest_weights(r).items())
     # a run started from code (the demo's) is checked when it opens the directory, too
     cfg = parse_config(train.TrainConfig, ['--preset', 'demo_color', '--image_size', '8', '--out_dir', str(tmp_path / 'x')],
@@ -240,7 +241,7 @@ def test_a_fresh_run_never_replaces_a_run_unasked(tmp_path, capsys):
         run_train(r, '--max_steps', '1', '--save_every', '1', '--overwrite')
     finally:
         train.save_checkpoint = real_save
-    assert seen == [['latest', 'metrics.jsonl', 'reward_curve.png', 'step_000004']]
+    assert seen == [['latest', 'metrics.jsonl', 'reward_curve.png', 'step_000002', 'step_000004']]
     assert 'moved to' in capsys.readouterr().out
     assert sorted(os.listdir(r)) == ['.lock', 'latest', 'metrics.jsonl', 'reward_curve.png', 'step_000001']
     assert [row['step'] for row in _rows(r)] == [1]
@@ -327,3 +328,132 @@ def test_outputs_follow_the_umask(tmp_path):
     assert 'r/step_000002/model.safetensors' in modes and 'r/step_000002/adapter_model.safetensors' in modes
     assert 'r/grid_00002.png' in modes and 'r/metrics.jsonl' in modes
     assert set(modes.values()) == {'0o644'}, modes
+
+# -----------------------------------------------------------------------------
+# nothing lost, third ring (issue 23): a second --overwrite, lost log rows, a damaged newest save, torch.save's
+# own full-disk error
+
+
+def _killed_before_its_first_save(monkeypatch, r, *args):
+    """A run that dies just before its first save (as kill -9 would leave it, the lock aside)."""
+    def die(*a, **k):
+        raise KeyboardInterrupt
+    monkeypatch.setattr(train, 'save_checkpoint', die)
+    with pytest.raises(KeyboardInterrupt):
+        run_train(r, *args)
+    monkeypatch.undo()
+
+
+def test_a_second_overwrite_before_a_save_never_deletes_the_replaced_run(tmp_path, monkeypatch):
+    r = tmp_path / 'r'
+    run_train(r, '--max_steps', '2', '--save_every', '1')
+    original = latest_weights(r)
+    _killed_before_its_first_save(monkeypatch, r, '--max_steps', '1', '--overwrite')
+    _killed_before_its_first_save(monkeypatch, r, '--max_steps', '1', '--overwrite')
+    kept = lambda d: load_file(os.path.join(d, 'latest', 'model.safetensors'))
+    assert all(torch.equal(original[k], v) for k, v in kept(r / '.replaced').items())  # still the only copy
+    assert [row['step'] for row in _rows(r / '.replaced_2')] == [1]  # the first replacement's row, beside it
+    with pytest.raises(UserError, match=r'holds a run \(.*the run --overwrite moved to .replaced'):
+        run_train(r, '--max_steps', '1')  # a fresh run's first save would delete it: refused
+    with pytest.raises(UserError, match=r'no checkpoint in .*\.replaced'):
+        run_train(r, '--max_steps', '1', '--resume')
+    run_train(r, '--max_steps', '1', '--overwrite')  # the new run saves: now the replaced runs go
+    assert sorted(os.listdir(r)) == ['.lock', 'latest', 'metrics.jsonl', 'reward_curve.png', 'step_000001']
+
+
+def test_a_resume_refused_creates_no_folder_and_no_lock(tmp_path):
+    for r in (tmp_path / 'absent', tmp_path / 'empty'):
+        if r.name == 'empty':
+            r.mkdir()
+        with pytest.raises(UserError, match='no checkpoint in'):
+            run_train(r, '--max_steps', '1', '--resume')
+    assert os.listdir(tmp_path) == ['empty'] and os.listdir(tmp_path / 'empty') == []
+
+
+def test_log_rows_the_log_lost_come_back_from_the_save(tmp_path, capsys):
+    """metrics.jsonl cut to 2 rows, deleted, or its last row (of a saved step) torn: --resume restores each row
+    from the copy in the newest save, so the log ends whole, as an uninterrupted run's (same steps, same rewards)."""
+    run_train(tmp_path / 'ref', '--max_steps', '9', '--save_every', '3')
+    r, strip = tmp_path / 'r', lambda rows: [(row['step'], row['reward']) for row in rows]
+    run_train(r, '--max_steps', '6', '--save_every', '3')
+    lines = open(r / 'metrics.jsonl').readlines()
+    open(r / 'metrics.jsonl', 'w').writelines(lines[:2])  # cut
+    run_train(r, '--max_steps', '7', '--save_every', '3', '--resume')
+    os.remove(r / 'metrics.jsonl')  # deleted
+    run_train(r, '--max_steps', '8', '--save_every', '3', '--resume')
+    lines = open(r / 'metrics.jsonl').readlines()
+    open(r / 'metrics.jsonl', 'w').writelines(lines[:-1] + [lines[-1][:15]])  # torn row of saved step 8
+    run_train(r, '--max_steps', '9', '--save_every', '3', '--resume')
+    out = capsys.readouterr().out
+    assert 'restored the rows of steps 3-6' in out and 'restored the rows of steps 1-7' in out
+    assert 'restored the row of step 8' in out
+    assert strip(_rows(r)) == strip(_rows(tmp_path / 'ref'))
+    # a save without the copy (an older save): the hole is named, not kept silent
+    os.remove(r / 'step_000009' / 'metrics.jsonl')
+    lines = open(r / 'metrics.jsonl').readlines()
+    open(r / 'metrics.jsonl', 'w').writelines(lines[:4])
+    run_train(r, '--max_steps', '9', '--save_every', '3', '--resume')  # nothing left to do: still said
+    assert 'has no row for steps 5-9' in capsys.readouterr().out
+
+
+def _damage(path):
+    """model.safetensors: bytes overwritten in the middle (its checksum catches it); else cut in half (torn)."""
+    with open(path, 'r+b') as f:
+        if str(path).endswith('.safetensors'):
+            f.seek(os.path.getsize(path) // 2)
+            f.write(b'\x00garbage\xff' * 8)
+        else:
+            f.truncate(os.path.getsize(path) // 2)
+
+
+def test_a_damaged_newest_save_never_advises_deleting_the_only_copy(tmp_path, capsys):
+    r = tmp_path / 'r'
+    run_train(r, '--max_steps', '3', '--save_every', '1')  # saves 2 and 3 are kept
+    assert sorted(d for d in os.listdir(r) if d.startswith('step_')) == ['step_000002', 'step_000003']
+    for f in ('state.pt', 'model.safetensors', 'dcp/__0_0.distcp'):
+        backup = (r / 'step_000003' / f).read_bytes()
+        _damage(r / 'step_000003' / f)
+        with pytest.raises(UserError, match='resume from the older save step_000002') as e:
+            run_train(r, '--max_steps', '3', '--save_every', '1', '--resume')  # nothing left to do: still checked
+        assert 'delete' not in str(e.value)
+        (r / 'step_000003' / f).write_bytes(backup)
+    os.rename(r / 'step_000003', tmp_path / 'moved')  # as advised: the older save resumes
+    run_train(r, '--max_steps', '3', '--save_every', '1', '--resume')
+    assert [row['step'] for row in _rows(r)] == [1, 2, 3]
+    one = tmp_path / 'one'
+    run_train(one, '--max_steps', '1', '--save_every', '1')
+    _damage(one / 'step_000001' / 'model.safetensors')
+    with pytest.raises(UserError, match="model.safetensors is truncated or corrupt.*only save: keep it") as e:
+        run_train(one, '--max_steps', '1', '--resume')
+    assert 'delete' not in str(e.value)
+
+
+def test_torch_saves_own_short_write_is_a_full_disk_sentence(tmp_path, monkeypatch, capsys):
+    """torch.save's zip writer on a full disk raises RuntimeError ('inline_container.cc ... unexpected pos'), not
+    OSError. The writer is made to fail for real: a file-size limit of 100 bytes while it writes state.pt."""
+    import resource
+    r = tmp_path / 'r'
+    run_train(r, '--max_steps', '1', '--save_every', '1')
+    before, real = latest_weights(r), torch.save
+
+    def short_write(*a, **k):
+        soft, hard = resource.getrlimit(resource.RLIMIT_FSIZE)
+        old = signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # the write fails instead of killing the process
+        resource.setrlimit(resource.RLIMIT_FSIZE, (100, hard))
+        try:
+            return real(*a, **k)
+        finally:
+            resource.setrlimit(resource.RLIMIT_FSIZE, (soft, hard))
+            signal.signal(signal.SIGXFSZ, old)
+    monkeypatch.setattr(checkpoint.torch, 'save', short_write)
+    code = cli.run(lambda a: run_train(r, *a), ['--max_steps', '2', '--save_every', '1', '--resume'])
+    err = capsys.readouterr().err
+    assert code == 2 and sum(line.startswith('error: ') for line in err.splitlines()) == 1, err
+    assert 'Traceback' not in err and 'inline_container' not in err
+    assert 'no space left on the device while writing the save' in err and '.tmp_step_000002 (removed)' in err
+    assert 'the previous save step_000001 is intact' in err
+    assert sorted(d for d in os.listdir(r) if 'step' in d) == ['step_000001']  # no temp save left over
+    assert all(torch.equal(before[k], v) for k, v in latest_weights(r).items())
+    with pytest.raises(UserError, match='no space left on the device while writing .*x.pt'):  # any other torch.save
+        with cli.disk_full_is_one_sentence(str(tmp_path / 'x.pt')):
+            short_write({'x': torch.zeros(1000)}, str(tmp_path / 'x.pt'))

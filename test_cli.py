@@ -19,7 +19,9 @@ import torch
 import bench
 import cli
 import metrics
+import study
 import train
+import world
 from checkpoint import CheckpointError, save_gpt
 from cli import UserError, parse_config
 from conftest import HERE, tiny_gpt
@@ -52,7 +54,8 @@ def test_parse_config_generic(capsys):
 def _bad_input_files(tmp):
     """Files the rows refer to, made fresh per row: {name: path}."""
     f = dict(file=tmp / 'a_file', bin=tmp / 'binary.txt', prompts=tmp / 'p.txt', ckpt=tmp / 'tiny.safetensors',
-             run=tmp / 'run', empty=tmp / 'empty', one=tmp / 'one.npz', none=tmp / 'none.npz')
+             run=tmp / 'run', empty=tmp / 'empty', one=tmp / 'one.npz', none=tmp / 'none.npz', nul=tmp / 'nul.txt',
+             huge=tmp / 'huge.txt')
     f['file'].write_text('x')
     f['bin'].write_bytes(b'\xff\xfe\x00\x81' * 64)
     f['prompts'].write_text('a red fox\n')
@@ -62,6 +65,9 @@ def _bad_input_files(tmp):
     f['empty'].mkdir()
     np.savez(f['one'], arr_0=np.zeros((1, 8, 8, 3), np.uint8))
     np.savez(f['none'], arr_0=np.zeros((0, 8, 8, 3), np.uint8))
+    f['nul'].write_bytes(b'\x00' * 100_000)  # valid UTF-8, but no text
+    with open(f['huge'], 'wb') as h:  # 2 GiB, sparse: costs no disk, and nothing may read it whole
+        h.truncate(2 << 30)
     return {k: str(v) for k, v in f.items()}
 
 
@@ -150,6 +156,22 @@ BAD_INPUTS = [  # (script, argv with {placeholders}, phrase of the message)
     ('metrics', ['{one}', '{one}'], 'holds 1 image(s); FID needs at least 2'),
     ('metrics', ['{none}', '{one}'], 'holds 0 image(s)'),
     ('metrics', ['{prompts}', '{one}'], 'is not an .npz with images'),
+    # issue 23's battery: seeds beyond 64 bits, an empty --out_dir, a --resume with nothing to resume (no folder
+    # made, no .lock left), prompt files that are no text, a flag named by its name, what a study owns
+    ('train', TRAIN + ['--seed', '99999999999999999999'], '--seed must be >= 0 and <= 2**31 - 1'),
+    ('train', TRAIN + ['--world_seed', '99999999999999999999'], '--world_seed must be >= 0 and <= 2**31 - 1'),
+    ('world', ['--world_seed', '99999999999999999999', '--root', '{tmp}/w'], '--world_seed must be >= 0 and <='),
+    ('study', ['--seeds', '0', '99999999999999999999', '--out_dir', '{tmp}/s'], '--seeds must be >= 0 and <='),
+    ('train', TRAIN + ['--out_dir', ''], '--out_dir is empty'),
+    ('study', ['--out_dir', ''], '--out_dir is empty'),
+    ('train', TRAIN + ['--out_dir', '{tmp}/nowhere', '--resume'], 'no checkpoint in'),
+    ('train', TRAIN + ['--out_dir', '{empty}', '--resume'], 'no checkpoint in'),
+    ('train', TRAIN + ['--ckpt', 't2i_XL_stage1_256', '--prompts', '{empty}'], 'is a directory'),
+    ('train', TRAIN + ['--ckpt', 't2i_XL_stage1_256', '--prompts', '{nul}'], 'holds NUL bytes'),
+    ('train', TRAIN + ['--ckpt', 't2i_XL_stage1_256', '--prompts', '{huge}'], 'is 2048 MiB, more than the 256 MiB'),
+    ('metrics', ['--bogus', '1'], 'unrecognized arguments: --bogus 1'),
+    ('study', ['--variants', '--out_dir {tmp}/elsewhere', '--out_dir', '{tmp}/s'], 'sets --out_dir, which the study'),
+    ('study', ['--variants', '--beta 0.2 --seed 3', '--out_dir', '{tmp}/s'], 'sets --seed, which the study'),
 ]
 
 
@@ -172,14 +194,14 @@ def test_bad_input_battery(script, argv, phrase, tmp_path, capsys, monkeypatch):
     args = [a.format(tmp=tmp_path, **files) for a in argv]
     if script == 'train' and '--out_dir' not in args:
         args += ['--out_dir', str(out)]
-    before = sorted(p.name for p in tmp_path.iterdir())
-    main = dict(train=train.main, bench=bench.main, metrics=metrics.main)[script]
+    before = sorted(p.relative_to(tmp_path) for p in tmp_path.rglob('*'))  # every file, at every depth
+    main = dict(train=train.main, bench=bench.main, metrics=metrics.main, world=world.main, study=study.main)[script]
     code = cli.run(main, args, errors=_ERRORS)
     err = capsys.readouterr().err
     assert code == 2, err
     assert phrase in err, err
     assert 'Traceback' not in err and err.count('\n') == 1 and err.startswith('error: ')
-    assert sorted(p.name for p in tmp_path.iterdir()) == before  # no output dir, no output file
+    assert sorted(p.relative_to(tmp_path) for p in tmp_path.rglob('*')) == before  # no output dir, file or lock
 
 
 def test_bad_input_exits_2_from_the_command_line(tmp_path):

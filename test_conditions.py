@@ -74,3 +74,25 @@ def test_prompt_file_formats(tmp_path):
         with pytest.raises(UserError, match=msg) as err:
             conditions.read_prompts(str(tmp_path / name))
         assert name in str(err.value) and '\n' not in str(err.value)
+
+
+def test_prompt_files_that_are_no_text_are_refused_before_being_read_whole(tmp_path, monkeypatch):
+    """A directory, NUL bytes in the head or later, and a file past the size limit; the limit is lowered here so
+    that a small file of good prompts stands in for a huge one (the battery in test_cli.py has a 2 GiB one)."""
+    (tmp_path / 'dir.txt').mkdir()
+    (tmp_path / 'head.txt').write_bytes(b'\x00' * 100 + b'a red fox\n')
+    (tmp_path / 'tail.txt').write_bytes(b'a red fox\n' * 10_000 + b'\x00')  # past the 64 KiB head
+    (tmp_path / 'big.txt').write_text('a red fox\n' * 30_000)
+    monkeypatch.setattr(conditions, 'MAX_PROMPT_BYTES', 200_000)
+    reads = []
+    real_open = open
+    monkeypatch.setattr('builtins.open', lambda p, *a, **k: reads.append(p) or real_open(p, *a, **k))
+    for name, msg in [('dir.txt', 'is a directory'), ('head.txt', 'holds NUL bytes'), ('tail.txt', 'holds NUL bytes'),
+                      ('big.txt', 'MiB, more than the')]:
+        with pytest.raises(UserError, match=msg) as err:
+            conditions.read_prompts(str(tmp_path / name))
+        assert name in str(err.value) and '\n' not in str(err.value)
+    assert str(tmp_path / 'big.txt') not in reads  # refused from its size alone
+    assert reads.count(str(tmp_path / 'head.txt')) == 1  # its head only: never opened as text
+    monkeypatch.setattr(conditions, 'MAX_PROMPT_BYTES', 1 << 20)
+    assert conditions.read_prompts(str(tmp_path / 'big.txt')) == ['a red fox'] * 30_000

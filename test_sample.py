@@ -61,6 +61,11 @@ def test_c2i_png_npz_match_torchvision_and_direct_generate(ckpts, tmp_path):
     got = np.asarray(Image.open(png))
     assert got.shape == ref.shape == (2 * 10 + 2, 3 * 10 + 2, 3)  # 2-pixel gaps as make_grid
     assert (got == ref).all()
+    with pytest.raises(UserError, match='already exists'):  # the grid's npz, too, is replaced only when asked
+        run_sample(ckpts, 'c2i', '--class', '3', '--n', '1', '--npz', str(npz))
+    assert (np.load(npz)['arr_0'] == imgs).all()
+    run_sample(ckpts, 'c2i', '--class', '3', '--n', '1', '--npz', str(npz), '--overwrite')
+    assert np.load(npz)['arr_0'].shape == (1, 8, 8, 3)
 
 
 def test_seed_determinism(ckpts):
@@ -187,7 +192,8 @@ def _bad_rows(ckpts, tmp):
             (['--npz', str(tmp / 'dir.npz')], 'is a directory'),  # a directory
             (['--per_class', '1', '--npz', str(tmp / 'stale.npz')], 'other settings'),
             (['--per_class', '1', '--npz', str(tmp / 'done.npz')], 'already exists'),  # a finished sampling
-            (['--overwrite'], '--overwrite applies to --per_class'),
+            (['--npz', str(tmp / 'done.npz')], 'already exists'),  # a grid's npz too is replaced only when asked
+            (['--prompt', ' ', '--class'], '--prompt must not be empty'),
             (['--top_p', 'nan'], '--top_p must be a finite number'), (['--device', 'mps'], 'has no MPS')]
     np.savez(tmp / 'done.npz', arr_0=np.zeros((2, 8, 8, 3), np.uint8))
     if not torch.cuda.is_available():

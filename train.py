@@ -51,10 +51,10 @@ import memory
 import metrics
 import world
 from checkpoint import (RELEASES, CheckpointError, WeightsUnavailable, check_generator, check_out_dir,
-                        load_checkpoint, load_training_models, open_run, peek_gpt_config, read_metrics,
+                        load_checkpoint, load_training_models, open_run, peek_gpt_config, resumed_rows,
                         save_checkpoint, vq_downsample)
-from cli import (UserError, atomic_write, check_device, check_range, check_writable_dir, disk_full_is_one_sentence,
-                 parse_config, run)
+from cli import (UserError, atomic_write, check_device, check_range, check_seed, check_writable_dir,
+                 disk_full_is_one_sentence, parse_config, run)
 from conditions import encode_prompts, load_t5, read_prompts
 from model import generate
 from fid import LooFID
@@ -419,13 +419,13 @@ def loop(cfg, run, step, bad, hook):
     """Steps from `step` to max_steps: a GRPO step, the averaged metrics logged (metrics.jsonl, one line, the
     bar), a grid now and then, a save every save_every steps; stop after max_bad_steps skipped steps in a row."""
     log_path = os.path.join(cfg.out_dir, 'metrics.jsonl')
-    rows = read_metrics(log_path, upto=step)
+    rows, repaired = resumed_rows(cfg.out_dir, step) if run.rank == 0 else ([], False)  # lost rows: from the save
+    if run.rank == 0 and (step < cfg.max_steps or repaired):  # lines past the save go: the run writes them again
+        text = ''.join(json.dumps(r) + '\n' for r in rows)
+        atomic_write({log_path: lambda tmp: Path(tmp).write_text(text)})
     if step >= cfg.max_steps:  # a finished run: nothing to do (raise --max_steps to go on)
         distributed.print0(f"--resume: {cfg.out_dir} is at step {step} of --max_steps {cfg.max_steps}; nothing to do")
         return rows
-    if run.rank == 0:  # drop lines past the checkpoint: the resumed run writes them again
-        text = ''.join(json.dumps(r) + '\n' for r in rows)
-        atomic_write({log_path: lambda tmp: Path(tmp).write_text(text)})
     bar = tqdm(range(step, cfg.max_steps), initial=step, total=cfg.max_steps, disable=run.rank != 0,
                dynamic_ncols=True)
     for step in bar:
@@ -444,7 +444,7 @@ def loop(cfg, run, step, bad, hook):
         stop = bad >= cfg.max_bad_steps
         if (step + 1) % cfg.save_every == 0 or step + 1 == cfg.max_steps or stop:
             distributed.check_in_sync(run.policy, run.world, run.device)
-            save_checkpoint(cfg, run.policy, run.opt, step + 1, bad, run.rank, run.world, training_state(run))
+            save_checkpoint(cfg, run.policy, run.opt, step + 1, bad, run.rank, run.world, training_state(run), rows)
         if stop:
             distributed.print0(f"stopping: {bad} steps in a row had a non-finite reward or gradient; the last good "
                                f"weights are saved in {cfg.out_dir} (lower lr or check the reward models)")
@@ -542,6 +542,7 @@ EXTRA_REWARDS = world.REWARDS  # rewards that extra_rewards() hands to build_rew
 def check_train_config(cfg):
     """Every check that needs no model, run by parse_config before anything is loaded or sampled:
     ranges, choices, contradictions, input files, the output directory. Raises UserError."""
+    check_seed(cfg, 'seed world_seed')  # before anything derives a generator from them
     check_range(cfg, 'group_size', lo=2)  # advantages are relative to the group
     check_range(cfg, 'conds_per_rank num_iterations max_steps save_every max_bad_steps eval_images image_size', lo=1)
     check_range(cfg, 'top_k minibatch_size micro_batch_size grid_every beta weight_decay grad_clip cfg_scale '
@@ -559,6 +560,9 @@ def check_train_config(cfg):
         raise UserError(f"--classes must be class ids >= 0, got {cfg.classes}")
     check_batch(cfg)
     world.check_flags(cfg.world, cfg.rewards, cfg.world_seed)
+    if cfg.world in world.WORLD_PRESETS and not os.path.isfile(os.path.join(world.resolve(cfg.world, cfg.world_seed),
+                                                                             'world.json')):  # to be built there
+        check_writable_dir(world.cache_root(), f'the world cache (${world.CACHE_ENV}, default out/world)')
     check_reward_flags(cfg.rewards, EXTRA_REWARDS, cfg.judge_url, cfg.judge)
     check_loo_fid(cfg)
     lora.check_flags(cfg.lora_rank, cfg.lora_alpha, cfg.lora_targets)

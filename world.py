@@ -36,7 +36,7 @@ import json
 import math
 import os
 import time
-from dataclasses import dataclass, asdict, fields, replace
+from dataclasses import dataclass, asdict, field, fields, replace
 from pathlib import Path
 
 import numpy as np
@@ -46,7 +46,7 @@ import torch.nn.functional as F
 from PIL import Image, ImageDraw
 
 from checkpoint import load_gpt, load_vq, save_gpt, save_vq
-from cli import UserError, atomic_write, check_range, check_writable_dir
+from cli import UserError, atomic_write, check_range, check_seed, check_writable_dir
 from fid import LooFID, mean_cov
 from miniature import (LEVELS, THREADS, batches, conv_stack, decode_all, encode_all, expected_level, fid_of, fit,
                        fixed_threads, load_adm, load_net, model_stats, pairwise_mean, predict, progress,
@@ -59,6 +59,12 @@ from tokenizer import to_uint8
 
 
 VERSION = 5  # bump when the world's code changes what a config builds
+CACHE_ENV = 'AR_GRPO_WORLD_CACHE'  # where worlds are cached: this environment variable, else out/world
+
+
+def cache_root():
+    """The world cache folder (read now, not at import, so a test or a shell can move it)."""
+    return os.environ.get(CACHE_ENV) or 'out/world'
 
 
 @dataclass
@@ -86,11 +92,11 @@ class WorldConfig:
     judge_epochs: int = 10  # epochs of the held-out judge (held-out images and their reconstructions)
     cfg_scale: float = 1.0  # CFG of the discriminator's base samples (= the demo's sampling CFG; 1 = none)
     eval_per_class: int = 20  # samples per class when a generator is measured (base vs tuned)
-    root: str = 'out/world'  # cache root; the world lives in root/<hash>
+    root: str = field(default_factory=cache_root)  # cache root; the world lives in root/<hash>
 
     def validate(self):
         """Every value checked before anything is built (cli.parse_config calls it). Raises UserError."""
-        check_range(self, 'world_seed', lo=0)
+        check_seed(self, 'world_seed')  # a seed beyond 64 bits failed after the world folder was made
         check_range(self, 'image_size grid n_train n_heldout vq_steps vq_batch gpt_layers gpt_epochs '
                           'classifier_epochs quality_epochs fakes disc_epochs judge_epochs eval_per_class', lo=1)
         check_range(self, 'codebook_size', lo=2)
@@ -500,8 +506,9 @@ def load_train_split(d):
     return to_float(images), torch.from_numpy(labels)
 
 
-def preset_config(name, world_seed=0, root='out/world'):
-    """The WorldConfig of a preset name and a world seed."""
+def preset_config(name, world_seed=0, root=None):
+    """The WorldConfig of a preset name and a world seed, cached under root (None: cache_root())."""
+    root = root or cache_root()
     return WorldConfig(**{**WORLD_PRESETS[name], 'preset': name, 'world_seed': world_seed, 'root': root})
 
 
