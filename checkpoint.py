@@ -395,7 +395,7 @@ def load_training_models(cfg, device):
 
 # flags that may differ on --resume: they change neither the data nor the maths (out_dir: the run may move)
 RESUME_FREE = {'max_steps', 'resume', 'save_every', 'grid_every', 'eval', 'device', 'compile', 'out_dir',
-               'fsdp', 'grad_ckpt', 'kl_images', 'overwrite'}
+               'fsdp', 'grad_ckpt', 'kl_images', 'overwrite', 'report_to'}
 
 # One save = one directory, out_dir/step_NNNNNN/:
 #   model.safetensors   full weights (LoRA merged), LlamaGen keys + GPTConfig: sample.py --ckpt reads it
@@ -430,10 +430,11 @@ def full_weights(policy):
     return {k: v.detach().cpu() for k, v in policy.state_dict().items()}
 
 
-def save_checkpoint(cfg, policy, opt, step, bad_steps, rank=0, world=1, extra=None, rows=None):
+def save_checkpoint(cfg, policy, opt, step, bad_steps, rank=0, world=1, extra=None, rows=None, meta=None):
     """Write step_NNNNNN as one unit (see above). Called on every rank. `extra`: more training state for state.pt
     (the moving statistics of a distribution-level reward, the entropy coefficient), identical on every rank.
     `rows`: rank 0's metrics.jsonl rows up to this step, kept in the save as a copy of the log.
+    `meta`: more of model.safetensors' header beside sampling_metadata(cfg) (a world's class names, say).
     If any part fails (a full disk, say), the temp directory is removed, every rank raises the same error, and
     the previous save stays whole."""
     import torch.distributed.checkpoint as dcp
@@ -450,7 +451,7 @@ def save_checkpoint(cfg, policy, opt, step, bad_steps, rank=0, world=1, extra=No
             dcp.save(_dcp_state(cfg, policy, opt), checkpoint_id=os.path.join(tmp, 'dcp'), no_dist=world == 1)
         sd = full_weights(policy)
         if rank == 0:
-            _write_save(cfg, policy, sd, tmp, step, bad_steps, extra or {}, rows)
+            _write_save(cfg, policy, sd, tmp, step, bad_steps, extra or {}, rows, meta or {})
     except BaseException as e:  # DCP's CheckpointException is a BaseException
         error = _save_failed(e, tmp, cfg.out_dir)
     if world > 1:  # every rank learns whether rank 0's part failed
@@ -466,12 +467,14 @@ def save_checkpoint(cfg, policy, opt, step, bad_steps, rank=0, world=1, extra=No
     _barrier(world)
 
 
-def _write_save(cfg, policy, sd, tmp, step, bad_steps, extra, rows=None):
-    """Rank 0's files of a save: the LoRA adapter, model.safetensors, the log's copy, state.pt (last)."""
+def _write_save(cfg, policy, sd, tmp, step, bad_steps, extra, rows=None, meta=None):
+    """Rank 0's files of a save: the LoRA adapter, model.safetensors (its header: the GPTConfig and how to sample
+    it, sampling_metadata), the log's copy, state.pt (last)."""
     if cfg.lora_rank:
         lora.save_adapter(sd, tmp, cfg.lora_rank, cfg.lora_alpha, cfg.lora_targets, cfg.ckpt)
         sd = lora.merge_lora(sd, cfg.lora_alpha / cfg.lora_rank)
-    save_gpt(policy, os.path.join(tmp, 'model.safetensors'), state_dict=sd, step=step)
+    save_gpt(policy, os.path.join(tmp, 'model.safetensors'), state_dict=sd, step=step,
+             sampling=json.dumps(sampling_metadata(cfg, meta)))
     if rows is not None:
         with open(os.path.join(tmp, 'metrics.jsonl'), 'w') as f:
             f.writelines(json.dumps(r) + '\n' for r in rows if r['step'] <= step)
@@ -490,6 +493,15 @@ def file_sha256(path):
         while chunk := f.read(1 << 24):
             h.update(chunk)
     return h.hexdigest()
+
+
+def sampling_metadata(cfg, more=None):
+    """How a train.py save was sampled while it trained, for sample.py --ckpt to sample it the same way: the VQ
+    (an absolute path when it is a file, so the save works from any directory), CFG, top-k, top-p, temperature,
+    plus `more` (world.checkpoint_metadata: the world's directory, hash and class names)."""
+    vq = os.path.abspath(cfg.vq_ckpt) if cfg.vq_ckpt and os.path.isfile(cfg.vq_ckpt) else cfg.vq_ckpt
+    return dict(vq_ckpt=vq, cfg=cfg.cfg_scale, cfg_interval=cfg.cfg_interval, top_k=cfg.top_k, top_p=cfg.top_p,
+                temperature=cfg.temperature, **(more or {}))
 
 
 def _save_failed(e, tmp, out_dir):
@@ -530,7 +542,7 @@ REPLACED = '.replaced'  # where --overwrite moves an earlier run until the new r
 REPLACED_DIR = re.compile(r'\.replaced(_\d+)?$')  # a second --overwrite before a save: .replaced_2, never a deletion
 RUN_FILES = re.compile(r'(step_\d+|latest|metrics\.jsonl|grid_\d+\.png|reward_curve\.png|\.tmp_step_\d+|'
                        r'\.latest_tmp|report\.(md|json)|before_after\.png|curves\.png|samples_\w+\.npz|'
-                       r'tuned|control)$')
+                       r'tuned|control|run\.json|tb)$')
 
 
 def holds_run(out_dir):

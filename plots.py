@@ -53,14 +53,15 @@ def plot_curve(path, steps, rewards, size=(720, 400)):
     atomic_write({path: lambda tmp: img.save(tmp, format='PNG')})
 
 
-def plot_runs(path, runs, panel=(470, 280)):
+def plot_runs(path, runs, acc_title='held-out judge accuracy', panel=(470, 280)):
     """The miniature's curves, two panels: the mean reward of each step's rollouts and the held-out judge's
     accuracy (step 0: the base). runs: {'tuned' | 'control': train.py's rows, [{'step': s, 'reward': r, ...}]};
-    GRPO in blue beside the shuffled-reward control in orange."""
+    GRPO in blue beside the shuffled-reward control in orange. acc_title names what the accuracy measures (the
+    curve may judge fewer samples than the report: then it says so)."""
     colours = {'tuned': ((20, 60, 200), 'GRPO'), 'control': ((230, 120, 20), 'shuffled control')}
     img = Image.new('RGB', (2 * panel[0] + 200, panel[1] + 130), 'white')
     for i, (key, title, ylabel) in enumerate((('reward', 'mean reward of the rollouts', 'reward'),
-                                               ('judge_acc', 'held-out judge accuracy (never a reward)', 'accuracy'))):
+                                               ('judge_acc', acc_title + ' (never a reward)', 'accuracy'))):
         series = {colours[k][1]: (colours[k][0], [(r['step'], r[key]) for r in rows if key in r])
                   for k, rows in runs.items()}
         x0 = 80 + i * (panel[0] + 100)

@@ -12,6 +12,7 @@ LlamaGen's sample_c2i_ddp.py).
     python sample.py --class 207 "golden retriever" --n 4 --seed 0
     python sample.py --prompt "a blue Porsche 356 parked in front of a yellow brick wall"
     python sample.py --class 207 --ckpt out/run/latest/model.safetensors --npz samples.npz
+    python sample.py --ckpt out/demo/tuned/latest/model.safetensors --class "warm disk" --n 8   # the miniature
     torchrun --nproc_per_node=8 sample.py --preset paper_c2i --ckpt c2i_XL_384 --per_class 50 --npz xl.npz
 """
 import math
@@ -26,7 +27,8 @@ import torch.distributed as dist
 from PIL import Image
 
 import distributed
-from checkpoint import CheckpointError, check_generator, check_pair, load_gpt, load_vq, peek_gpt_config, vq_downsample
+from checkpoint import (CheckpointError, check_generator, check_pair, header_config, load_gpt, load_vq, peek_gpt_config,
+                        vq_downsample)
 from cli import UserError, atomic_write, check_device, check_writable_file, parse_config, run, save_npz
 from conditions import class_ids, encode_prompts, load_t5
 from memory import check_fits, sampling_bytes
@@ -50,13 +52,13 @@ class SampleConfig:
     prompts: List[str] = field(default_factory=list, metadata=dict(flag='--prompt'))  # t2i: one or more prompts
     n: Optional[int] = None  # images per class / prompt (one grid row each); None = 4
     seed: int = 0  # seeds the sampling generator: same seed, same images
-    cfg: Optional[float] = None  # classifier-free guidance scale; None = 4.0 (c2i) or 7.5 (t2i); <= 1 = off
+    cfg: Optional[float] = None  # classifier-free guidance; None = the --ckpt's own, else 4.0 (c2i) / 7.5 (t2i); <= 1 off
     cfg_interval: int = -1  # CFG for the first cfg_interval + 2 tokens only; -1 = every token
-    top_k: Optional[int] = None  # None = 2000 (c2i) or 1000 (t2i); 0 = no top-k
-    top_p: float = 1.0  # nucleus filtering; 1 = off
-    temperature: float = 1.0  # softmax temperature; 0 = greedy
+    top_k: Optional[int] = None  # None = the --ckpt's own, else 2000 (c2i) or 1000 (t2i); 0 = no top-k
+    top_p: Optional[float] = None  # nucleus filtering; 1 = off; None = the --ckpt's own (a train.py save), else 1
+    temperature: Optional[float] = None  # softmax temperature; 0 = greedy; None = the --ckpt's own, else 1
     ckpt: Optional[str] = None  # release, hf://OWNER/REPO/FILE or file; None = c2i_B_256 / t2i_XL_stage1_256
-    vq_ckpt: Optional[str] = None  # VQ release or file; None = vq_ds16_c2i / vq_ds16_t2i
+    vq_ckpt: Optional[str] = None  # VQ release or file; None = the --ckpt's own (its world's), else vq_ds16_c2i/t2i
     model: Optional[str] = field(default=None, metadata=dict(choices=list(GPT_PRESETS)))  # for a file w/o config
     image_size: Optional[int] = None  # pixels, for a file without config; None = the release's (or 256)
     t5: str = 'google/flan-t5-xl'  # t2i text encoder: Hub name or local save_pretrained directory
@@ -74,10 +76,15 @@ class SampleConfig:
 
     def __post_init__(self):  # defaults that depend on the condition, so the printed config is final
         t2i = bool(self.prompts)
-        if not t2i and self.per_class is None:  # no condition at all: LlamaGen sample_c2i.py's eight demo labels
-            self.classes = self.classes or list(DEMO_CLASSES)
+        saved = saved_sampling(self.ckpt)  # a train.py save says how it was sampled while it trained
+        for k in ('cfg', 'top_k', 'top_p', 'temperature', 'vq_ckpt'):
+            setattr(self, k, saved.get(k) if getattr(self, k) is None else getattr(self, k))
+        if not t2i and self.per_class is None:  # no condition: the world's classes, or LlamaGen's eight demo labels
+            self.classes = self.classes or list(saved.get('class_names') or DEMO_CLASSES)
         self.cfg = (7.5 if t2i else 4.0) if self.cfg is None else self.cfg
         self.top_k = (1000 if t2i else 2000) if self.top_k is None else self.top_k
+        self.top_p = 1.0 if self.top_p is None else self.top_p
+        self.temperature = 1.0 if self.temperature is None else self.temperature
         self.ckpt = self.ckpt or ('t2i_XL_stage1_256' if t2i else 'c2i_B_256')
         self.vq_ckpt = self.vq_ckpt or ('vq_ds16_t2i' if t2i else 'vq_ds16_c2i')
         self.device = self.device or ('cuda' if torch.cuda.is_available() else 'cpu')
@@ -98,7 +105,8 @@ class SampleConfig:
         header, writable outputs. Returns the class ids (or None); raises UserError naming the flag."""
         self._check_ranges()
         self._check_combinations()
-        ids = class_ids(self.classes) if self.classes else None  # bad names fail here
+        check_world(self.ckpt, self.vq_ckpt)
+        ids = self.class_ids()  # bad names fail here
         check_generator(peek_gpt_config(self.ckpt), self.ckpt, bool(self.prompts), ids or (), self.image_size,
                         vq_downsample(self.vq_ckpt), flags=('--prompt', '--class'))
         for path in filter(None, (self.out, self.npz)):
@@ -108,6 +116,14 @@ class SampleConfig:
         if self.per_class is not None:
             check_shards(self, ids)
         return ids
+
+    def class_ids(self):
+        """--class as ids (None without --class): a world's class names for a save made in a world (saved_sampling),
+        else ImageNet's."""
+        if not self.classes:
+            return None
+        names = saved_sampling(self.ckpt).get('class_names')
+        return world_class_ids(self.classes, names) if names else class_ids(self.classes)
 
     def _check_ranges(self):
         fid = self.per_class is not None
@@ -147,6 +163,34 @@ class SampleConfig:
 def _check(ok, message):
     if not ok:
         raise UserError(message)
+
+# -----------------------------------------------------------------------------
+# a train.py save knows how to sample it: its VQ, CFG, top-k, temperature, and a world's class names
+
+
+def saved_sampling(ckpt):
+    """The sampling settings in a train.py save's header (checkpoint.sampling_metadata), {} for anything else."""
+    return header_config(ckpt, 'sampling') or {}
+
+
+def check_world(ckpt, vq_ckpt):
+    """A save made in a world (world.py) samples with that world's VQ: if the world's directory is gone, say so."""
+    saved = saved_sampling(ckpt)
+    if saved.get('world') and vq_ckpt == saved.get('vq_ckpt') and not os.path.isfile(vq_ckpt):
+        raise UserError(f"{ckpt} was trained in the world {saved['world']}, which is gone (its VQ {vq_ckpt} is "
+                        f"missing); rebuild it with the same world flags (python world.py --preset demo), or pass "
+                        f"--vq_ckpt")
+
+
+def world_class_ids(specs, names):
+    """--class values (ids, or a world's class names, case-insensitive) -> list of int."""
+    keys = [' '.join(str(s).lower().split()) for s in specs]
+    lower = [n.lower() for n in names]
+    for s, k in zip(specs, keys):
+        if not k.lstrip('-').isdigit() and k not in lower:
+            raise UserError(f"unknown class name {s!r} for this checkpoint's world; its classes are "
+                            f"{', '.join(names)} (or pass a class id)")
+    return [int(k) if k.lstrip('-').isdigit() else lower.index(k) for k in keys]
 
 
 # -----------------------------------------------------------------------------
@@ -195,7 +239,7 @@ def main(argv=None):
     """Sample, then write the PNG grid (and .npz), or with --per_class the FID npz. Returns the images
     (grid) or the labels of the npz (--per_class)."""
     cfg = parse_config(SampleConfig, argv, presets=SAMPLE_PRESETS)  # runs cfg.validate() before any load
-    ids = class_ids(cfg.classes) if cfg.classes else None
+    ids = cfg.class_ids()
     rank, world, device = distributed.init(cfg.device, timeout_min=120)  # rank 0 merges while the others wait
     try:
         gpt, vq = load_models(cfg, ids, device)

@@ -28,6 +28,7 @@ import numpy as np
 
 import train
 import miniature
+from provenance import one_line
 import world
 from cli import UserError, atomic_write, check_range, check_seed, check_writable_dir, parse_config, run
 from plots import class_rows
@@ -142,7 +143,10 @@ def summarise(name, runs):
                                                f"({checks[k][i][4]:+.1f} s.e.), world {k[0]} seed {k[1]}"
                                                for i, k in enumerate(worst)) + ' |')
     met = sum(all(c[3] for c in cs) for cs in checks.values())
-    return lines + ['', f"all {len(names)} targets met in {met} of {len(checks)} runs", '']
+    made = sorted({one_line(r['provenance']).rsplit(', world ', 1)[0] for r in runs.values() if 'provenance' in r})
+    return lines + ['', f"all {len(names)} targets met in {met} of {len(checks)} runs", '',
+                    'provenance (each run\'s report.json has its config, seeds and world hash): ' +
+                    ('; '.join(made) or 'not recorded (runs older than report.json\'s provenance)'), '']
 
 
 BEYOND_COLS = [('judge_accuracy', 'held-out accuracy'), ('mini_fid', 'mini-FID'),

@@ -243,3 +243,39 @@ def test_sizes_that_cannot_fit_are_refused_before_sampling(ckpts, tmp_path):
         with pytest.raises(UserError, match='needs about .* GiB but this cpu has'):
             run_sample(ckpts, 'c2i', *args, out=out)
     assert os.listdir(tmp_path) == []
+
+
+WORLD_NAMES = [f"{c} {s}" for c in ('warm', 'cool') for s in ('disk', 'square', 'triangle', 'ring', 'cross')]
+
+
+def _world_save(ckpts, path, vq, world, **settings):
+    """The tiny c2i model saved as train.py saves it in a world: its sampling settings and the world's names."""
+    gpt = checkpoint.load_gpt(ckpts['c2i'])
+    meta = {**dict(vq_ckpt=vq, cfg=1.0, cfg_interval=-1, top_k=0, top_p=1.0, temperature=1.0, world=world,
+                   world_hash=os.path.basename(world), class_names=WORLD_NAMES), **settings}
+    checkpoint.save_gpt(gpt, str(path), sampling=json.dumps(meta))
+    return str(path)
+
+
+def test_a_world_save_samples_with_its_own_settings_and_class_names(ckpts, tmp_path):
+    """No --vq_ckpt, --cfg, --top_k: the save's own; --class takes the world's names. The reference is the same
+    weights sampled with every setting spelled out."""
+    ckpt = _world_save(ckpts, tmp_path / 'w.safetensors', ckpts['vq'], str(tmp_path), temperature=0.8)
+    got = sample.main(['--ckpt', ckpt, '--class', 'WARM disk', 'cool ring', '--n', '2', '--device', 'cpu', '--out', ''])
+    want = run_sample(ckpts, 'c2i', '--class', '0', '8', '--n', '2', '--cfg', '1', '--top_k', '0',
+                      '--temperature', '0.8')
+    assert np.array_equal(got, want)
+    cfg = sample.SampleConfig(ckpt=ckpt, cfg=3.0, temperature=1.0)  # a flag beats the save's setting
+    assert (cfg.cfg, cfg.temperature, cfg.top_k, cfg.vq_ckpt) == (3.0, 1.0, 0, ckpts['vq'])
+    assert sample.SampleConfig(ckpt=ckpt).classes == WORLD_NAMES  # no --class: every class of the world
+    assert sample.SampleConfig(ckpt=ckpts['c2i']).cfg == 4.0  # a file without sampling settings: LlamaGen's
+
+
+def test_a_world_save_whose_world_is_gone_or_name_unknown_is_one_sentence(ckpts, tmp_path):
+    gone = tmp_path / 'world' / 'abc'
+    ckpt = _world_save(ckpts, tmp_path / 'w.safetensors', str(gone / 'vq.safetensors'), str(gone))
+    for args, msg in [(['--class', '0'], f'trained in the world {gone}, which is gone'),
+                      (['--class', 'warm dsk', '--vq_ckpt', ckpts['vq']], 'its classes are warm disk, warm square')]:
+        with pytest.raises(UserError, match=msg):
+            sample.main(['--ckpt', ckpt, *args, '--device', 'cpu', '--out', str(tmp_path / 'x.png')])
+    assert sorted(os.listdir(tmp_path)) == ['w.safetensors']

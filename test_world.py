@@ -108,10 +108,10 @@ def test_world_grpo_raises_heldout_accuracy_and_writes_the_report(tiny_world, tm
     assert t['judge_accuracy'] - b['judge_accuracy'] > 3 * math.hypot(b['judge_accuracy_se'], t['judge_accuracy_se'])
     assert t['kl_to_base'] > 0
     report = json.load(open(tmp_path / 'report.json'))
-    assert report == res and set(report) == {'base', 'tuned', 'control'}
+    assert set(report) == {'base', 'tuned', 'control', 'provenance'} and {k: report[k] for k in res} == res
     for key in ('judge_accuracy', 'judge_accuracy_se', 'mini_fid', 'pixel_diversity', 'token_hamming', 'kl_to_base',
                 'world_class', 'world_quality', 'world_real'):
-        assert all(math.isfinite(report[part][key]) for part in report), key
+        assert all(math.isfinite(report[part][key]) for part in res), key
     per = tiny_world.config.eval_per_class
     base, _, _ = world.measure(tiny_world, tiny_world.gpt, cfg.cfg_scale, per)  # the same seeds again
     assert base == pytest.approx(b)
@@ -293,10 +293,11 @@ def test_study_runs_reduced_and_reads_its_runs_back(tiny_world, tmp_path):
     study.main(argv)
     sc = parse_config(study.StudyConfig, argv)
     runs = {s: json.load(open(os.path.join(study.run_dir(sc, variant, 0, s), 'report.json'))) for s in (0, 1)}
-    assert all(set(r) == {'base', 'tuned'} for r in runs.values())
+    assert all(set(r) == {'base', 'tuned', 'provenance'} for r in runs.values())
     text = open(tmp_path / 'study.md').read()
     acc = [r['tuned']['judge_accuracy'] for r in runs.values()]
     assert f"{np.mean(acc):.3f} ± {np.std(acc, ddof=1):.3f}" in text
+    assert f"commit {runs[0]['provenance']['git_commit']}" in text  # the table names where it was made
     stamp = os.path.getmtime(tmp_path / 'study.md')
     mtimes = [os.path.getmtime(os.path.join(study.run_dir(sc, variant, 0, s), 'report.json')) for s in (0, 1)]
     study.main(argv)  # read back: no run is trained again
@@ -320,3 +321,84 @@ def test_study_run_dirs_keep_long_variants_apart():
     assert study.run_dir(sc, a, 0, 0) != study.run_dir(sc, b, 0, 0)
     assert all(len(os.path.basename(os.path.dirname(study.run_dir(sc, v, 0, 0)))) <= 100 for v in (a, b))
     assert study.run_dir(sc, '', 1, 2) == os.path.join('out/x', 'preset', 'w1_s2')
+
+# ----------------------------------------------------------------------------- results: saves, eval, provenance
+
+
+@pytest.fixture(scope='module')
+def tiny_demo(tiny_world, tmp_path_factory):
+    """A short demo run in the tiny world (GRPO seed 3, no control): (its TrainConfig, report.json, out_dir)."""
+    out = tmp_path_factory.mktemp('demo')
+    cfg = train.TrainConfig(**{**train.TRAIN_PRESETS['demo'], 'world': tiny_world.dir, 'max_steps': 3, 'seed': 3,
+                               'conds_per_rank': 2, 'rewards': 'world_class=1', 'lr': 1e-3, 'out_dir': str(out)})
+    world.run_demo(cfg, train.train, log=lambda *a: None, control=False)
+    return cfg, json.load(open(out / 'report.json')), out
+
+
+def test_world_eval_reproduces_the_report_exactly(tiny_world, tiny_demo, tmp_path):
+    """python world.py --eval on the report's own samples_*.npz gives the report's figures to the last digit."""
+    _, report, out = tiny_demo
+    for part in ('base', 'tuned'):
+        got = world.main(['--eval', str(out / f'samples_{part}.npz'), '--world', tiny_world.dir])
+        for k in ('judge_accuracy', 'judge_accuracy_se', 'mini_fid', 'pixel_diversity', *world.INSTANCE):
+            assert got[k] == report[part][k], (part, k)
+        assert json.load(open(out / f'samples_{part}.eval.json')) == got  # written beside the samples
+    z = np.load(out / 'samples_base.npz')  # the colours' labels swapped (warm <-> cool): the judge must disagree
+    shuffled = tmp_path / 'other.npz'
+    np.savez(shuffled, arr_0=z['arr_0'], arr_1=(z['arr_1'] + len(world.SHAPES)) % world.NUM_CLASSES)
+    got = world.main(['--eval', str(shuffled), '--world', tiny_world.dir, '--out', str(tmp_path / 'o.json')])
+    assert got['judge_accuracy'] < 0.5 * report['base']['judge_accuracy'] and (tmp_path / 'o.json').is_file()
+
+
+def test_world_eval_bad_inputs(tiny_world, tmp_path):
+    np.savez(tmp_path / 'nolabels.npz', arr_0=np.zeros((4, 8, 8, 3), np.uint8))
+    np.savez(tmp_path / 'big.npz', arr_0=np.zeros((4, 16, 16, 3), np.uint8), arr_1=np.zeros(4, np.int64))
+    np.savez(tmp_path / 'float.npz', arr_0=np.zeros((4, 8, 8, 3)), arr_1=np.zeros(4, np.int64))
+    for args, msg in [(['--eval', str(tmp_path / 'nope.npz')], 'is not a file'),
+                      (['--eval', str(tmp_path / 'nolabels.npz')], 'labels `arr_1`'),
+                      (['--eval', str(tmp_path / 'float.npz')], 'must be uint8 images'),
+                      (['--eval', str(tmp_path / 'big.npz'), '--world', str(tmp_path)], 'holds no built world'),
+                      (['--eval', str(tmp_path / 'big.npz'), '--world', tiny_world.dir], 'judges 8x8 images')]:
+        with pytest.raises(UserError, match=msg):
+            world.main(args)
+    assert not list(tmp_path.glob('*.json'))
+
+
+def test_world_save_samples_by_class_name_with_its_world(tiny_world, tiny_demo, tmp_path):
+    """sample.py --ckpt on a save made in a world: the world's VQ, the run's sampling settings, its class names."""
+    import sample
+    from model import generate
+    cfg, _, out = tiny_demo
+    ckpt = str(out / 'tuned' / 'latest' / 'model.safetensors')
+    images = sample.main(['--ckpt', ckpt, '--class', 'warm disk', 'Cool  Ring', '--n', '3', '--seed', '5',
+                          '--out', str(tmp_path / 's.png'), '--device', 'cpu'])
+    gpt = load_gpt(ckpt)
+    gen = torch.Generator().manual_seed(5)  # the reference: the world's VQ, the demo's cfg 1 and no top-k
+    tokens, _ = generate(gpt, torch.tensor([0, 0, 0, 8, 8, 8]), cfg_scale=cfg.cfg_scale, top_k=cfg.top_k,
+                         generator=gen)
+    assert np.array_equal(images, to_uint8(tiny_world.vq.decode(tokens)).permute(0, 2, 3, 1).numpy())
+    sc = parse_config(sample.SampleConfig, ['--ckpt', ckpt, '--cfg', '2', '--out', ''])
+    assert (sc.cfg, sc.top_k, sc.vq_ckpt) == (2.0, 0, os.path.abspath(os.path.join(tiny_world.dir, 'vq.safetensors')))
+    assert sc.classes == world.CLASS_NAMES  # no --class: every class of the world
+
+
+def test_world_report_provenance_is_the_run_s(tiny_world, tiny_demo, tmp_path):
+    """report.json's provenance holds the config and seeds that made it: a step trained again from the written
+    config (and seeds) logs the same reward, another seed does not."""
+    cfg, report, out = tiny_demo
+    p = report['provenance']
+    assert set(report) == {'base', 'tuned', 'provenance'}
+    assert p['seeds']['seed'] == cfg.seed == 3 and p['seeds']['world_seed'] == tiny_world.config.world_seed
+    assert p['seeds']['measure_seed'] == world.MEASURE_SEED and p['world']['hash'] == os.path.basename(tiny_world.dir)
+    assert p['config']['world'] == tiny_world.dir and p['versions']['torch'] == torch.__version__
+    assert p['machine']['torch_threads'] == miniature.THREADS  # measured on one thread, as run_demo fixes it
+    assert 'provenance' in open(out / 'report.md').read()
+    run_json = json.load(open(out / 'tuned' / 'run.json'))
+    assert run_json['starts'][0]['step'] == 0 and run_json['starts'][0]['provenance']['seeds']['seed'] == 3
+    first = json.loads(open(out / 'tuned' / 'metrics.jsonl').readline())
+    rewards = {}
+    for seed in (p['seeds']['seed'], p['seeds']['seed'] + 1):
+        again = train.TrainConfig(**{**p['config'], 'seed': seed, 'max_steps': 1, 'out_dir': str(tmp_path / str(seed))})
+        with miniature.fixed_threads():
+            rewards[seed] = train.train(again)[0]['reward']
+    assert rewards[3] == pytest.approx(first['reward'], abs=1e-6) and rewards[4] != pytest.approx(first['reward'])

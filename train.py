@@ -49,6 +49,7 @@ import grpo
 import lora
 import memory
 import metrics
+import tracking
 import world
 from checkpoint import (RELEASES, CheckpointError, WeightsUnavailable, check_generator, check_out_dir,
                         load_checkpoint, load_training_models, open_run, peek_gpt_config, resumed_rows,
@@ -132,6 +133,7 @@ class TrainConfig:
     world_seed: int = 0  # with a world preset: build (once) and use the world of this seed (another world)
     shuffle_rewards: bool = False  # control run: permute the rewards within each group before advantages
     kl_images: int = 8  # images of each rollout scored under the frozen start for the logged kl_start; 0 = off
+    report_to: str = 'none'  # also log to 'tensorboard' (out_dir/tb) or 'wandb' (tracking.py); run.json always
     # memory (memory.py; the README's "what fits where" table says which to use)
     grad_ckpt: bool = False  # activation checkpointing: recompute each block in backward (teacher-forced pass)
     fsdp: bool = False  # shard weights, grads and AdamW state over the torchrun ranks (FSDP2)
@@ -180,6 +182,7 @@ class Run:
     world: int = 1
     device: torch.device = torch.device('cpu')
     entropy_coef: float = 0.0  # the entropy bonus's coefficient now (adapted each step with --entropy_lr)
+    save_meta: dict = field(default_factory=dict)  # more of model.safetensors' header (world.checkpoint_metadata)
 
 # -----------------------------------------------------------------------------
 # one GRPO step, in call order: conditions -> rollout -> decode and score -> advantages -> update
@@ -428,6 +431,7 @@ def loop(cfg, run, step, bad, hook):
         return rows
     bar = tqdm(range(step, cfg.max_steps), initial=step, total=cfg.max_steps, disable=run.rank != 0,
                dynamic_ncols=True)
+    tracker = tracking.open_tracker(cfg, run.rank, step)  # run.json, and --report_to's TensorBoard or wandb
     for step in bar:
         metrics, (images, rewards) = grpo_step(cfg, run, step)
         metrics = {'step': step + 1, **distributed.average_metrics(metrics, run.world, run.device)}
@@ -437,18 +441,23 @@ def loop(cfg, run, step, bad, hook):
             rows.append(metrics)
             with disk_full_is_one_sentence(log_path), open(log_path, 'a') as f:  # a torn line is dropped on resume
                 f.write(json.dumps(metrics) + '\n')
+            tracker.log(metrics)
             bar.set_postfix(reward=f"{metrics['reward']:.4f}", kl_start=f"{metrics.get('kl_start', 0):.4f}")
             bar.write(log_line(metrics, cfg.max_steps))
             if cfg.grid_every and (step + 1) % cfg.grid_every == 0:
-                write_grid(os.path.join(cfg.out_dir, f'grid_{step + 1:05d}.png'), images, rewards, cfg.group_size)
+                grid = os.path.join(cfg.out_dir, f'grid_{step + 1:05d}.png')
+                write_grid(grid, images, rewards, cfg.group_size)
+                tracker.image('reward_grid', grid, step + 1)
         stop = bad >= cfg.max_bad_steps
         if (step + 1) % cfg.save_every == 0 or step + 1 == cfg.max_steps or stop:
             distributed.check_in_sync(run.policy, run.world, run.device)
-            save_checkpoint(cfg, run.policy, run.opt, step + 1, bad, run.rank, run.world, training_state(run), rows)
+            save_checkpoint(cfg, run.policy, run.opt, step + 1, bad, run.rank, run.world, training_state(run), rows,
+                            run.save_meta)
         if stop:
             distributed.print0(f"stopping: {bad} steps in a row had a non-finite reward or gradient; the last good "
                                f"weights are saved in {cfg.out_dir} (lower lr or check the reward models)")
             break
+    tracker.close()
     if run.rank == 0 and rows:
         plot_curve(os.path.join(cfg.out_dir, 'reward_curve.png'), [r['step'] for r in rows],
                    [r['reward'] for r in rows])
@@ -480,7 +489,8 @@ def setup(cfg):
                              judge_url=cfg.judge_url, judge_model=cfg.judge_model, extra=extra_rewards(cfg, device))
     prompts = read_prompts(cfg.prompts) if policy.config.model_type == 't2i' else None
     t5 = load_t5(cfg.t5, device=device) if prompts else None
-    return Run(policy, ref, None, vq, policy, None, reward_fn, prompts, t5, rank, world_size, device)
+    return Run(policy, ref, None, vq, policy, None, reward_fn, prompts, t5, rank, world_size, device,
+               save_meta=world.checkpoint_metadata(cfg.world) if cfg.world else {})
 
 
 def extra_rewards(cfg, device):
@@ -567,6 +577,7 @@ def check_train_config(cfg):
     check_loo_fid(cfg)
     lora.check_flags(cfg.lora_rank, cfg.lora_alpha, cfg.lora_targets)
     distributed.check_flags(cfg.fsdp, cfg.compile)
+    tracking.check_flag(cfg.report_to)
     if cfg.eval_ckpt is not None and not cfg.eval:
         raise UserError("--eval_ckpt is compared with --ckpt by --eval only; add --eval or drop --eval_ckpt")
     if cfg.eval_ckpt is not None and not (cfg.eval_ckpt in RELEASES or cfg.eval_ckpt.startswith('hf://')

@@ -6,6 +6,7 @@ the paper's three reward dimensions as learned nets, and a held-out judge, all t
     python world.py                                # smoke demo: the tests' tiny world (seconds), its summary
     python world.py --preset demo                  # build (or load) the demo world and print its summary
     python world.py --preset demo --world_seed 1   # another world: other images, other nets, same recipe
+    python world.py --eval out/demo/samples_tuned.npz   # score an .npz as the report does (judge, mini-FID, ...)
     python train.py --preset demo                  # the headline: GRPO in this world, base vs tuned vs control
     python study.py --preset demo                  # the README's table: 3 GRPO seeds x 2 worlds
 
@@ -46,7 +47,7 @@ import torch.nn.functional as F
 from PIL import Image, ImageDraw
 
 from checkpoint import load_gpt, load_vq, save_gpt, save_vq
-from cli import UserError, atomic_write, check_range, check_seed, check_writable_dir
+from cli import UserError, atomic_write, check_range, check_seed, check_writable_dir, check_writable_file
 from fid import LooFID, mean_cov
 from miniature import (LEVELS, THREADS, batches, conv_stack, decode_all, encode_all, expected_level, fid_of, fit,
                        fixed_threads, load_adm, load_net, model_stats, pairwise_mean, predict, progress,
@@ -54,6 +55,7 @@ from miniature import (LEVELS, THREADS, batches, conv_stack, decode_all, encode_
                        train_discriminator, train_quality, train_vq, warmup_cosine, discriminator, quality_net)
 from model import GPT, config_for, generate
 from plots import class_rows, plot_runs
+from provenance import one_line, provenance
 from rewards import parse_spec
 from tokenizer import to_uint8
 
@@ -531,30 +533,39 @@ def load_or_build(wc, log=print):
 
 
 BOOTSTRAP = 20  # resamples behind the mini-FID's standard error (each one FID in the judge's 64-d features)
+MEASURE_SEED = 1234  # the sampling seed of every measured generator (base, tuned, control: the same images' seeds)
 
 
 @torch.no_grad()
-def measure(w, gpt, cfg_scale, per_class, seed=1234):
-    """Sample per_class images of every class with fixed seeds and score them on everything: each reward's
-    mean (by its name), the held-out judge's accuracy (+- its standard error) and mini-FID to the held-out
-    images, within-class pixel diversity (RMS distance), token diversity, entropy and KL to the base.
-    -> (results dict, images (n, 3, H, W), labels (n,))."""
-    labels = torch.arange(NUM_CLASSES).repeat_interleave(per_class)
-    tokens = sample_tokens(gpt, labels, cfg_scale, seed)
-    images = decode_all(w.vq, tokens)
+def score_images(w, images, labels):
+    """The figures of a set of images that need no generator: each reward's mean (by its name), the held-out
+    judge's accuracy (+- its standard error) and mini-FID to the held-out images, within-class pixel diversity
+    (RMS distance). images (n, 3, H, W) in [-1, 1], labels (n,). measure() and `world.py --eval` both call it on
+    what the .npz holds (uint8 pixels), so the command reproduces the report's figures to the last digit."""
     hit = (predict(w.judge, images).argmax(1) == labels).float()
     feats = lambda x: predict(w.judge.body, x)
     out = {name: scorer(images, labels).mean().item() for name, scorer in w.scorers.items()}
     ref, f = feats(w.heldout_x), feats(images)
     rms = lambda a, b: (a - b).pow(2).mean(-1).sqrt()
     per_class = torch.tensor([pairwise_mean(images[labels == c].flatten(1), labels[labels == c], rms)
-                              for c in range(NUM_CLASSES)])  # (10,) within-class diversity of each class
-    gen = torch.Generator().manual_seed(seed)  # a bootstrap of the samples: the mini-FID's standard error
+                              for c in labels.unique()])  # within-class diversity of each class
+    gen = torch.Generator().manual_seed(MEASURE_SEED)  # a bootstrap of the samples: the mini-FID's standard error
     boot = [fid_of(ref, f[torch.randint(len(f), (len(f),), generator=gen)]) for _ in range(BOOTSTRAP)]
-    out |= dict(judge_accuracy=hit.mean().item(), judge_accuracy_se=(hit.std() / math.sqrt(len(hit))).item(),
-                mini_fid=fid_of(ref, f), mini_fid_se=float(np.std(boot, ddof=1)),
-                pixel_diversity=per_class.mean().item(),  # = pairwise_mean over all classes (a mean of means)
-                pixel_diversity_se=(per_class.std() / math.sqrt(NUM_CLASSES)).item())
+    return out | dict(judge_accuracy=hit.mean().item(), judge_accuracy_se=(hit.std() / math.sqrt(len(hit))).item(),
+                      mini_fid=fid_of(ref, f), mini_fid_se=float(np.std(boot, ddof=1)),
+                      pixel_diversity=per_class.mean().item(),  # = pairwise_mean over all classes (a mean of means)
+                      pixel_diversity_se=(per_class.std() / math.sqrt(len(per_class))).item())
+
+
+@torch.no_grad()
+def measure(w, gpt, cfg_scale, per_class, seed=MEASURE_SEED):
+    """Sample per_class images of every class with fixed seeds and score them on everything: score_images'
+    figures, token diversity, entropy and KL to the base. The decoded images are rounded to uint8 first, as
+    samples_*.npz stores them. -> (results dict, images (n, 3, H, W), labels (n,))."""
+    labels = torch.arange(NUM_CLASSES).repeat_interleave(per_class)
+    tokens = sample_tokens(gpt, labels, cfg_scale, seed)
+    images = to_float(to_uint8(decode_all(w.vq, tokens)).permute(0, 2, 3, 1).numpy())  # what the npz holds
+    out = score_images(w, images, labels)
     out |= token_stats(tokens, labels) | model_stats(gpt, w.gpt, tokens, labels)
     out['forward_passes'] = tokens.shape[1] * (2 if cfg_scale > 1 else 1)  # CFG's unconditional half doubles them
     return out, images, labels
@@ -577,13 +588,22 @@ def prepare(tcfg, log=print):
     return w
 
 
-def accuracy_hook(w, tcfg, every=10, per_class=10):
+CURVE_PER_CLASS, CURVE_SEED = 10, 999  # the curve's held-out accuracy: fewer samples than the report's, other seeds
+
+
+def checkpoint_metadata(d):
+    """What a train.py save in the world d records beside its sampling settings (checkpoint.sampling_metadata),
+    so that sample.py --ckpt finds the VQ and takes the world's class names for --class."""
+    return dict(world=os.path.abspath(d), world_hash=os.path.basename(os.path.normpath(d)), class_names=CLASS_NAMES)
+
+
+def accuracy_hook(w, tcfg, every=10, per_class=CURVE_PER_CLASS):
     """A train.py hook: held-out judge accuracy on fixed seeds every `every` steps (the curve)."""
     def hook(step, policy):
         if step % every:
             return {}
         labels = torch.arange(NUM_CLASSES).repeat_interleave(per_class)
-        images = decode_all(w.vq, sample_tokens(policy, labels, tcfg.cfg_scale, 999))
+        images = decode_all(w.vq, sample_tokens(policy, labels, tcfg.cfg_scale, CURVE_SEED))
         return {'judge_acc': (predict(w.judge, images).argmax(1) == labels).float().mean().item()}
     return hook
 
@@ -622,7 +642,8 @@ def run_demo(tcfg, train_fn, log=print, control=True):
         write_report(tcfg.out_dir, w, tcfg, res, times)
         save_samples(tcfg.out_dir, {k: v[1:] for k, v in measured.items()})
         write_before_after(os.path.join(tcfg.out_dir, 'before_after.png'), w, measured, res)
-        plot_runs(os.path.join(tcfg.out_dir, 'curves.png'), {k: r['rows'] for k, r in runs.items()})
+        plot_runs(os.path.join(tcfg.out_dir, 'curves.png'), {k: r['rows'] for k, r in runs.items()},
+                  f"held-out judge accuracy, {CURVE_PER_CLASS} samples/class (report: {w.config.eval_per_class})")
     return res
 
 
@@ -677,9 +698,17 @@ def world_line(w):
             f"built in {sum(s['build_s'].values()):.0f} s")
 
 
+def report_provenance(w, tcfg):
+    """report.json's `provenance` (provenance.py): the TrainConfig, every seed (the GRPO seed, the world's own
+    seed, the measurement's and the curve's sampling seeds, the demo's torch seed), the world, code, machine."""
+    return provenance(tcfg, w.dir, extra_seeds=dict(world_seed=w.config.world_seed, measure_seed=MEASURE_SEED,
+                                                    curve_seed=CURVE_SEED, demo_torch_seed=0))
+
+
 def write_report(out_dir, w, tcfg, res, times):
-    """report.md (the table the README quotes, the target checks, times) and report.json
-    ({"base": {...}, "tuned": {...}, "control": {...}}, every measured number by name)."""
+    """report.md (the table the README quotes, the target checks, times, provenance) and report.json
+    ({"base": {...}, "tuned": {...}, "control": {...}, "provenance": {...}}, every measured number by name)."""
+    prov = report_provenance(w, tcfg)
     n = NUM_CLASSES * w.config.eval_per_class
     lines = [world_line(w), '',
              f"{n} samples ({w.config.eval_per_class} per class, same seeds), cfg {tcfg.cfg_scale}, {tcfg.max_steps} "
@@ -693,10 +722,12 @@ def write_report(out_dir, w, tcfg, res, times):
     lines += [f"- {name}: {v:.3f} vs {lim:.3f}: {'met' if ok else 'MISSED'}, margin {m:.1f} s.e."
               for name, v, lim, ok, m in targets(res['base'], res['tuned'], res.get('control'))]
     lines.append("times (s): " + ", ".join(f"{k} {v:.0f}" for k, v in times.items()))
+    lines.append(f"provenance (report.json has all of it): {one_line(prov)}")
     table = '\n'.join(lines) + '\n'
     print(table, flush=True)
+    text = json.dumps({**res, 'provenance': prov}, indent=1)
     atomic_write({os.path.join(out_dir, 'report.md'): lambda tmp: Path(tmp).write_text(table),
-                  os.path.join(out_dir, 'report.json'): lambda tmp: Path(tmp).write_text(json.dumps(res, indent=1))})
+                  os.path.join(out_dir, 'report.json'): lambda tmp: Path(tmp).write_text(text)})
 
 
 def save_samples(out_dir, samples):
@@ -728,11 +759,68 @@ def write_before_after(path, w, measured, res, cols=6, real=3):
 
 
 # -----------------------------------------------------------------------------
-# main: build (or load) a world and print its summary
+# python world.py --eval samples.npz: any ADM-layout samples scored as the report scores its own
+
+
+@dataclass
+class EvalConfig:
+    eval: str = ''  # the samples: an ADM-layout .npz, uint8 images `arr_0` (n, H, W, 3) and class labels `arr_1`
+    world: str = 'demo'  # the world whose held-out judge scores them: a preset name or a built world's directory
+    world_seed: int = 0  # with a preset: the world of this seed
+    root: str = 'out/world'  # with a preset: the cache root the world was built under
+    out: str = ''  # the figures as JSON; '' = beside the samples, NAME.eval.json
+
+    def validate(self):
+        check_range(self, 'world_seed', lo=0)
+        if not os.path.isfile(self.eval):
+            raise UserError(f"--eval {self.eval!r} is not a file; pass an .npz of samples (e.g. out/demo/"
+                            f"samples_tuned.npz)")
+        try:
+            with np.load(self.eval) as z:
+                shape, dtype, n_labels = z['arr_0'].shape, z['arr_0'].dtype, z['arr_1'].shape
+        except Exception as e:
+            raise UserError(f"--eval {self.eval} is not an .npz with images `arr_0` and labels `arr_1` "
+                            f"({type(e).__name__}); write one as sample.py --npz or np.savez(arr_0=, arr_1=) do") from None
+        if dtype != np.uint8 or len(shape) != 4 or shape[-1] != 3 or n_labels != shape[:1] or shape[0] < 2:
+            raise UserError(f"--eval {self.eval}: arr_0 must be uint8 images (n >= 2, H, W, 3) with n labels in arr_1, "
+                            f"got {dtype} {shape} and {n_labels} labels")
+        self.world = world_dir(preset_config(self.world, self.world_seed, self.root)) \
+            if self.world in WORLD_PRESETS else self.world
+        if not os.path.isfile(os.path.join(self.world, 'world.json')):
+            raise UserError(f"--world {self.world} holds no built world (no world.json); build it with python "
+                            f"world.py --preset demo, or pass the directory the samples' world was built in")
+        self.out = self.out or os.path.splitext(self.eval)[0] + '.eval.json'
+        check_writable_file(self.out, '--out')
+
+
+def evaluate(ec, log=print):
+    """score_images on the .npz's pixels, one thread as the report was measured -> the figures (also written)."""
+    with fixed_threads():
+        w = World(ec.world)
+        images, labels = load_adm(ec.eval)
+        size, n_classes = w.config.image_size, NUM_CLASSES
+        if images.shape[1:3] != (size, size) or labels.min() < 0 or labels.max() >= n_classes:
+            raise UserError(f"--eval {ec.eval} holds {images.shape[1]}x{images.shape[2]} images with labels "
+                            f"{labels.min()}..{labels.max()}; the world {w.dir} judges {size}x{size} images of "
+                            f"classes 0..{n_classes - 1}")
+        out = score_images(w, to_float(images), torch.from_numpy(labels).long())
+    out |= dict(n=len(images), samples=os.path.abspath(ec.eval), world=w.dir)
+    log(f"{ec.eval}, {len(images)} images judged in {w.dir}: held-out judge accuracy {out['judge_accuracy']:.3f} ± "
+        f"{out['judge_accuracy_se']:.3f}, mini-FID {out['mini_fid']:.2f}, pixel diversity {out['pixel_diversity']:.3f}"
+        f"; rewards " + ", ".join(f"{k} {out[k]:.3f}" for k in w.scorers) + f" (written to {ec.out})")
+    atomic_write({ec.out: lambda tmp: Path(tmp).write_text(json.dumps(out, indent=1))})
+    return out
+
+# -----------------------------------------------------------------------------
+# main: build (or load) a world and print its summary; or --eval
 
 
 def main(argv=None):
+    import sys
     from cli import parse_config
+    argv = sys.argv[1:] if argv is None else argv
+    if any(a == '--eval' or a.startswith('--eval=') for a in argv):  # the scoring command: its own flags
+        return evaluate(parse_config(EvalConfig, argv))
     wc = parse_config(WorldConfig, argv, presets=WORLD_PRESETS)  # runs wc.validate()
     torch.set_num_threads(THREADS)  # see fixed_threads
     w = load_or_build(wc)
