@@ -454,7 +454,7 @@ def _step_logits(model, token, kv_cache, cfg_scale, use_cfg):
 
 @torch.no_grad()
 def generate(model, cond, cond_mask=None, cfg_scale=4.0, cfg_interval=-1, temperature=1.0, top_k=0,
-             top_p=1.0, generator=None, compile=False, sample_fn=None):
+             top_p=1.0, generator=None, compile=False, sample_fn=None, static_cache=None):
     """Sample image tokens for a batch of conditions.
 
     cond: (B,) class ids or (B, C, caption_dim) caption embeddings; cond_mask: (B, C) for captions.
@@ -463,6 +463,8 @@ def generate(model, cond, cond_mask=None, cfg_scale=4.0, cfg_interval=-1, temper
     Returns tokens (B, block_size) int64 and the log-prob of each under the distribution it was
     sampled from (B, block_size) float32. `sample_fn(logits) -> (token, logp)` replaces the sampler
     (tests use it to record the logits and force teacher tokens, as the fixtures were made).
+    static_cache (default: = compile) reads the whole cache at every step (bench.py times the prefix read
+    against it).
     """
     if sample_fn is None:
         sample_fn = lambda lg: sample_logits(lg, temperature, top_k, top_p, generator)
@@ -471,7 +473,7 @@ def generate(model, cond, cond_mask=None, cfg_scale=4.0, cfg_interval=-1, temper
     use_cfg = cfg_scale > 1.0  # LlamaGen quirk: scale <= 1 means no unconditional half at all
     cond_all = torch.cat([cond, model.null_cond(cond)]) if use_cfg else cond
     mask_all = None if cond_mask is None else (torch.cat([cond_mask, cond_mask]) if use_cfg else cond_mask)
-    cache = model.new_kv_cache(cond_all.shape[0], static=compile)
+    cache = model.new_kv_cache(cond_all.shape[0], static=compile if static_cache is None else static_cache)
     step = _step_logits
     if compile:
         cache.mark_static()
