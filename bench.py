@@ -78,10 +78,10 @@ RESULTS = []
 
 
 def report(name, value, unit, baseline=None, **extra):
-    row = dict(name=name, value=round(value, 4), unit=unit, **extra)
+    row = dict(name=name, value=float(f'{value:.6g}'), unit=unit, **extra)  # 6 significant digits
     if baseline is not None:
         ratio = value / baseline if 'per_s' in unit else baseline / value
-        row.update(baseline=round(baseline, 4), ratio=round(ratio, 2))
+        row.update(baseline=float(f'{baseline:.6g}'), ratio=round(ratio, 2))
     RESULTS.append(row)
     print(json.dumps(row), flush=True)
 
