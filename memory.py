@@ -8,19 +8,27 @@ train.py prints the plan at start-up (`print_plan`) and, on a GPU, warns when it
 can use, listing the options that would fit; bench.py --only memory prints the README's table and compares the
 activation estimate with a measured peak.
 """
+import functools
 import math
 import os
+from dataclasses import asdict
 
 import torch
 
 from lora import LORA_TARGETS, add_lora
-from model import GPT, find_multiple
+from model import GPT, GPTConfig, find_multiple
 
 
 def count_params(gpt_config, lora_rank=0, lora_targets=LORA_TARGETS):
-    """(all parameters, adapter parameters) of a GPT built on the meta device (no memory, no time)."""
+    """(all parameters, adapter parameters) of a GPT built on the meta device (no memory; remembered, since
+    fitting_options asks for the same model dozens of times)."""
+    return _count_params(tuple(asdict(gpt_config).items()), lora_rank, tuple(lora_targets))
+
+
+@functools.lru_cache(maxsize=64)
+def _count_params(config_items, lora_rank, lora_targets):
     with torch.device('meta'):
-        m = GPT(gpt_config)
+        m = GPT(GPTConfig(**dict(config_items)))
         n_lora = add_lora(m, lora_rank, 1.0, lora_targets) if lora_rank else 0
     return sum(p.numel() for p in m.parameters()) - n_lora, n_lora
 

@@ -174,3 +174,20 @@ def test_multinomial_one_is_torch_multinomial():
     g1, g2 = torch.Generator().manual_seed(1), torch.Generator().manual_seed(1)
     for _ in range(50):
         assert torch.equal(model.multinomial_one(p, g1), torch.multinomial(p, 1, generator=g2))
+
+
+@cuda
+@torch.no_grad()
+def test_gpu_decode_loop_never_waits_for_the_device():
+    # no .item(), no torch.multinomial check, no branch on a tensor inside the decode loop: with CUDA's sync debug
+    # mode set to error, any synchronising call in generate() raises; bf16 weights as the rollout's sampler copy
+    m = _random_head(tiny_gpt()).cuda().to(torch.bfloat16)
+    cls = torch.tensor([1, 2, 5, 9], device='cuda')
+    run = lambda: generate(m, cls, cfg_scale=2.0, generator=torch.Generator('cuda').manual_seed(0))
+    first = run()  # moves the RoPE table to the GPU once
+    torch.cuda.set_sync_debug_mode('error')
+    try:
+        again = run()
+    finally:
+        torch.cuda.set_sync_debug_mode('default')
+    assert torch.equal(first[0], again[0])

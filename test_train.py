@@ -326,3 +326,14 @@ def test_sampler_copy_follows_the_policy_and_its_logprob_gap_is_small(tmp_path):
     gap = (logp_sampler - logp_policy).abs()
     assert 0 < gap.max() < 0.1 and gap.mean() < 0.02  # bf16 rounding, not a different distribution
     torch.testing.assert_close(exact, logp_policy, atol=1e-5, rtol=0)
+
+
+@cuda
+def test_gpu_rollout_samples_from_a_refreshed_bf16_copy(tmp_path):
+    cfg, run = _tiny_run(tmp_path, '--device', 'cuda', '--cfg_scale', '2')
+    torch.nn.init.normal_(run.policy.output.weight, std=0.05)
+    metrics, _ = train.grpo_step(cfg, run, 0)
+    assert metrics['skipped'] == 0 and next(run.sampler.parameters()).dtype == torch.bfloat16
+    assert train.rollout_policy(cfg, run) is run.sampler  # the same copy, refreshed: the step's update is in it
+    for (k, v), p in zip(run.sampler.state_dict().items(), run.policy.state_dict().values()):
+        assert torch.equal(v, p.to(v.dtype)), k

@@ -255,7 +255,10 @@ def inference_copy(policy, dtype, old=None):
     """A frozen eval-mode copy of `policy` with its weights in `dtype`, or `old` with the policy's current weights
     cast into it (no new memory). RoPE's table is a plain attribute and stays float32, as under autocast."""
     if old is None:
-        return copy.deepcopy(policy).to(dtype).requires_grad_(False).eval()
+        new = copy.deepcopy(policy).requires_grad_(False).eval()
+        for p in new.parameters():
+            p.grad = None  # a deep copy also copies the gradients left by the last update
+        return new.to(dtype)
     old.load_state_dict(policy.state_dict())  # copy_ casts float32 -> dtype in place
     return old
 
