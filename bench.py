@@ -345,36 +345,45 @@ def bench_step_paper(cfg, device):
     the update's TFLOP/s, the peak memory beside memory.py's plan, the rollout against the code before this
     section's changes, and the log-prob gap between the 16-bit sampler and the float32 policy."""
     import memory
-    import train
     tc, run = step_paper_run(cfg, device)
     gc, B, N = run.policy.config, tc.images_per_step, run.policy.config.block_size
-    P = sum(p.numel() for p in run.policy.parameters())
     bw = copy_bandwidth(device, 2**26 if cfg.quick else 2**31)
     report('copy_bandwidth', bw / 1e9, 'GB_per_s', bytes=2**26 if cfg.quick else 2**31)
     wbytes = 4 if device.type == 'cpu' else 2  # the rollout's weights: the float32 policy on a CPU, else bf16
     floor = rollout_floor_bytes(gc, B, True, wbytes)
+    report('step_paper_floor', floor / 1e9, 'GB', floor_bytes=floor, floor_s=floor / bw, weight_bytes=wbytes,
+           note='16-bit KV cache; weights in the rollout dtype, once per token')
     plan = memory.memory_plan(gc, micro_batch=tc.micro_batch_size, rollout_batch=B, bf16=device.type == 'cuda')
     shape = f"{'GPT-tiny' if cfg.quick else cfg.paper_model} {B} images (groups of {tc.group_size}), N={N}, " \
             f"V={gc.vocab_size}, cfg 2, micro-batch {tc.micro_batch_size}"
     for compiled in ((False,) if device.type == 'cpu' else (False, True)):
-        tc.compile = compiled
-        mode = 'compiled' if compiled else 'eager'
-        try:
-            med = step_paper_time(tc, run, cfg.reps)
-        except Exception as e:  # report, do not lose the other measurements
-            report(f'step_paper_{mode}', 0.0, 'failed', error=f"{type(e).__name__}: {str(e)[:300]}")
-            continue
-        report(f'step_paper_{mode}', med['step_time'], 's', shape=shape, **{k[5:]: round(v, 4) for k, v in
-                                                                            med.items() if k.startswith('time_')})
-        report(f'step_paper_{mode}_rollout', B * N / med['time_rollout'], 'tokens_per_s', seconds=med['time_rollout'],
-               floor_bytes=floor, floor_s=floor / bw, fraction_of_floor=floor / bw / med['time_rollout'])
-        flops = (6 + 2 * (tc.beta > 0)) * P * B * N  # 6 P T forward + backward, 2 P T the reference; no attention
-        report(f'step_paper_{mode}_update', flops / med['time_update'] / 1e12, 'TFLOP_per_s',
-               seconds=med['time_update'], flops=flops, note='(6 + 2) * params * tokens: policy fwd+bwd, ref fwd')
-        report(f'step_paper_{mode}_peak', (med['peak'] or 0) / 2**30, 'GiB' if med['peak'] else 'unmeasured',
-               plan_GiB=round(plan['peak'] / 2**30, 3), measured_on=device.type,
-               note='plan excludes the VQ, the reward and the CUDA context' if med['peak'] else 'CPU: see test_memory')
-    step_paper_compare(cfg, tc, run, device)
+        step_paper_mode(cfg, tc, run, compiled, shape, floor / bw, plan)
+        if not compiled:  # before the compiled mode, which may fail or run out of time
+            step_paper_compare(cfg, tc, run, device)
+
+
+def step_paper_mode(cfg, tc, run, compiled, shape, floor_s, plan):
+    """The rows of one mode (eager or compiled) of the paper step: its parts, the rollout against the HBM floor
+    (floor_s seconds), the update's TFLOP/s, the peak against the plan."""
+    tc.compile = compiled
+    mode = 'compiled' if compiled else 'eager'
+    B, N = tc.images_per_step, run.policy.config.block_size
+    P = sum(p.numel() for p in run.policy.parameters())
+    try:
+        med = step_paper_time(tc, run, cfg.reps)
+    except Exception as e:  # report, do not lose the other measurements
+        report(f'step_paper_{mode}', 0.0, 'failed', error=f"{type(e).__name__}: {str(e)[:300]}")
+        return
+    report(f'step_paper_{mode}', med['step_time'], 's', shape=shape, **{k[5:]: round(v, 4) for k, v in
+                                                                        med.items() if k.startswith('time_')})
+    report(f'step_paper_{mode}_rollout', B * N / med['time_rollout'], 'tokens_per_s', seconds=med['time_rollout'],
+           floor_s=floor_s, fraction_of_floor=floor_s / med['time_rollout'])
+    flops = (6 + 2 * (tc.beta > 0)) * P * B * N  # 6 P T forward + backward, 2 P T the reference; no attention
+    report(f'step_paper_{mode}_update', flops / med['time_update'] / 1e12, 'TFLOP_per_s',
+           seconds=med['time_update'], flops=flops, note='(6 + 2) * params * tokens: policy fwd+bwd, ref fwd')
+    report(f'step_paper_{mode}_peak', (med['peak'] or 0) / 2**30, 'GiB' if med['peak'] else 'unmeasured',
+           plan_GiB=round(plan['peak'] / 2**30, 3), measured_on=run.device.type,
+           note='plan excludes the VQ, the reward and the CUDA context' if med['peak'] else 'CPU: see test_memory')
 
 
 def step_paper_compare(cfg, tc, run, device):

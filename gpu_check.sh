@@ -11,9 +11,9 @@
 # code is 1 if any part failed or timed out, and the last lines of each log are printed as it finishes (on a CPU
 # the limits are 4x).
 set -u
+cd "$(dirname "$0")"
 OUT=${OUT:-out/gpu_check}
 mkdir -p "$OUT"
-cd "$(dirname "$0")"
 if python -c 'import sys, torch; sys.exit(not torch.cuda.is_available())'; then
     DEV=cuda; SMALL=''; nvidia-smi > "$OUT/nvidia-smi.txt" 2>&1 || true
 else
