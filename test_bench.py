@@ -29,9 +29,11 @@ def test_step_paper_quick_rows_are_consistent(tmp_path):
     import torch
     from model import GPT, config_for
     bench.RESULTS.clear()
-    rows = {r['name']: r for r in bench.main(['--quick', '--only', 'step_paper', '--out', str(tmp_path / 'p.jsonl')])}
-    for name in ('copy_bandwidth', 'step_paper_floor', 'step_paper_eager', 'step_paper_eager_rollout', 'step_paper_eager_update',
-                 'step_paper_eager_peak', 'step_paper_rollout_vs_before', 'step_paper_logp_gap'):
+    argv = ['--quick', '--only', 'step_paper', '--out', str(tmp_path / 'p.jsonl')]
+    rows = {r['name']: r for r in bench.main(argv)}
+    for name in ('copy_bandwidth', 'step_paper_floor', 'step_paper_eager', 'step_paper_eager_rollout',
+                 'step_paper_eager_update', 'step_paper_eager_peak', 'step_paper_rollout_vs_before',
+                 'step_paper_logp_gap'):
         assert name in rows, name
     step, roll, upd = rows['step_paper_eager'], rows['step_paper_eager_rollout'], rows['step_paper_eager_update']
     floor = rows['step_paper_floor']

@@ -75,7 +75,8 @@ def test_refusal_names_the_option_that_makes_the_same_recipe_fit(tmp_path):
     xl, have = config_for('GPT-XL', 384), 48 * 2**30
     opts = dict(micro_batch=32, rollout_batch=32)
     assert memory_plan(xl, **opts)['peak'] > have
-    first = next(m for m in (32, 16, 8, 4, 2, 1) if memory_plan(xl, micro_batch=m, rollout_batch=32)['peak'] < 0.9 * have)
+    first = next(m for m in (32, 16, 8, 4, 2, 1)
+                 if memory_plan(xl, micro_batch=m, rollout_batch=32)['peak'] < 0.9 * have)
     fits = memory.fitting_options(xl, have, 1, **opts)
     assert fits[0] == f'--micro_batch_size {first}' and fits[1].startswith('--grad_ckpt')
     assert f'the same recipe fits with --micro_batch_size {first}' in memory.refusal(memory_plan(xl, **opts), have,
