@@ -183,11 +183,11 @@ def test_gpu_decode_loop_never_waits_for_the_device():
     # mode set to error, any synchronising call in generate() raises; bf16 weights as the rollout's sampler copy
     m = _random_head(tiny_gpt()).cuda().to(torch.bfloat16)
     cls = torch.tensor([1, 2, 5, 9], device='cuda')
-    run = lambda: generate(m, cls, cfg_scale=2.0, generator=torch.Generator('cuda').manual_seed(0))
-    first = run()  # moves the RoPE table to the GPU once
+    gens = [torch.Generator('cuda').manual_seed(0) for _ in range(2)]  # made outside the checked region
+    first = generate(m, cls, cfg_scale=2.0, generator=gens[0])  # also moves the RoPE table to the GPU, once
     torch.cuda.set_sync_debug_mode('error')
     try:
-        again = run()
+        again = generate(m, cls, cfg_scale=2.0, generator=gens[1])
     finally:
         torch.cuda.set_sync_debug_mode('default')
     assert torch.equal(first[0], again[0])
