@@ -8,6 +8,8 @@ bench.py -- measured speed of sampling, rewards and a GRPO step, each against a 
                                      # LoRA r=16, FSDP 2 ranks} (memory.memory_plan), next to a measured peak
     torchrun --nproc_per_node 2 bench.py --only gather   # FSDP rollout: per-block all-gathers vs gathered once
     python bench.py --only loo_fid   # the leave-one-out FID reward at d = 2048, B = 32 vs B + 1 FDs from scratch
+    python bench.py --device cuda --only step_paper   # the paper's c2i step (GPT-XL, 576 tokens, 32 images), eager
+                                     # and compiled: parts, HBM floor, TFLOP/s, peak vs plan, log-prob gap
 
 Prints one JSON line per measurement (name, value, unit, and for comparisons baseline and ratio), then a
 table. Timings are medians of --reps runs after one warm-up. All weights are random: speed does not
@@ -15,6 +17,7 @@ depend on them. Never used for assertions: tests only run --quick to show it wor
 measures the peak of one forward/backward (torch.cuda.max_memory_allocated on a GPU; on a CPU the profiler's
 allocation events of a tiny model) and prints it next to memory.py's estimate of the same thing.
 """
+import contextlib
 import copy
 import json
 import os
@@ -48,6 +51,8 @@ class BenchConfig:
     judge_tokens: int = 20  # the paper-style baseline generates this many answer tokens per image
     loo_dim: int = 2048  # loo_fid section: feature size d (2048 = Inception pool features)
     loo_batch: int = 32  # loo_fid section: global batch B (the paper's c2i step)
+    paper_model: str = 'GPT-XL'  # step_paper section: GPT preset (the paper's c2i run: GPT-XL)
+    paper_image_size: int = 384  # step_paper section: pixels through the VQ-16 (384 = 576 tokens, the paper's)
     only: List[str] = field(default_factory=list)  # run only these sections (SECTIONS); [] = DEFAULT_SECTIONS
     out: str = ''  # also append the JSON lines to this file
 
@@ -59,8 +64,11 @@ class BenchConfig:
         check_range(self, 'image_size top_k cfg_scale', lo=0)
         if self.image_size % 16:
             raise UserError(f"--image_size must be a multiple of 16 (the VQ-16 grid), got {self.image_size}")
-        if self.model not in GPT_PRESETS:
-            raise UserError(f"--model must be one of {', '.join(GPT_PRESETS)}, got {self.model!r}")
+        for flag in ('model', 'paper_model'):
+            if getattr(self, flag) not in GPT_PRESETS:
+                raise UserError(f"--{flag} must be one of {', '.join(GPT_PRESETS)}, got {getattr(self, flag)!r}")
+        if self.paper_image_size < 16 or self.paper_image_size % 16:
+            raise UserError(f"--paper_image_size must be a positive multiple of 16, got {self.paper_image_size}")
         unknown = set(self.only) - set(SECTIONS)
         if unknown:
             raise UserError(f"--only takes sections among {' '.join(SECTIONS)}, got {' '.join(sorted(unknown))}")
@@ -69,33 +77,35 @@ class BenchConfig:
 
 
 DEFAULT_SECTIONS = ('kv', 'cfg', 'compile', 'reward', 'judge', 'step')  # what a plain run measures
-SECTIONS = DEFAULT_SECTIONS + ('memory', 'gather', 'loo_fid')  # what --only can pick (gather: under torchrun)
+SECTIONS = DEFAULT_SECTIONS + ('memory', 'gather', 'loo_fid', 'step_paper')  # what --only can pick (gather: torchrun)
 
 RESULTS = []
 
 
 def report(name, value, unit, baseline=None, **extra):
-    row = dict(name=name, value=round(value, 4), unit=unit, **extra)
+    row = dict(name=name, value=float(f'{value:.6g}'), unit=unit, **extra)  # 6 significant digits
     if baseline is not None:
         ratio = value / baseline if 'per_s' in unit else baseline / value
-        row.update(baseline=round(baseline, 4), ratio=round(ratio, 2))
+        row.update(baseline=float(f'{baseline:.6g}'), ratio=round(ratio, 2))
     RESULTS.append(row)
     print(json.dumps(row), flush=True)
+
+
+def seconds(fn, device):
+    """Seconds of one run of fn()."""
+    if device.type == 'cuda':
+        torch.cuda.synchronize()
+    t = time.perf_counter()
+    fn()
+    if device.type == 'cuda':
+        torch.cuda.synchronize()
+    return time.perf_counter() - t
 
 
 def timed(fn, reps, device):
     """Median seconds of fn() over reps runs, after one warm-up run."""
     fn()
-    times = []
-    for _ in range(reps):
-        if device.type == 'cuda':
-            torch.cuda.synchronize()
-        t = time.perf_counter()
-        fn()
-        if device.type == 'cuda':
-            torch.cuda.synchronize()
-        times.append(time.perf_counter() - t)
-    return statistics.median(times)
+    return statistics.median(seconds(fn, device) for _ in range(reps))
 
 # -----------------------------------------------------------------------------
 # baselines: what generate() would cost without its two main tricks
@@ -271,6 +281,146 @@ def bench_grpo_step(cfg, device, dtype):
     report('grpo_overhead_beyond_rollout', 1 - med['time_rollout'] / med['step_time'], 'fraction', target='<= 0.5')
 
 
+def copy_bandwidth(device, nbytes):
+    """Measured device memory bandwidth, bytes/s: a copy of `nbytes` reads and writes each byte once."""
+    x = torch.empty(nbytes // 4, dtype=torch.float32, device=device).fill_(1.0)
+    y = torch.empty_like(x)
+    return 2 * nbytes / timed(lambda: y.copy_(x), 5, device)
+
+
+def rollout_floor_bytes(gpt_config, images, cfg, weight_bytes):
+    """Bytes a cached CFG rollout must read at least: every weight but the embedding table once per decoded
+    token (the prefill and N - 1 decode steps, N forwards in all), plus the filled part of the 16-bit KV cache
+    at each of them (keys and values, every layer, both CFG halves; forward j reads C + j positions)."""
+    c = gpt_config
+    with torch.device('meta'):
+        m = GPT(c)
+    read = sum(p.numel() for n, p in m.named_parameters() if 'tok_embeddings' not in n and 'cls_embedding' not in n)
+    rows = images * (2 if cfg else 1)
+    C, N = c.cls_token_num, c.block_size
+    kv_per_position = 2 * c.n_layer * rows * (c.n_kv_head or c.n_head) * c.head_dim * 2  # bf16 k and v
+    return N * read * weight_bytes + kv_per_position * sum(C + j for j in range(N))
+
+
+def step_paper_run(cfg, device):
+    """The paper's c2i step (GPT-XL, 576 tokens from a VQ-16-shaped tokenizer with 16,384 codes, 32 images in
+    groups of 8, CFG 2, beta 0.1, micro-batches of 8) built with random weights and a weight-free reward
+    (colorfulness); --paper_model / --paper_image_size change the generator; --quick: GPT-tiny, 16 tokens from
+    the tiny VQ, 8 images in groups of 4. -> (TrainConfig, Run)."""
+    import checkpoint
+    import train
+    from rewards import build_reward
+    vq_kw = checkpoint.TINY_VQ if cfg.quick else VQ_PRESETS['VQ-16']  # the real decoder's architecture, random
+    vq = VQModel(VQConfig(**vq_kw)).to(device).eval()
+    size = 8 if cfg.quick else cfg.paper_image_size
+    gc = config_for('GPT-tiny' if cfg.quick else cfg.paper_model, size, vq.config.downsample,
+                    vocab_size=vq.config.codebook_size)
+    tc = train.TrainConfig(ckpt='', vq_ckpt='', rewards='colorfulness=1', image_size=size, cfg_scale=2.0, beta=0.1,
+                           images_per_step=8 if cfg.quick else 32, group_size=4 if cfg.quick else 8,
+                           micro_batch_size=4 if cfg.quick else 8, device=device.type, compile=cfg.compile)
+    torch.manual_seed(0)
+    policy = GPT(gc).to(device)
+    torch.nn.init.normal_(policy.output.weight, std=0.02)  # LlamaGen zero-inits it: give the sampler real logits
+    policy.eval()  # train.py keeps dropout off throughout
+    ref = copy.deepcopy(policy).requires_grad_(False)
+    opt = torch.optim.AdamW(policy.parameters(), lr=tc.lr)
+    reward = build_reward(tc.rewards, device=device)
+    return tc, train.Run(policy, ref, ref, vq, policy, opt, reward, None, None, device=device)
+
+
+def step_paper_time(tc, run, reps):
+    """Median seconds of each part of train.grpo_step after one warm-up step, and the peak bytes allocated (GPU)."""
+    import train
+    train.grpo_step(tc, run, 0)  # warm-up (and, with --compile, the compilation)
+    if run.device.type == 'cuda':
+        torch.cuda.reset_peak_memory_stats()
+    rows = [train.grpo_step(tc, run, s + 1)[0] for s in range(reps)]
+    med = {k: statistics.median(r[k] for r in rows) for k in rows[0] if k.startswith('time_') or k == 'step_time'}
+    med['peak'] = torch.cuda.max_memory_allocated() if run.device.type == 'cuda' else None
+    return med
+
+
+def bench_step_paper(cfg, device):
+    """The paper's c2i GRPO step, eager and compiled: the time of each part, the rollout against its HBM floor,
+    the update's TFLOP/s, the peak memory beside memory.py's plan, the rollout against the code before this
+    section's changes, and the log-prob gap between the 16-bit sampler and the float32 policy."""
+    import memory
+    tc, run = step_paper_run(cfg, device)
+    gc, B, N = run.policy.config, tc.images_per_step, run.policy.config.block_size
+    bw = copy_bandwidth(device, 2**26 if cfg.quick else 2**31)
+    report('copy_bandwidth', bw / 1e9, 'GB_per_s', bytes=2**26 if cfg.quick else 2**31)
+    wbytes = 4 if device.type == 'cpu' else 2  # the rollout's weights: the float32 policy on a CPU, else bf16
+    floor = rollout_floor_bytes(gc, B, True, wbytes)
+    report('step_paper_floor', floor / 1e9, 'GB', floor_bytes=floor, floor_s=floor / bw, weight_bytes=wbytes,
+           note='16-bit KV cache; weights in the rollout dtype, once per token')
+    plan = memory.memory_plan(gc, micro_batch=tc.micro_batch_size, rollout_batch=B, bf16=device.type == 'cuda')
+    shape = f"{'GPT-tiny' if cfg.quick else cfg.paper_model} {B} images (groups of {tc.group_size}), N={N}, " \
+            f"V={gc.vocab_size}, cfg 2, micro-batch {tc.micro_batch_size}"
+    for compiled in ((False,) if device.type == 'cpu' else (False, True)):
+        step_paper_mode(cfg, tc, run, compiled, shape, floor / bw, plan)
+        if not compiled:  # before the compiled mode, which may fail or run out of time
+            step_paper_compare(cfg, tc, run, device)
+
+
+def step_paper_mode(cfg, tc, run, compiled, shape, floor_s, plan):
+    """The rows of one mode (eager or compiled) of the paper step: its parts, the rollout against the HBM floor
+    (floor_s seconds), the update's TFLOP/s, the peak against the plan."""
+    tc.compile = compiled
+    mode = 'compiled' if compiled else 'eager'
+    B, N = tc.images_per_step, run.policy.config.block_size
+    P = sum(p.numel() for p in run.policy.parameters())
+    try:
+        med = step_paper_time(tc, run, cfg.reps)
+    except Exception as e:  # report, do not lose the other measurements
+        report(f'step_paper_{mode}', 0.0, 'failed', error=f"{type(e).__name__}: {str(e)[:300]}")
+        return
+    report(f'step_paper_{mode}', med['step_time'], 's', shape=shape, **{k[5:]: round(v, 4) for k, v in
+                                                                        med.items() if k.startswith('time_')})
+    report(f'step_paper_{mode}_rollout', B * N / med['time_rollout'], 'tokens_per_s', seconds=med['time_rollout'],
+           floor_s=floor_s, fraction_of_floor=floor_s / med['time_rollout'])
+    flops = (6 + 2 * (tc.beta > 0)) * P * B * N  # 6 P T forward + backward, 2 P T the reference; no attention
+    report(f'step_paper_{mode}_update', flops / med['time_update'] / 1e12, 'TFLOP_per_s',
+           seconds=med['time_update'], flops=flops, note='(6 + 2) * params * tokens: policy fwd+bwd, ref fwd')
+    report(f'step_paper_{mode}_peak', (med['peak'] or 0) / 2**30, 'GiB' if med['peak'] else 'unmeasured',
+           plan_GiB=round(plan['peak'] / 2**30, 3), measured_on=run.device.type,
+           note='plan excludes the VQ, the reward and the CUDA context' if med['peak'] else 'CPU: see test_memory')
+
+
+def step_paper_compare(cfg, tc, run, device):
+    """The rollout as this code runs it against the code before (float32 weights under autocast, the whole cache
+    read at every step), same seed; the same tokens? And the 16-bit sampler's log-probs of its own tokens against
+    the float32 policy's (bf16 on a CPU too)."""
+    import train
+    B = tc.images_per_step
+    cond = torch.randint(0, 1000, (B,), generator=torch.Generator().manual_seed(0)).to(device)
+    gen = lambda: torch.Generator(device).manual_seed(0)
+    tc.compile = False
+
+    def now():  # train.rollout's decode: the 16-bit sampler on a GPU, the float32 policy on a CPU
+        p = train.rollout_policy(tc, run)
+        with train.autocast(tc, device) if p is run.policy else contextlib.nullcontext():
+            return generate(p, cond, cfg_scale=tc.cfg_scale, generator=gen())[0]
+
+    def before():
+        with train.autocast(tc, device):
+            return generate(run.policy, cond, cfg_scale=tc.cfg_scale, generator=gen(), static_cache=True)[0]
+    tokens_now, out = now(), {}  # the warm-up
+    t_before = seconds(lambda: out.setdefault('tokens', before()), device)  # once: ~45 s at the paper's shape
+    t_now, same = timed(now, cfg.reps, device), bool(torch.equal(tokens_now, out['tokens']))
+    N = run.policy.config.block_size
+    report('step_paper_rollout_vs_before', B * N / t_now, 'tokens_per_s', baseline=B * N / t_before, same_tokens=same,
+           note='before: fp32 weights under autocast, whole-cache attention (not emulated: multinomial\'s sync)')
+    sampler = train.inference_copy(run.policy, torch.bfloat16)
+    tokens, logp_s = generate(sampler, cond, cfg_scale=tc.cfg_scale, generator=gen())
+    guided = copy.copy(tc)
+    guided.logprob_mode = 'guided'  # the CFG mixture the tokens were drawn from, under the float32 policy
+    with torch.no_grad():
+        logp_p = train.sequence_logprobs(guided, run.policy, tokens, cond, None)[0]
+    gap = (logp_s - logp_p).abs()
+    report('step_paper_logp_gap', gap.mean().item(), 'nats', max=gap.max().item(),
+           note='|log p bf16 sampler - log p float32 policy| per token; the loss uses only the latter')
+
+
 def peak_bytes(fn, device):
     """Peak bytes allocated while fn() runs, above what was allocated before: the CUDA allocator's counter on
     a GPU, else the CPU allocation events recorded by the profiler (summed in time order)."""
@@ -343,7 +493,8 @@ def bench_memory(cfg, device):
                 train.sequence_logprobs(tc, model, x, y, None)[0].mean().backward()
         step()  # warm-up, then measure with the gradients already allocated
         measured = peak_bytes(step, device)
-        est = memory.activation_bytes(gc, B, kw.get('grad_ckpt', False), bf16=device.type == 'cuda')
+        est = memory.activation_bytes(gc, B, kw.get('grad_ckpt', False), device.type == 'cuda',
+                                      lora=bool(kw.get('lora_rank')))
         report('activation_peak', measured / 2**20, 'MiB', estimate=round(est / 2**20, 2), option=opt,
                shape=f"{name} B={B} N={gc.block_size} V={vocab}", grads_MiB=round(grads / 2**20, 2),
                measured_on=device.type)
@@ -444,6 +595,8 @@ def main(argv=None):
         bench_gather(cfg, device, dtype)
     if 'loo_fid' in sections:
         bench_loo_fid(cfg, device)
+    if 'step_paper' in sections:
+        bench_step_paper(cfg, device)
     print(f"\n{'measurement':34s} {'value':>12s} {'unit':14s} {'baseline':>10s} {'ratio':>7s}")
     for r in RESULTS:
         label = r['name'] + ''.join(f" {r[k]}" for k in ('model', 'option') if k in r)

@@ -8,38 +8,65 @@ train.py prints the plan at start-up (`print_plan`) and, on a GPU, warns when it
 can use, listing the options that would fit; bench.py --only memory prints the README's table and compares the
 activation estimate with a measured peak.
 """
+import functools
+import math
 import os
+from dataclasses import asdict
 
 import torch
 
 from lora import LORA_TARGETS, add_lora
-from model import GPT, find_multiple
+from model import GPT, GPTConfig, find_multiple
 
 
 def count_params(gpt_config, lora_rank=0, lora_targets=LORA_TARGETS):
-    """(all parameters, adapter parameters) of a GPT built on the meta device (no memory, no time)."""
+    """(all parameters, adapter parameters) of a GPT built on the meta device (no memory; remembered, since
+    fitting_options asks for the same model dozens of times)."""
+    return _count_params(tuple(asdict(gpt_config).items()), lora_rank, tuple(lora_targets))
+
+
+@functools.lru_cache(maxsize=64)
+def _count_params(config_items, lora_rank, lora_targets):
     with torch.device('meta'):
-        m = GPT(gpt_config)
+        m = GPT(GPTConfig(**dict(config_items)))
         n_lora = add_lora(m, lora_rank, 1.0, lora_targets) if lora_rank else 0
     return sum(p.numel() for p in m.parameters()) - n_lora, n_lora
 
 
-def activation_bytes(gpt_config, images, grad_ckpt, bf16, guided=False):
-    """Estimated bytes autograd keeps for one teacher-forced forward of `images` sequences, peak at the logits.
+def linear_params(gpt_config):
+    """(parameters of one block's linear layers, of the output head): the weights autocast casts to bf16."""
+    c = gpt_config
+    h = find_multiple(int(2 * 4 * c.dim / 3), c.multiple_of)
+    qkv = c.dim * (c.n_head + 2 * (c.n_kv_head or c.n_head)) * c.head_dim
+    return qkv + c.dim * c.dim + 3 * c.dim * h, c.dim * c.vocab_size
+
+
+def activation_bytes(gpt_config, images, grad_ckpt, bf16, guided=False, lora=False):
+    """Estimated peak bytes above the weights and grads of one teacher-forced forward/backward of `images`
+    sequences (the peak is at the start of the backward, through the output head).
 
     Counted tensor by tensor from the block's code (saved for backward, per token and layer):
       bf16 autocast (GPU): 44 d + 8 h bytes  (fp32 residual and norms, bf16 q/k/v, SwiGLU's four h-wide tensors)
       float32 (CPU):       52 d + 16 h bytes
-    plus 12 V bytes per token at the logits (float32 logits, log-softmax). With grad_ckpt each block keeps only
-    its float32 input (4 d) and one block is rebuilt at a time in backward. Attention is assumed flash /
-    memory-efficient (no T x T matrix). bench.py --only memory compares this with a CPU measurement.
+    plus 16 V bytes per token at the head: the float32 logits (saved by the logsumexp, and held by the caller)
+    and, in the backward, the two (T, V) gradients of the gather and the logsumexp and their sum. Under bf16
+    autocast every linear layer also keeps the bf16 copy of its weight for the backward, 2 bytes per linear
+    parameter (autocast caches the copies of trained weights until the update's autocast region ends). With
+    grad_ckpt each block keeps only its float32 input (4 d) and one block is rebuilt at a time in backward,
+    after the head's backward is over (the larger of the two counts; under LoRA only that block's weights are
+    cast). Attention is assumed flash / memory-efficient (no T x T matrix). test_memory.py measures all this on
+    a CPU (float32 and bf16 autocast, GPT-B width, 256 tokens, V = 16384): within 10%.
     """
     c = gpt_config
     h = find_multiple(int(2 * 4 * c.dim / 3), c.multiple_of)
     T = (c.cls_token_num + c.block_size) * images * (2 if guided else 1)  # tokens in the micro-batch
     per_layer = (44 * c.dim + 8 * h) if bf16 else (52 * c.dim + 16 * h)
-    blocks = T * (c.n_layer * 4 * c.dim + per_layer) if grad_ckpt else T * c.n_layer * per_layer
-    return blocks + T * 12 * c.vocab_size
+    head = T * 16 * c.vocab_size
+    block_w, head_w = linear_params(c)
+    cast = 2 * (head_w + block_w * (1 if grad_ckpt and lora else c.n_layer)) if bf16 else 0
+    if grad_ckpt:  # the head's backward is over before the first block is rebuilt: the larger of the two
+        return T * c.n_layer * 4 * c.dim + max(head, T * per_layer) + cast
+    return T * c.n_layer * per_layer + head + cast
 
 
 def memory_plan(gpt_config, world=1, fsdp=False, grad_ckpt=False, lora_rank=0, lora_targets=LORA_TARGETS,
@@ -47,10 +74,11 @@ def memory_plan(gpt_config, world=1, fsdp=False, grad_ckpt=False, lora_rank=0, l
     """Bytes per rank, by kind, for one GRPO step. Full fine-tuning keeps float32 master weights (4 B/param),
     float32 grads (4), AdamW moments (8) and, with beta > 0, a frozen float32 reference (4); LoRA trains only
     the adapters and its reference is the base itself; FSDP divides all of it by the world size and adds the
-    bf16 weights gathered for the rollout. The peak is the larger of the rollout (weights, reference, gathered
-    copy, KV cache), the forward/backward (weights, grads, AdamW, reference, activations) and the AdamW step
-    (foreach AdamW allocates a temporary the size of its state's sqrt(v): 4 B per trained param). Not counted:
-    the reward models, the VQ decode's transients, the CUDA context and fragmentation (keep ~10% spare)."""
+    bf16 weights gathered for the rollout; without FSDP a GPU run keeps the rollout's bf16 copy of the policy
+    (train.rollout_policy, 2 B/param). The peak is the larger of the rollout (weights, reference, gathered or
+    sampler copy, KV cache), the forward/backward (weights, grads, AdamW, reference, sampler, activations) and
+    the AdamW step (foreach AdamW allocates a temporary the size of its state's sqrt(v): 4 B per trained param).
+    Not counted: the reward models, the VQ decode's transients, the CUDA context and fragmentation (~10%)."""
     P, L = count_params(gpt_config, lora_rank, lora_targets)
     trained = L if lora_rank else P
     div = world if fsdp else 1
@@ -59,40 +87,59 @@ def memory_plan(gpt_config, world=1, fsdp=False, grad_ckpt=False, lora_rank=0, l
                 weights=4 * (P + L) / div, grads=4 * trained / div, optimizer=8 * trained / div,
                 reference=(4 * P / div) if beta > 0 and not lora_rank else 0,
                 gathered=2 * P if fsdp else 0,  # bf16 copy of every block while sampling (see `gathered`)
-                activations=activation_bytes(c, micro_batch, grad_ckpt, bf16, guided),
+                sampler=2 * (P + L) if bf16 and not fsdp else 0,  # train.rollout_policy's 16-bit copy, kept
+                activations=activation_bytes(c, micro_batch, grad_ckpt, bf16, guided, bool(lora_rank)),
                 kv_cache=2 * c.n_layer * rollout_batch * (2 if cfg else 1) * (c.cls_token_num + c.block_size)
                 * c.dim * (2 if bf16 else 4))
-    rollout = plan['weights'] + plan['reference'] + plan['gathered'] + plan['kv_cache']
-    held = plan['weights'] + plan['grads'] + plan['optimizer'] + plan['reference']
+    rollout = plan['weights'] + plan['reference'] + plan['gathered'] + plan['sampler'] + plan['kv_cache']
+    held = plan['weights'] + plan['grads'] + plan['optimizer'] + plan['reference'] + plan['sampler']
     plan['peak'] = max(rollout, held + plan['activations'], held + 4 * trained / div)
     return plan
 
 
 def format_plan(plan, options):
     gb = lambda b: f"{b / 2**30:.2f} GiB"
-    parts = [f"{k} {gb(plan[k])}" for k in ('weights', 'grads', 'optimizer', 'reference', 'gathered',
+    parts = [f"{k} {gb(plan[k])}" for k in ('weights', 'grads', 'optimizer', 'reference', 'gathered', 'sampler',
                                               'activations', 'kv_cache') if plan[k]]
     return (f"memory plan per rank ({options}): {plan['params'] / 1e6:.4g}M params, "
             f"{plan['trained_params'] / 1e6:.4g}M trained; " + ', '.join(parts) + f"; peak ~{gb(plan['peak'])}")
 
 
 def fitting_options(gpt_config, limit, world, **base):
-    """Which memory options (alone or combined, then with smaller micro-batches) bring the peak under 90% of
-    `limit` bytes (the 10% the plan does not count): flag strings, least intrusive first ('' = as it is);
-    the FSDP options only when world > 1."""
+    """Which memory options bring the peak under 90% of `limit` bytes (the 10% the plan does not count): flag
+    strings, least intrusive first ('' = as it is). Each of: as it is, --grad_ckpt, LoRA, both (and the FSDP
+    options when world > 1), with the first micro-batch that fits among the divisors of the configured one
+    (train.py wants micro-batches that divide the minibatch); smaller micro-batches and --grad_ckpt keep the recipe
+    exactly, LoRA and FSDP change what is trained or how."""
     tries = [('', {}), ('--grad_ckpt', dict(grad_ckpt=True)), ('--lora_rank 16', dict(lora_rank=16)),
              ('--grad_ckpt --lora_rank 16', dict(grad_ckpt=True, lora_rank=16))]
     if world > 1:
         tries += [('--fsdp', dict(fsdp=True)), ('--fsdp --grad_ckpt', dict(fsdp=True, grad_ckpt=True))]
+    top = base['micro_batch']
     out = []
     for flags, kw in tries:
-        for mb in sorted({base['micro_batch'], 4, 1}, reverse=True):
-            opts = {**base, **kw, 'micro_batch': mb}
-            if mb <= base['micro_batch'] and memory_plan(gpt_config, world, **opts)['peak'] < 0.9 * limit:
-                out.append((flags + ('' if mb == base['micro_batch'] else f' --micro_batch_size {mb}')).strip())
+        for mb in divisors(top):
+            if memory_plan(gpt_config, world, **{**base, **kw, 'micro_batch': mb})['peak'] < 0.9 * limit:
+                out.append((flags + ('' if mb == top else f' --micro_batch_size {mb}')).strip())
                 break
     return out
 
+
+def divisors(n):
+    """The divisors of n, largest first (O(sqrt n))."""
+    small = [k for k in range(1, math.isqrt(n) + 1) if n % k == 0]
+    return sorted(set(small + [n // k for k in small]), reverse=True)
+
+
+def refusal(plan, have, fits, what):
+    """The one sentence that refuses a run whose plan exceeds the device, naming the option that makes the same
+    recipe fit (the first of fitting_options), or else the smaller batches that change it."""
+    head = f"{what} needs about {plan['peak'] / 2**30:.3g} GiB but this device has {have / 2**30:.3g} GiB in all; "
+    if fits:
+        also = f" (or {fits[1]})" if len(fits) > 1 else ''
+        return head + f"the same recipe fits with {fits[0]}{also}"
+    return head + "no memory option fits on this many devices: lower --group_size, --conds_per_rank or " \
+                  "--images_per_step, or add GPUs and use --fsdp"
 
 
 def sampling_bytes(gpt_config, batch, cfg=True, dtype_bytes=4):
@@ -128,8 +175,11 @@ def print_plan(cfg, gpt_config, world, device, batch):
                 beta=cfg.beta, micro_batch=cfg.micro_batch_size or cfg.minibatch_size or batch, rollout_batch=batch,
                 cfg=cfg.cfg_scale > 1, guided=cfg.logprob_mode == 'guided', bf16=device.type == 'cuda')
     plan = memory_plan(gpt_config, world, **opts)
-    check_fits(plan['peak'], device, f"one GRPO step ({batch} images per rank)", "lower --group_size, "
-               "--conds_per_rank or --images_per_step, or see the README's memory table")
+    have = device_memory(device)
+    if plan['peak'] > have:  # refused before anything is allocated, naming what would fit
+        from cli import UserError
+        raise UserError(refusal(plan, have, fitting_options(gpt_config, have, world, **opts),
+                                f"one GRPO step ({batch} images per rank)"))
     names = [n for n, on in (('fsdp', cfg.fsdp), ('grad_ckpt', cfg.grad_ckpt), (f'lora r={cfg.lora_rank}',
                                                                                  cfg.lora_rank)) if on]
     print0(format_plan(plan, ', '.join(names or ['full fine-tuning']) + f', micro-batch {opts["micro_batch"]}'))

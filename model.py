@@ -204,19 +204,27 @@ class KVCache:
 
     Sized with n_kv_head (the reference sizes it with n_head, which is why its GQA cache crashes).
     `pos` is a 1-element tensor (not a Python int) so a compiled decode step has static shapes and
-    `key_valid` masks out left-padded caption positions (t2i).
+    `key_valid` masks out left-padded caption positions (t2i). `filled` mirrors `pos` on the host (the
+    caller knows how many tokens it fed, so keeping it costs no synchronisation): an eager step attends
+    over the filled prefix only, not the whole preallocated cache; a static cache (torch.compile's CUDA
+    graphs need fixed shapes) reads all of it behind the mask.
     """
 
-    def __init__(self, cfg: GPTConfig, batch_size, max_len, device, dtype):
+    def __init__(self, cfg: GPTConfig, batch_size, max_len, device, dtype, static=False):
         shape = (batch_size, cfg.n_kv_head or cfg.n_head, max_len, cfg.head_dim)
         self.k = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(cfg.n_layer)]
         self.v = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(cfg.n_layer)]
         self.key_valid = torch.ones(batch_size, max_len, dtype=torch.bool, device=device)
         self.pos = torch.zeros(1, dtype=torch.long, device=device)  # next position to write
         self.key_pos = torch.arange(max_len, device=device)  # position of every cache slot
+        self.static = static  # True: every step reads the whole cache (fixed shapes for CUDA graphs)
+        self.filled = 0  # host copy of pos (eager only; a compiled step would recompile on a changing int)
+        self.padded = False  # some caption rows are padding: the prefix read needs the mask too
+        self.n_read = max_len  # keys the current forward attends over (set by GPT.forward)
 
     def mark_static(self):
         # lets torch.compile's CUDA graphs update these tensors in place
+        self.static = True
         for t in self.k + self.v + [self.key_valid, self.pos, self.key_pos]:
             torch._dynamo.mark_static_address(t)
 
@@ -238,12 +246,15 @@ class Attention(nn.Module):
         qk = apply_rotary_emb(qkv[:, :, :H + Hkv], freqs_cis)  # q and k rotated in one go
         q, k = qk.transpose(1, 2).split([H, Hkv], dim=1)  # (B, H, T, hd), (B, Hkv, T, hd)
         v = qkv[:, :, H + Hkv:].transpose(1, 2)  # (B, Hkv, T, hd)
-        if kv_cache is not None:  # write this step's keys/values, then attend over the whole cache
+        if kv_cache is not None:  # write this step's keys/values, then attend over the filled prefix (or all)
             kv_cache.k[layer].index_copy_(2, input_pos, k)
             kv_cache.v[layer].index_copy_(2, input_pos, v)
-            k, v = kv_cache.k[layer], kv_cache.v[layer]  # (B, n_kv, L, hd)
-        # query head h reads kv head h // (n_head / n_kv_head): LlamaGen's repeat_interleave
-        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None,
+            n = kv_cache.n_read
+            k, v = kv_cache.k[layer][:, :, :n], kv_cache.v[layer][:, :, :n]  # (B, n_kv, n, hd)
+        # query head h reads kv head h // (n_head / n_kv_head): LlamaGen's repeat_interleave. Without a mask,
+        # T queries over T keys are causal and one query over the filled prefix sees every key (GPT.forward
+        # passes a mask in every other case), so no mask is built and SDPA may pick a flash kernel.
+        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None and T > 1,
                                            dropout_p=self.attn_dropout_p if self.training else 0.0,
                                            enable_gqa=self.n_kv_head != self.n_head)
         return self.resid_dropout(self.wo(y.transpose(1, 2).reshape(B, T, C)))
@@ -305,15 +316,15 @@ class GPT(nn.Module):
                              f"got {cond.shape[1]}")
         return null.to(cond.dtype).expand(cond.shape[0], -1, -1)  # same rows for every sample, unmasked
 
-    def new_kv_cache(self, batch_size, max_len=None):
-        """A zeroed cache for `batch_size` sequences (CFG doubles the batch: pass 2B)."""
+    def new_kv_cache(self, batch_size, max_len=None, static=False):
+        """A zeroed cache for `batch_size` sequences (CFG doubles the batch: pass 2B); static: see KVCache."""
         p = self.output.weight
         # LlamaGen rounds the cache length up to a multiple of 8
         max_len = find_multiple(max_len or self.config.cls_token_num + self.config.block_size, 8)
         # under autocast the keys/values come out in the autocast dtype, not the weights' dtype
         dt = p.device.type
         dtype = torch.get_autocast_dtype(dt) if torch.is_autocast_enabled(dt) else p.dtype
-        return KVCache(self.config, batch_size, max_len, p.device, dtype)
+        return KVCache(self.config, batch_size, max_len, p.device, dtype, static)
 
     def forward(self, tokens, cond=None, kv_cache=None, cond_mask=None):
         """tokens (B, S) int64 image tokens to feed; cond (B,) class ids or (B, C, caption_dim) captions,
@@ -341,7 +352,8 @@ class GPT(nn.Module):
             input_pos = kv_cache.pos + torch.arange(T, device=h.device)
             if cond_mask is not None:  # prefill: remember which caption rows are padding
                 kv_cache.key_valid[:, :C] = cond_mask.bool()
-            mask = attention_mask(input_pos, kv_cache.key_pos, kv_cache.key_valid)
+                kv_cache.padded = True
+            mask = _cache_mask(kv_cache, input_pos, T)
         freqs_cis = self.freqs_cis[input_pos]
         for i, layer in enumerate(self.layers):
             if self.grad_ckpt and kv_cache is None and torch.is_grad_enabled():  # never in the cached decode
@@ -350,6 +362,8 @@ class GPT(nn.Module):
                 h = layer(h, freqs_cis, mask, kv_cache, i, input_pos)
         if kv_cache is not None:
             kv_cache.pos.add_(T)
+            if not kv_cache.static:
+                kv_cache.filled += T
         if cond is not None:
             h = h[:, C - 1:]  # condition positions before the last one predict nothing
         # LlamaGen quirk: logits are cast to float32
@@ -360,6 +374,16 @@ def _key_valid(cond_mask, T):
     """(B, C) caption mask -> (B, T) key validity with the image positions always valid."""
     B, C = cond_mask.shape
     return torch.cat([cond_mask.bool(), cond_mask.new_ones(B, T - C, dtype=torch.bool)], dim=1)
+
+
+def _cache_mask(kv_cache, input_pos, T):
+    """Sets how many keys a cached forward of T tokens reads and returns their mask, or None when the plain
+    causal rule is the mask: T queries from position 0, or one query over a prefix without padded keys."""
+    n = kv_cache.k[0].shape[2] if kv_cache.static else kv_cache.filled + T
+    kv_cache.n_read = n
+    if kv_cache.static or kv_cache.padded or (T > 1 and kv_cache.filled > 0):
+        return attention_mask(input_pos, kv_cache.key_pos[:n], kv_cache.key_valid[:, :n])
+    return None
 
 
 def attention_mask(query_pos, key_pos, key_valid):
@@ -404,9 +428,18 @@ def sample_logits(logits, temperature=1.0, top_k=0, top_p=1.0, generator=None, u
         cdf = logp.double().exp().cumsum(-1)  # (B, K); float64, so u * total < total and p = 0 is never hit
         pick = torch.searchsorted(cdf, uniform.double()[:, None] * cdf[:, -1:], right=True)  # (B, 1)
     else:
-        pick = torch.multinomial(logp.exp(), 1, generator=generator)  # (B, 1)
+        pick = multinomial_one(logp.exp(), generator)  # (B, 1)
     token = pick if idx is None else idx.gather(-1, pick)
     return token.squeeze(-1), logp.gather(-1, pick).squeeze(-1)
+
+
+def multinomial_one(probs, generator=None):
+    """One draw per row of probs (B, K) -> (B, 1): what torch.multinomial(probs, 1) computes for one sample,
+    argmax(p / q) with q ~ Exp(1) (the exponential form of the Gumbel-max trick), the same operations on the
+    same generator, so the same tokens, minus its check that every p is finite and >= 0, which reads a value
+    back to the host: one GPU synchronisation per decoded token."""
+    q = torch.empty_like(probs).exponential_(1, generator=generator)
+    return (probs / q).argmax(-1, keepdim=True)
 
 
 def _step_logits(model, token, kv_cache, cfg_scale, use_cfg):
@@ -421,7 +454,7 @@ def _step_logits(model, token, kv_cache, cfg_scale, use_cfg):
 
 @torch.no_grad()
 def generate(model, cond, cond_mask=None, cfg_scale=4.0, cfg_interval=-1, temperature=1.0, top_k=0,
-             top_p=1.0, generator=None, compile=False, sample_fn=None):
+             top_p=1.0, generator=None, compile=False, sample_fn=None, static_cache=None):
     """Sample image tokens for a batch of conditions.
 
     cond: (B,) class ids or (B, C, caption_dim) caption embeddings; cond_mask: (B, C) for captions.
@@ -430,6 +463,8 @@ def generate(model, cond, cond_mask=None, cfg_scale=4.0, cfg_interval=-1, temper
     Returns tokens (B, block_size) int64 and the log-prob of each under the distribution it was
     sampled from (B, block_size) float32. `sample_fn(logits) -> (token, logp)` replaces the sampler
     (tests use it to record the logits and force teacher tokens, as the fixtures were made).
+    static_cache (default: = compile) reads the whole cache at every step (bench.py times the prefix read
+    against it).
     """
     if sample_fn is None:
         sample_fn = lambda lg: sample_logits(lg, temperature, top_k, top_p, generator)
@@ -438,7 +473,7 @@ def generate(model, cond, cond_mask=None, cfg_scale=4.0, cfg_interval=-1, temper
     use_cfg = cfg_scale > 1.0  # LlamaGen quirk: scale <= 1 means no unconditional half at all
     cond_all = torch.cat([cond, model.null_cond(cond)]) if use_cfg else cond
     mask_all = None if cond_mask is None else (torch.cat([cond_mask, cond_mask]) if use_cfg else cond_mask)
-    cache = model.new_kv_cache(cond_all.shape[0])
+    cache = model.new_kv_cache(cond_all.shape[0], static=compile if static_cache is None else static_cache)
     step = _step_logits
     if compile:
         cache.mark_static()

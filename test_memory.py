@@ -12,6 +12,9 @@ import model
 from cli import UserError
 from conftest import HERE, run_train
 from model import config_for
+import torch
+
+import memory
 from memory import count_params, memory_plan
 
 
@@ -64,3 +67,60 @@ def test_memory_plan():
     lora = memory_plan(xl, lora_rank=16)
     assert lora['reference'] == 0 and lora['optimizer'] == 8 * L
     assert memory_plan(xl, grad_ckpt=True)['activations'] < ddp['activations'] / 4
+
+
+def test_refusal_names_the_option_that_makes_the_same_recipe_fit(tmp_path):
+    # the paper's c2i step (32 images) on one 48 GiB card without --micro_batch_size is refused, and the sentence
+    # names the largest micro-batch whose plan fits (found here by trying them one by one)
+    xl, have = config_for('GPT-XL', 384), 48 * 2**30
+    opts = dict(micro_batch=32, rollout_batch=32)
+    assert memory_plan(xl, **opts)['peak'] > have
+    first = next(m for m in (32, 16, 8, 4, 2, 1)
+                 if memory_plan(xl, micro_batch=m, rollout_batch=32)['peak'] < 0.9 * have)
+    fits = memory.fitting_options(xl, have, 1, **opts)
+    assert fits[0] == f'--micro_batch_size {first}' and fits[1].startswith('--grad_ckpt')
+    assert f'the same recipe fits with --micro_batch_size {first}' in memory.refusal(memory_plan(xl, **opts), have,
+                                                                                     fits, 'one GRPO step')
+    # a train.py run on this CPU whose batch outgrows the machine's memory: refused at start-up, in one sentence
+    tiny = config_for('GPT-tiny', 8, 2, vocab_size=64)  # run_train's model: 8 px through the tiny VQ (4x4 tokens)
+    plan = lambda b, m: memory_plan(tiny, micro_batch=m, rollout_batch=b, cfg=False, beta=0.01, bf16=False)['peak']
+    ram, batch = memory.device_memory(torch.device('cpu')), 8
+    while plan(batch, batch) <= ram:
+        batch *= 2
+    first = next(batch // 2**k for k in range(30) if plan(batch, batch // 2**k) < 0.9 * ram)
+    with pytest.raises(UserError, match=f'the same recipe fits with --micro_batch_size {first}'):
+        run_train(tmp_path / 'big', '--images_per_step', str(batch))
+
+
+def test_activation_estimate_within_20_percent_of_the_measured_peak():
+    # the peak above weights and grads of one teacher-forced forward/backward, measured from the CPU allocator's
+    # events (bench.peak_bytes), at GPT-B width with LlamaGen's vocabulary; autocast to bf16 works on a CPU too.
+    # The tensors autograd saves (summed by a saved-tensors hook, weights excluded) are a part of it.
+    import bench
+    import lora
+    import train
+    from model import GPT
+    gc = config_for('GPT-B', 256, 16, vocab_size=16384, n_layer=2)
+    tc = train.TrainConfig(cfg_scale=1.0)
+    x, y = torch.randint(16384, (1, gc.block_size)), torch.tensor([3])
+    for opt, bf16 in (('ddp', False), ('grad_ckpt', False), ('lora', False), ('ddp', True)):
+        torch.manual_seed(0)
+        m = GPT(gc).eval()
+        m.grad_ckpt = opt == 'grad_ckpt'
+        if opt == 'lora':
+            lora.add_lora(m, 16, 32)
+        amp = lambda: torch.autocast('cpu', dtype=torch.bfloat16, enabled=bf16)
+        fwd = lambda: train.sequence_logprobs(tc, m, x, y, None)[0].mean()
+
+        def step():
+            with amp():
+                fwd().backward()
+        step()  # the gradients exist, as from the second micro-batch on
+        est = memory.activation_bytes(gc, 1, opt == 'grad_ckpt', bf16, lora=opt == 'lora')
+        measured = bench.peak_bytes(step, torch.device('cpu'))
+        assert abs(measured / est - 1) < 0.2, (opt, bf16, measured, est)
+        weights, saved = {p.untyped_storage().data_ptr() for p in m.parameters()}, {}
+        keep = lambda t: saved.update({t.untyped_storage().data_ptr(): t.untyped_storage().nbytes()}) or t
+        with torch.autograd.graph.saved_tensors_hooks(keep, lambda t: t), amp():
+            fwd()
+        assert sum(n for p, n in saved.items() if p not in weights) < est

@@ -139,3 +139,55 @@ def test_grad_ckpt_equals_plain():
         a = generate(m, y, cfg_scale=2.0, generator=torch.Generator().manual_seed(0))[0]
         m.grad_ckpt = False
         assert torch.equal(a, generate(m, y, cfg_scale=2.0, generator=torch.Generator().manual_seed(0))[0])
+
+
+@torch.no_grad()
+def test_prefix_read_equals_whole_cache_read():
+    # the eager cache attends over the filled prefix only; a static cache (what torch.compile uses) reads all of it
+    # behind the mask: the same logits, for c2i, GQA and left-padded captions, one token or a chunk at a time
+    from conftest import tiny_gpt as load
+    g = torch.Generator().manual_seed(0)
+    cases = [(_random_head(load()), torch.tensor([1, 2, 5]), None),
+             (_random_head(load('c2i_tiny_gqa.safetensors', 'c2i_tiny_gqa_config.json')), torch.tensor([0, 7]), None)]
+    t2i = _random_head(load('t2i_tiny.safetensors', 't2i_tiny_config.json'))
+    C = t2i.config.cls_token_num
+    mask = torch.ones(2, C, dtype=torch.long)
+    mask[0, :C // 2] = 0  # a left-padded caption
+    cases.append((t2i, torch.randn(2, C, t2i.config.caption_dim, generator=g), mask))
+    for m, cond, cmask in cases:
+        N, V = m.config.block_size, m.config.vocab_size
+        tok = torch.randint(0, V, (cond.shape[0], N), generator=g)
+        full = m(tok[:, :-1], cond, cond_mask=cmask)  # teacher-forced, no cache: (B, N, V)
+        for static in (False, True):
+            for chunk in (1, 5):  # after the prefill, feed `chunk` tokens per forward
+                cache = m.new_kv_cache(cond.shape[0], static=static)
+                out = [m(tok[:, :0], cond, kv_cache=cache, cond_mask=cmask)[:, -1:]]
+                for j in range(0, N - 1, chunk):
+                    out.append(m(tok[:, j:min(j + chunk, N - 1)], kv_cache=cache))
+                torch.testing.assert_close(torch.cat(out, 1), full, atol=1e-5, rtol=0)
+
+
+def test_multinomial_one_is_torch_multinomial():
+    # the sync-free draw is torch.multinomial(p, 1)'s own computation: the same tokens from the same generator
+    p = torch.randn(6, 300, generator=torch.Generator().manual_seed(0)).mul(3).softmax(-1)
+    p[0, 10:] = 0  # zero-probability tokens are never drawn by either
+    g1, g2 = torch.Generator().manual_seed(1), torch.Generator().manual_seed(1)
+    for _ in range(50):
+        assert torch.equal(model.multinomial_one(p, g1), torch.multinomial(p, 1, generator=g2))
+
+
+@cuda
+@torch.no_grad()
+def test_gpu_decode_loop_never_waits_for_the_device():
+    # no .item(), no torch.multinomial check, no branch on a tensor inside the decode loop: with CUDA's sync debug
+    # mode set to error, any synchronising call in generate() raises; bf16 weights as the rollout's sampler copy
+    m = _random_head(tiny_gpt()).cuda().to(torch.bfloat16)
+    cls = torch.tensor([1, 2, 5, 9], device='cuda')
+    gens = [torch.Generator('cuda').manual_seed(0) for _ in range(2)]  # made outside the checked region
+    first = generate(m, cls, cfg_scale=2.0, generator=gens[0])  # also moves the RoPE table to the GPU, once
+    torch.cuda.set_sync_debug_mode('error')
+    try:
+        again = generate(m, cls, cfg_scale=2.0, generator=gens[1])
+    finally:
+        torch.cuda.set_sync_debug_mode('default')
+    assert torch.equal(first[0], again[0])

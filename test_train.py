@@ -299,3 +299,41 @@ def test_paper_recipe_plus_loo_fid_runs_on_random_inception(tmp_path, monkeypatc
         run_train(tmp_path / 'x', '--rewards', 'paper,loo_fid=0.5')
     with pytest.raises(UserError, match='is a training reward'):
         run_train(tmp_path / 'x', '--rewards', 'colorfulness=1,loo_fid=0.5', '--fid_ref', str(ref), '--eval')
+
+
+def test_sampler_copy_follows_the_policy_and_its_logprob_gap_is_small(tmp_path):
+    """The rollout's 16-bit copy (train.inference_copy, bf16 here on the CPU) holds the policy's weights cast, again
+    after an optimizer step; rollout() samples from it exactly what generate() does; its log-probs of the sampled
+    tokens are near the float32 policy's (the update recomputes them there), and a float32 copy's are the same."""
+    cfg, run = _tiny_run(tmp_path, '--cfg_scale', '2', '--logprob_mode', 'guided')
+    torch.nn.init.normal_(run.policy.output.weight, std=0.05, generator=torch.Generator().manual_seed(0))
+    assert train.rollout_policy(cfg, run) is run.policy  # CPU: no copy
+    sampler = train.inference_copy(run.policy, torch.bfloat16)
+    cast = lambda: {k: v.to(torch.bfloat16) for k, v in run.policy.state_dict().items()}
+    assert all(torch.equal(v, cast()[k]) for k, v in sampler.state_dict().items())
+    run.policy.output.weight.grad = torch.randn_like(run.policy.output.weight)
+    run.opt.step()
+    assert train.inference_copy(run.policy, torch.bfloat16, sampler) is sampler
+    assert all(torch.equal(v, cast()[k]) for k, v in sampler.state_dict().items())
+    cond = torch.tensor([0, 3, 5, 7])
+    tokens, _, _ = train.rollout(cfg, sampler, run.vq, cond, None, torch.Generator().manual_seed(0), run.device)
+    again, logp_sampler = generate(sampler, cond, cfg_scale=2.0, generator=torch.Generator().manual_seed(0))
+    assert torch.equal(tokens, again)
+    with torch.no_grad():
+        logp_policy = train.sequence_logprobs(cfg, run.policy, tokens, cond, None)[0]
+        exact = generate(train.inference_copy(run.policy, torch.float32), cond, cfg_scale=2.0,
+                         generator=torch.Generator().manual_seed(0))[1]
+    gap = (logp_sampler - logp_policy).abs()
+    assert 0 < gap.max() < 0.1 and gap.mean() < 0.02  # bf16 rounding, not a different distribution
+    torch.testing.assert_close(exact, logp_policy, atol=1e-5, rtol=0)
+
+
+@cuda
+def test_gpu_rollout_samples_from_a_refreshed_bf16_copy(tmp_path):
+    cfg, run = _tiny_run(tmp_path, '--device', 'cuda', '--cfg_scale', '2')
+    torch.nn.init.normal_(run.policy.output.weight, std=0.05)
+    metrics, _ = train.grpo_step(cfg, run, 0)
+    assert metrics['skipped'] == 0 and next(run.sampler.parameters()).dtype == torch.bfloat16
+    assert train.rollout_policy(cfg, run) is run.sampler  # the same copy, refreshed: the step's update is in it
+    for (k, v), p in zip(run.sampler.state_dict().items(), run.policy.state_dict().values()):
+        assert torch.equal(v, p.to(v.dtype)), k

@@ -183,6 +183,7 @@ class Run:
     device: torch.device = torch.device('cpu')
     entropy_coef: float = 0.0  # the entropy bonus's coefficient now (adapted each step with --entropy_lr)
     save_meta: dict = field(default_factory=dict)  # more of model.safetensors' header (world.checkpoint_metadata)
+    sampler: Any = None  # the rollout's 16-bit copy of the policy (GPU; rollout_policy), made at the first rollout
 
 # -----------------------------------------------------------------------------
 # one GRPO step, in call order: conditions -> rollout -> decode and score -> advantages -> update
@@ -221,15 +222,48 @@ def condition_tensors(run, conds, group):
 
 @torch.no_grad()
 def rollout(cfg, policy, vq, cond, mask, gen, device):
-    """One sample per row of cond (B,) or (B, L, D) -> (tokens (B, N), images (B, 3, H, W), timings)."""
+    """One sample per row of cond (B,) or (B, L, D) -> (tokens (B, N), images (B, 3, H, W), timings).
+    `policy` is what rollout_policy returns: a 16-bit copy runs as it is, float32 weights under autocast."""
     t0 = _now(device)
-    with autocast(cfg, device):
+    low = next(policy.parameters()).dtype != torch.float32  # the sampler copy: no autocast casts per token
+    with nullcontext() if low else autocast(cfg, device):
         with distributed.gathered(policy):  # FSDP: every block gathered once for the whole decode, then resharded
             tokens, _ = generate(policy, cond, mask, cfg.cfg_scale, cfg.cfg_interval, cfg.temperature, cfg.top_k,
                                  cfg.top_p, generator=gen, compile=cfg.compile)
-        t1 = _now(device)
+    t1 = _now(device)
+    with autocast(cfg, device):
         images = vq.decode(tokens).float()
     return tokens, images, dict(time_rollout=t1 - t0, time_decode=_now(device) - t1)
+
+
+def rollout_policy(cfg, run):
+    """The network the rollout samples from. On a GPU with a 16-bit --dtype, a copy of the policy in that dtype,
+    made once and refreshed from the float32 weights before every rollout, i.e. after every optimizer step (what
+    RL trainers do with their inference engine: verl, OpenRLHF, TRL + vLLM): each decoded token reads 2 bytes per
+    weight instead of autocast casting 4-byte weights. Elsewhere (CPU, --dtype float32, --fsdp) the policy itself.
+
+    The loss never sees the sampler's log-probs: the update recomputes every log-prob with the float32 policy
+    (GRPO's "old" log-probs are that recomputation, detached, at num_iterations 1, and fixed_logprobs of the
+    same policy before the first update otherwise), so the ratio starts at exactly 1 and the gradient is the
+    policy's own. The only effect of the 16-bit sampler is that the tokens come from a slightly different
+    distribution: bench.py --only step_paper prints the gap |log p_sampler - log p_policy| per token."""
+    if run.device.type != 'cuda' or cfg.dtype == 'float32' or cfg.fsdp:
+        return run.policy
+    run.sampler = inference_copy(run.policy, getattr(torch, cfg.dtype), run.sampler)
+    return run.sampler
+
+
+@torch.no_grad()
+def inference_copy(policy, dtype, old=None):
+    """A frozen eval-mode copy of `policy` with its weights in `dtype`, or `old` with the policy's current weights
+    cast into it (no new memory). RoPE's table is a plain attribute and stays float32, as under autocast."""
+    if old is None:
+        new = copy.deepcopy(policy).requires_grad_(False).eval()
+        for p in new.parameters():
+            p.grad = None  # a deep copy also copies the gradients left by the last update
+        return new.to(dtype)
+    old.load_state_dict(policy.state_dict())  # copy_ casts float32 -> dtype in place
+    return old
 
 
 def score(cfg, run, images, image_conds):
@@ -325,6 +359,7 @@ def policy_update(cfg, ddp_model, opt, batch, device, entropy_coef=0.0):
                     sums[k] = sums.get(k, 0.0) + v.detach().float()
                 sums['loss'] = sums.get('loss', 0.0) + loss.detach().float()
                 n += 1
+                del logits, logp, loss, stats  # else the float32 (b, N, V) logits live on through the next forward
             params = [p for p in ddp_model.parameters() if p.grad is not None]
             norm = distributed.clip_grad_norm(params, cfg.grad_clip if cfg.grad_clip > 0 else float('inf'))
             if not torch.isfinite(norm):  # skip the step rather than poison the weights
@@ -346,7 +381,7 @@ def grpo_step(cfg, run, step):
     cond, mask, image_conds = condition_tensors(run, conds, group)
     gen = torch.Generator(run.device).manual_seed(cfg.seed * 1_000_003 + step * run.world + run.rank + 7)
     t0 = _now(run.device)
-    tokens, images, times = rollout(cfg, run.policy, run.vq, cond, mask, gen, run.device)
+    tokens, images, times = rollout(cfg, rollout_policy(cfg, run), run.vq, cond, mask, gen, run.device)
     local, total, metrics = score(cfg, run, images, image_conds)
     metrics |= times | token_diversity(tokens, group)
     if cfg.kl_images and run.start is not None:  # logged even at beta = 0: how far the policy moved from its start
