@@ -75,7 +75,7 @@ def seeded(wc, part):
     return torch.Generator().manual_seed(seed)
 
 
-PARTS = ('vq', 'gpt', 'classifier', 'quality', 'fakes', 'discriminator', 'judge')
+PARTS = ('vq', 'gpt', 'classifier', 'quality', 'fakes', 'discriminator', 'judge', 't5', 'detector', 'clip')
 
 
 # -----------------------------------------------------------------------------
