@@ -379,6 +379,20 @@ def model_stats(gpt, base, tokens, labels, bs=500):
 
 
 # -----------------------------------------------------------------------------
+# appended for the text-to-image world (world_t2i.py)
+
+
+def discriminator_any(size):
+    """discriminator() for a side that is not a power of 2: the same stride-2 convs, ending on a ceil(size / 2^n)
+    square map (24 px: 3x3) before the dense layer; at 16 px it is discriminator(16) layer for layer."""
+    n = int(math.log2(size // 2))
+    widths = (3,) + tuple(16 * 2 ** i for i in range(n + 1))
+    cells = math.ceil(size / 2 ** n) ** 2
+    return nn.Sequential(*conv_stack(widths, lambda: nn.LeakyReLU(0.2)), nn.Flatten(), nn.Dropout(0.2),
+                         nn.Linear(widths[-1] * cells, 1))
+
+
+# -----------------------------------------------------------------------------
 if __name__ == '__main__':
     # a smoke demo: one image at every distortion level, and the statistics on a toy case
     gen = torch.Generator().manual_seed(0)

@@ -51,7 +51,7 @@ from conditions import encode_prompts, load_t5
 from fid import LooFID, mean_cov
 from miniature import (batches, conv_stack, decode_all, encode_all, fid_of, fit, fixed_threads, load_net, pairwise_mean,
                        predict, progress, random_distortions, roc_auc, save_net, seeded, spearman, to_float,
-                       train_discriminator, train_quality, train_vq, warmup_cosine, discriminator, quality_net,
+                       train_quality, train_vq, warmup_cosine, discriminator_any, quality_net,
                        expected_level, THREADS)
 from model import GPT, config_for, generate
 from rewards import parse_spec
@@ -117,11 +117,13 @@ class T2IWorldConfig:
 
 T2I_PRESETS = {
     # the tests and the smoke demo: every part trained a little (about a minute on one core)
-    'tiny_t2i': dict(),
+    'tiny_t2i': dict(image_size=16, grid=4, n_train=1500, n_heldout=600, n_unseen=150, codebook_size=64,
+                     vq_steps=300, detector_epochs=4, judge_epochs=4, clip_epochs=4, quality_epochs=2, fakes=500,
+                     disc_epochs=3, eval_prompts=6, eval_per_prompt=4),
     # python train.py --preset demo_t2i: each size chosen by measurement (README)
-    'demo_t2i': dict(n_train=8000, n_heldout=2400, n_unseen=600, codebook_size=256, vq_steps=600, gpt_layers=4,
-                     gpt_dim=96, gpt_epochs=6, detector_epochs=8, judge_epochs=8, clip_epochs=8, quality_epochs=4,
-                     fakes=3000, disc_epochs=6, eval_prompts=32, eval_per_prompt=6),
+    'demo_t2i': dict(n_train=4000, n_heldout=1500, n_unseen=500, codebook_size=256, vq_steps=500, gpt_layers=3,
+                     gpt_dim=96, gpt_epochs=6, detector_epochs=6, judge_epochs=6, clip_epochs=5, quality_epochs=3,
+                     fakes=2000, disc_epochs=5, eval_prompts=24, eval_per_prompt=6),
 }
 NOT_KEYED = {'preset', 'root', 'eval_prompts', 'eval_per_prompt'}  # fields that do not change what is built
 REWARDS = ('geneval', 'world_clip', 'world_quality', 'world_real', 'loo_fid')  # by their --rewards names
@@ -299,7 +301,7 @@ def reward_scorers(world, spec='geneval=1,world_clip=1,world_quality=1,world_rea
         clip = load_net(os.path.join(d, 'clip.safetensors'), ClipNet(wc.caption_len, wc.t5_dim))
     for name in names:
         if name == 'geneval':
-            out[name] = geneval.GenEvalReward(load_detector(d, 'detector', wc))
+            out[name] = geneval.GenEvalReward(load_detector(d, 'detector'))
         elif name == 'world_clip':
             out[name] = ClipReward(clip, load_t5(os.path.join(d, 't5')), wc.caption_len)
         elif name == 'world_quality':
@@ -307,7 +309,7 @@ def reward_scorers(world, spec='geneval=1,world_clip=1,world_quality=1,world_rea
                                     'quality')
         elif name == 'world_real':
             out[name] = WorldReward(load_net(os.path.join(d, 'discriminator.safetensors'),
-                                             discriminator(wc.image_size)), 'real')
+                                             discriminator_any(wc.image_size)), 'real')
         elif name == 'loo_fid':
             x = to_float(load_split(d, 'train')[0])
             features = lambda images, net=clip: net.to(images.device).features(images.float().clamp(-1, 1))
@@ -324,7 +326,6 @@ def check_flags(world, rewards, world_seed=0):
     if world_seed and world not in T2I_PRESETS:
         raise UserError(f"--world_seed picks the seed of a world preset, but --world is {world}; pass --world "
                         f"demo_t2i (a built directory has its own seed)")
-    parse_spec(rewards, REWARDS + ('clip', 'quality', 'hps', 'colorfulness'))  # an unknown name: one sentence
 
 # -----------------------------------------------------------------------------
 # building the world (cached) and loading it back
@@ -363,6 +364,8 @@ def build_data(wc, d):
     unseen = scenes.make_split(wc.n_unseen, [wc.world_seed, 2], wc.image_size, 'unseen')
     held = (np.concatenate([seen[0], unseen[0]]),) + tuple(a + b for a, b in zip(seen[1:], unseen[1:]))
     save_split(os.path.join(d, 'train.npz'), *train)
+    text = ''.join(c + '\n' for c in train[1])  # GRPO's prompts: the train captions, categories balanced
+    atomic_write({os.path.join(d, 'prompts_train.txt'): lambda tmp: Path(tmp).write_text(text)})
     save_split(os.path.join(d, 'heldout.npz'), *held)
     return train, held
 
@@ -378,12 +381,12 @@ def eval_prompts(wc, held):
     return out
 
 
-def load_detector(d, name, wc):
-    return load_net(os.path.join(d, f'{name}.safetensors'), geneval.Detector(**detector_kw(name, wc)))
+def load_detector(d, name):
+    """The reward detector ('detector', geneval's 'reward' architecture) or the held-out judge ('judge')."""
+    return load_net(os.path.join(d, f'{name}.safetensors'), geneval.Detector(ARCH[name]))
 
 
-def detector_kw(name, wc):
-    return dict(arch='reward' if name == 'detector' else 'judge', size=wc.image_size)
+ARCH = dict(detector='reward', judge='judge')  # the file of a detector -> its geneval architecture
 
 
 def build(wc, log=print):
@@ -402,7 +405,7 @@ def build(wc, log=print):
     t5 = load_t5(os.path.join(d, 't5'))
     emb, mask = encode_captions(train[1], t5, wc.caption_len)
     lap('text_encoder')
-    vq = train_vq(wc, x)
+    vq = train_vq(wc, x, restart_every=max(20, wc.vq_steps // 8))  # dead codes restart ~6 times, whatever the steps
     save_vq(vq, os.path.join(d, 'vq.safetensors'))
     codes = encode_all(vq, x)
     rec, rech = decode_all(vq, codes), decode_all(vq, encode_all(vq, xh))
@@ -411,7 +414,7 @@ def build(wc, log=print):
     save_gpt(gpt, os.path.join(d, 'gpt.safetensors'))
     lap('generator')
     nets = dict(detector=geneval.train_detector(torch.cat([x, rec]), train[3] + train[3], wc.detector_epochs,
-                                                seeded(wc, 'detector'), **detector_kw('detector', wc)))
+                                                seeded(wc, 'detector'), 'reward', wc.image_size))
     lap('detector')
     ids = torch.tensor([sorted(set(train[1])).index(c) for c in train[1]])
     nets['clip'] = train_clip(wc, x, rec, emb, ids)
@@ -419,10 +422,13 @@ def build(wc, log=print):
     nets['quality'] = train_quality(wc, x)
     lap('quality')
     fakes = decode_all(vq, sample_tokens(gpt, t5, train[1][:wc.fakes], wc.cfg_scale, wc.world_seed * 1000 + 4))
-    nets['discriminator'] = train_discriminator(wc, rec[:wc.fakes], fakes)
+    xs, ys = torch.cat([rec[:wc.fakes], fakes]), torch.cat([torch.ones(wc.fakes), torch.zeros(len(fakes))])
+    nets['discriminator'] = fit(discriminator_any(wc.image_size), len(xs), lambda b: (xs[b], ys[b]),
+                                F.binary_cross_entropy_with_logits, wc.disc_epochs, seeded(wc, 'discriminator'),
+                                'discriminator (reconstructed train scenes vs base samples)', weight_decay=0.05)
     lap('discriminator')
     nets['judge'] = geneval.train_detector(torch.cat([xh, rech]), held[3] + held[3], wc.judge_epochs,
-                                           seeded(wc, 'judge'), **detector_kw('judge', wc))
+                                           seeded(wc, 'judge'), 'judge', wc.image_size)
     lap('judge')
     for name, net in nets.items():
         save_net(net, os.path.join(d, f'{name}.safetensors'))
@@ -468,7 +474,7 @@ class T2IWorld:
         self.vq = load_vq(os.path.join(d, 'vq.safetensors')).requires_grad_(False)
         self.gpt = load_gpt(os.path.join(d, 'gpt.safetensors')).requires_grad_(False)
         self.t5 = load_t5(os.path.join(d, 't5'))
-        self.judge = load_detector(d, 'judge', self.config)
+        self.judge = load_detector(d, 'judge')
         self.scorers = reward_scorers(d, 'geneval=1,world_clip=1,world_quality=1,world_real=1')
         images, self.heldout_prompts, self.heldout_specs, self.heldout_scenes = load_split(d, 'heldout')
         self.heldout_x = to_float(images)
@@ -492,3 +498,234 @@ def load_or_build(wc, log=print):
         build(wc, log)
         log(f"world: built in {time.perf_counter() - t:.0f} s")
     return T2IWorld(d)
+
+# -----------------------------------------------------------------------------
+# measuring a generator: the offline GenEval (held-out judge) on seen and unseen prompts, FID, diversity, KL
+
+
+def eval_list(w, kind, per_prompt):
+    """The measured prompts of one kind ('seen' or 'unseen'), category by category, each per_prompt times."""
+    return [p for tag in scenes.TAGS for p in w.prompts[kind].get(tag, []) for _ in range(per_prompt)]
+
+
+def judge_features(w, x):
+    """The judge's body pooled over cells: (n, 3, H, W) -> (n, C), the mini-FID's feature space."""
+    return predict(w.judge.body, x).mean((2, 3))
+
+
+@torch.no_grad()
+def model_stats(gpt, base, tokens, emb, mask, bs=256):
+    """Per-token entropy of the model on its own samples and KL(model || base) per token (nats), from the
+    conditional next-token distributions along the sampled prefixes, captions given with their masks."""
+    ent, kl = [], []
+    for i in range(0, len(tokens), bs):
+        t, c, m = tokens[i:i + bs], emb[i:i + bs], mask[i:i + bs]
+        lp, lq = (g(t[:, :-1], c, cond_mask=m).log_softmax(-1) for g in (gpt, base))  # (b, N, V)
+        ent.append(-(lp.exp() * lp).sum(-1).flatten())
+        kl.append((lp.exp() * (lp - lq)).sum(-1).flatten())
+    return dict(entropy=torch.cat(ent).mean().item(), kl_to_base=torch.cat(kl).mean().item())
+
+
+@torch.no_grad()
+def measure(w, gpt, cfg_scale, per_prompt, seed=1234):
+    """Sample per_prompt images of every measured prompt (seen, then unseen) with fixed seeds and score them:
+    the held-out judge's GenEval accuracy per category (+- s.e.), overall (the mean over categories) on seen and
+    on unseen prompts, each reward's mean on the seen ones, mini-FID to the held-out scenes, within-prompt pixel
+    diversity, token statistics, entropy and KL to the base -> (results, images, prompts, the judge's detections)."""
+    from miniature import token_stats
+    seen, unseen = eval_list(w, 'seen', per_prompt), eval_list(w, 'unseen', per_prompt)
+    prompts, ns = seen + unseen, len(seen)
+    tokens = sample_tokens(gpt, w.t5, prompts, cfg_scale, seed)
+    images = decode_all(w.vq, tokens)
+    specs, dets = [scenes.parse(p) for p in prompts], geneval.detect(w.judge, images)
+    acc, acc_u = geneval.accuracy(specs[:ns], dets[:ns]), geneval.accuracy(specs[ns:], dets[ns:])
+    out = {}
+    for tag, (a, se, _) in acc.items():
+        out[f'geneval_{tag}'], out[f'geneval_{tag}_se'] = a, se
+    out['geneval_unseen'], out['geneval_unseen_se'] = acc_u['overall'][:2]
+    out |= {name: s(images[:ns], seen).mean().item() for name, s in w.scorers.items()}
+    ids = torch.tensor([prompts.index(p) for p in prompts])  # one id per distinct prompt
+    out['mini_fid'] = fid_of(judge_features(w, w.heldout_x[:w.config.n_heldout]), judge_features(w, images[:ns]))
+    out['pixel_diversity'] = pairwise_mean(images.flatten(1), ids, lambda a, b: (a - b).pow(2).mean(-1).sqrt())
+    emb, mask = encode_captions(prompts, w.t5, gpt.config.cls_token_num)
+    out |= token_stats(tokens, ids) | model_stats(gpt, w.gpt, tokens, emb, mask)
+    return out, images, prompts, dets
+
+# -----------------------------------------------------------------------------
+# the demo: GRPO in the world (train.py's own loop), a shuffled-reward control, the report
+
+
+def prepare(tcfg, log=print):
+    """Build or load tcfg.world (a preset at tcfg.world_seed, or a directory) and point the TrainConfig at its
+    generator, VQ, text encoder and GRPO prompts (the train split's captions: never an unseen one)."""
+    if tcfg.world in T2I_PRESETS:
+        with fixed_threads():
+            w = load_or_build(preset_config(tcfg.world, tcfg.world_seed), log)
+    else:
+        w = T2IWorld(tcfg.world)
+    tcfg.ckpt = tcfg.ckpt or os.path.join(w.dir, 'gpt.safetensors')
+    tcfg.vq_ckpt = tcfg.vq_ckpt or os.path.join(w.dir, 'vq.safetensors')
+    tcfg.t5 = tcfg.t5 or os.path.join(w.dir, 't5')
+    tcfg.prompts = tcfg.prompts or os.path.join(w.dir, 'prompts_train.txt')
+    tcfg.world, tcfg.image_size = w.dir, w.config.image_size
+    return w
+
+
+def accuracy_hook(w, tcfg, every=10, per_prompt=2):
+    """A train.py hook: the held-out judge's GenEval overall on fixed seeds every `every` steps (the curve),
+    logged as judge_acc so plots.plot_runs draws it beside world.py's."""
+    prompts = [p for tag in scenes.TAGS for p in w.prompts['seen'].get(tag, [])[:6] for _ in range(per_prompt)]
+    specs = [scenes.parse(p) for p in prompts]
+
+    def hook(step, policy):
+        if step % every:
+            return {}
+        images = decode_all(w.vq, sample_tokens(policy, w.t5, prompts, tcfg.cfg_scale, 999))
+        return {'judge_acc': geneval.accuracy(specs, geneval.detect(w.judge, images))['overall'][0]}
+    return hook
+
+
+def run_pair(w, tcfg, train_fn, log=print, control=True):
+    """GRPO with the real rewards and (control=True) the shuffled control from the same start and seeds."""
+    runs = {}
+    for name, shuffle in (('tuned', False), ('control', True))[:1 + control]:
+        cfg = replace(tcfg, shuffle_rewards=shuffle, out_dir=os.path.join(tcfg.out_dir, name))
+        hook = accuracy_hook(w, cfg)
+        t = time.perf_counter()
+        rows = [{'step': 0, **hook(0, w.gpt)}] + train_fn(cfg, hook)
+        secs = time.perf_counter() - t
+        gpt = load_gpt(os.path.join(cfg.out_dir, 'latest', 'model.safetensors')).requires_grad_(False)
+        runs[name] = dict(rows=rows, seconds=secs, gpt=gpt)
+        log(f"world: {name} run, {len(rows) - 1} GRPO steps in {secs:.0f} s")
+    return runs
+
+
+def run_demo(tcfg, train_fn, log=print, control=True):
+    """python train.py --preset demo_t2i: the world, GRPO + control, then base vs tuned vs control on the same
+    seeds -> report.md, report.json, samples_*.npz, before_after.png, curves.png in tcfg.out_dir."""
+    from plots import plot_runs
+    with fixed_threads():
+        torch.manual_seed(0)
+        t0 = time.perf_counter()
+        w = prepare(tcfg, log)
+        t1 = time.perf_counter()
+        runs = run_pair(w, tcfg, train_fn, log, control)
+        t2 = time.perf_counter()
+        models = dict(base=w.gpt) | {k: r['gpt'] for k, r in runs.items()}
+        measured = {k: measure(w, m, tcfg.cfg_scale, w.config.eval_per_prompt) for k, m in models.items()}
+        res = {k: v[0] for k, v in measured.items()}
+        times = dict(world_s=t1 - t0, grpo_s=t2 - t1, **{f'{k}_s': r['seconds'] for k, r in runs.items()},
+                     eval_s=time.perf_counter() - t2)
+        write_report(tcfg.out_dir, w, tcfg, res, times)
+        for name, (_, images, prompts, _) in measured.items():
+            arrays = dict(arr_0=to_uint8(images).permute(0, 2, 3, 1).numpy(), prompts=np.array(prompts))
+            atomic_write({os.path.join(tcfg.out_dir, f'samples_{name}.npz'): lambda tmp: save_npz(tmp, **arrays)})
+        write_before_after(os.path.join(tcfg.out_dir, 'before_after.png'), w, measured, res)
+        plot_runs(os.path.join(tcfg.out_dir, 'curves.png'), {k: r['rows'] for k, r in runs.items()})
+    return res
+
+
+ROWS = [('geneval_overall', 'GenEval overall (held-out judge), seen prompts', '.3f'),
+        *[(f'geneval_{t}', f'  {t}', '.3f') for t in scenes.TAGS],
+        ('geneval_unseen', 'GenEval overall, unseen prompts', '.3f'),
+        ('geneval', 'reward: share of atoms satisfied, reward detector', '.3f'),
+        ('world_clip', 'reward: contrastive image-text score', '.3f'),
+        ('world_quality', 'reward: quality, 1 - predicted distortion level / 4', '.3f'),
+        ('world_real', 'reward: P(real), discriminator', '.3f'),
+        ('mini_fid', 'mini-FID to held-out scenes (judge features)', '.2f'),
+        ('pixel_diversity', 'pixel diversity: within-prompt RMS distance', '.3f'),
+        ('distinct', 'distinct token sequences', '.3f'),
+        ('entropy', 'per-token entropy (nats)', '.3f'),
+        ('kl_to_base', 'KL to the base (nats/token)', '.4f')]
+
+
+def targets(base, tuned, control=None):
+    """Issue 25's checks of one GRPO seed against its base -> [(check, value, limit, met)]."""
+    two_se = lambda k, r: 2 * math.hypot(base[f'{k}_se'], r[f'{k}_se'])
+    need = base['geneval_overall'] + (1 - base['geneval_overall']) / 2
+    need_u = base['geneval_unseen'] + (1 - base['geneval_unseen']) / 3
+    fall = min(tuned[f'geneval_{t}'] - base[f'geneval_{t}'] + two_se(f'geneval_{t}', tuned) for t in scenes.TAGS)
+    checks = [('overall >= base + half its error', tuned['geneval_overall'], need, tuned['geneval_overall'] >= need),
+              ('no category falls by more than 2 s.e. (least margin)', fall, 0.0, fall >= 0),
+              ('unseen >= base + a third of its error', tuned['geneval_unseen'], need_u, tuned['geneval_unseen'] >= need_u),
+              ('mini-FID <= base', tuned['mini_fid'], base['mini_fid'], tuned['mini_fid'] <= base['mini_fid']),
+              ('pixel diversity >= 0.8 x base', tuned['pixel_diversity'], 0.8 * base['pixel_diversity'],
+               tuned['pixel_diversity'] >= 0.8 * base['pixel_diversity'])]
+    if control:
+        gain, lim = control['geneval_overall'] - base['geneval_overall'], two_se('geneval_overall', control)
+        checks.append(('control gain <= 2 s.e.', gain, lim, gain <= lim))
+    return checks
+
+
+def world_line(w):
+    """The world's own held-out figures in one paragraph (the summary and the report's header)."""
+    s, c = w.summary, w.config
+    return (f"t2i world {w.dir} (seed {c.world_seed}, {c.image_size} px): VQ held-out MSE {s['vq_mse']:.4f} vs "
+            f"{s['mean_image_mse']:.4f} for the mean image; reward detector GenEval accuracy on held-out scenes "
+            f"{s['detector_acc']:.3f} ({s['detector_acc_recon']:.3f} reconstructed); judge {s['judge_acc_recon']:.3f} "
+            f"on reconstructions of its own split, base samples {s['base_judge_acc']:.3f}; world_clip caption-match "
+            f"AUC {s['clip_auc']:.3f}; quality Spearman {s['quality_spearman']:.3f}; discriminator AUC "
+            f"{s['disc_auc']:.3f}; built in {sum(s['build_s'].values()):.0f} s")
+
+
+def write_report(out_dir, w, tcfg, res, times):
+    """report.md (the table, the target checks, times) and report.json ({"base", "tuned", "control"})."""
+    c = w.config
+    se = lambda r, k: f" ± {r[k + '_se']:.3f}" if k + '_se' in r else ''
+    lines = [world_line(w), '',
+             f"{c.eval_per_prompt} samples per prompt, {c.eval_prompts} prompts per category (same seeds), cfg "
+             f"{tcfg.cfg_scale}, {tcfg.max_steps} steps, lr {tcfg.lr}, beta {tcfg.beta}, group {tcfg.group_size}, "
+             f"rewards {tcfg.rewards}", '',
+             '| metric | base | GRPO |' + (' shuffled-reward control |' if 'control' in res else ''),
+             '|---' * (1 + len(res)) + '|']
+    for key, name, fmt in ROWS:
+        if key in res['base']:
+            lines.append(f"| {name} | " + ' | '.join(format(r[key], fmt) + se(r, key) for r in res.values()) + ' |')
+    lines += ['', 'targets:'] + [f"- {name}: {v:.3f} vs {lim:.3f}: {'met' if ok else 'MISSED'}"
+                                 for name, v, lim, ok in targets(res['base'], res['tuned'], res.get('control'))]
+    lines.append("times (s): " + ", ".join(f"{k} {v:.0f}" for k, v in times.items()))
+    table = '\n'.join(lines) + '\n'
+    print(table, flush=True)
+    atomic_write({os.path.join(out_dir, 'report.md'): lambda tmp: Path(tmp).write_text(table),
+                  os.path.join(out_dir, 'report.json'): lambda tmp: Path(tmp).write_text(json.dumps(res, indent=1))})
+
+
+def write_before_after(path, w, measured, res, rows_per_tag=2, cols=4):
+    """A row per prompt (rows_per_tag seen prompts of each category): base samples | GRPO samples on the same
+    seeds, under each the atoms the held-out judge found satisfied (green) or not (red)."""
+    from plots import prompt_rows
+    per, cols = w.config.eval_per_prompt, min(cols, w.config.eval_per_prompt)
+    _, _, prompts, _ = measured['base']
+    firsts = range(0, len(eval_list(w, 'seen', per)), per)  # the first sample of each seen prompt
+    picks = [i for tag in scenes.TAGS for i in [j for j in firsts if scenes.parse(prompts[j])['tag'] == tag][:rows_per_tag]]
+    blocks = []
+    for key, title in (('base', 'base: the pretrained generator'), ('tuned', 'after GRPO (same seeds)')):
+        _, images, _, dets = measured[key]
+        u8 = to_uint8(images).permute(0, 2, 3, 1).numpy()
+        tiles = np.stack([u8[i:i + cols] for i in picks])  # (P, cols, H, W, 3)
+        atoms = [[list(zip(geneval.atom_names(scenes.parse(prompts[i])),
+                           geneval.check(scenes.parse(prompts[i]), dets[i + k]))) for k in range(cols)] for i in picks]
+        blocks.append((title, tiles, atoms))
+    pct = lambda k: f"{res[k]['geneval_overall']:.2f}"
+    control = f", shuffled-reward control {pct('control')}" if 'control' in res else ''
+    prompt_rows(path, [prompts[i] for i in picks], blocks, f"held-out judge's GenEval overall (seen prompts): base "
+                f"{pct('base')}, after GRPO {pct('tuned')}{control}; under each sample the prompt's atoms it found")
+
+# -----------------------------------------------------------------------------
+# main: build (or load) a world and print its summary
+
+
+def main(argv=None):
+    from cli import parse_config
+    wc = parse_config(T2IWorldConfig, argv, presets=T2I_PRESETS)  # runs wc.validate()
+    torch.set_num_threads(THREADS)
+    w = load_or_build(wc)
+    print(world_line(w))
+    base = measure(w, w.gpt, wc.cfg_scale, wc.eval_per_prompt)[0]
+    print(f"base generator at cfg {wc.cfg_scale}:", json.dumps({k: round(v, 4) for k, v in base.items()}))
+
+
+if __name__ == '__main__':
+    import sys
+    from cli import run
+    sys.exit(run(main, errors=(UserError, FileNotFoundError)))
