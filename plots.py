@@ -158,28 +158,28 @@ def side_by_side(rows, path, max_images=8, gap=8):
     Image.fromarray(np.concatenate([left, white, right], 1)).save(path, format='PNG')
 
 
-def prompt_rows(path, prompts, blocks, footer='', zoom=5, gap=16, left=250):
+def prompt_rows(path, prompts, blocks, footer='', gap=16, left=250):
     """One row per prompt (the text-to-image miniature's before/after grid): blocks of samples side by side under
-    their titles, and under each sample the prompt's atoms, green where the evaluator found one satisfied and red
-    where not. blocks: [(title, tiles uint8 (P, n, H, W, 3), atoms: P lists of n lists of (name, satisfied))]."""
-    side = blocks[0][1].shape[2] * zoom
+    their titles, and under each sample the prompt's atoms, green (+) where the evaluator found one satisfied and
+    red (x) where not. blocks: [(title, tiles uint8 (P, n, H, W, 3), atoms: P lists of n lists of (name, ok))]."""
+    side = max(5, 120 // blocks[0][1].shape[2]) * blocks[0][1].shape[2]  # tiles blown up to about 120 px
     lines = max(len(a) for _, _, atoms in blocks for row in atoms for a in row)
-    row, top = side + 12 * lines + 10, 40
+    row, top = side + 12 * lines + 12, 40
     xs = [left]
     for _, tiles, _ in blocks[:-1]:
         xs.append(xs[-1] + tiles.shape[1] * side + gap)
-    canvas = Image.new('RGB', (xs[-1] + blocks[-1][1].shape[1] * side + 8,
-                               top + len(prompts) * row + (24 if footer else 8)), 'white')
-    d, f, small = ImageDraw.Draw(canvas), font(14), font(10)
+    width = max(xs[-1] + blocks[-1][1].shape[1] * side + 8, left + 7 * len(footer))
+    canvas = Image.new('RGB', (width, top + len(prompts) * row + (24 if footer else 8)), 'white')
+    d, f, small = ImageDraw.Draw(canvas), font(13), font(10)
     for x0, (title, tiles, atoms) in zip(xs, blocks):
-        d.text((x0, 12), title, fill='black', font=f)
+        d.text((x0, 12), title, fill='black', font=font(14))
         for p in range(len(prompts)):
             y = top + p * row
             for k in range(tiles.shape[1]):
                 x = x0 + k * side
-                canvas.paste(Image.fromarray(tiles[p, k]).resize((side - 2, side - 2), Image.NEAREST), (x, y))
+                canvas.paste(Image.fromarray(tiles[p, k]).resize((side - 4, side - 4), Image.NEAREST), (x, y))
                 for a, (name, ok) in enumerate(atoms[p][k]):
-                    d.text((x + 1, y + side + 12 * a), ('+ ' if ok else 'x ') + name,
+                    d.text((x + 1, y + side - 2 + 12 * a), ('+ ' if ok else 'x ') + name,
                            fill=(30, 140, 50) if ok else (200, 40, 30), font=small)
     for p, text in enumerate(prompts):
         d.text((4, top + p * row + side // 2 - 8), text, fill='black', font=f)

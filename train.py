@@ -541,7 +541,7 @@ def _now(device):
         torch.cuda.synchronize(device)
     return time.perf_counter()
 
-EXTRA_REWARDS = tuple(dict.fromkeys(world.REWARDS + world_t2i.REWARDS))  # extra_rewards()' scorers: both worlds', loo_fid
+EXTRA_REWARDS = tuple(dict.fromkeys(world.REWARDS + world_t2i.REWARDS))  # extra_rewards()' scorers: both worlds
 
 # -----------------------------------------------------------------------------
 # checks (skip on a first reading): validate() runs them before anything is loaded; each room checks its own

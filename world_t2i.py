@@ -121,9 +121,9 @@ T2I_PRESETS = {
                      vq_steps=300, detector_epochs=4, judge_epochs=4, clip_epochs=4, quality_epochs=2, fakes=500,
                      disc_epochs=3, eval_prompts=6, eval_per_prompt=4),
     # python train.py --preset demo_t2i: each size chosen by measurement (README)
-    'demo_t2i': dict(n_train=4000, n_heldout=1500, n_unseen=500, codebook_size=256, vq_steps=500, gpt_layers=3,
-                     gpt_dim=96, gpt_epochs=6, detector_epochs=6, judge_epochs=6, clip_epochs=5, quality_epochs=3,
-                     fakes=2000, disc_epochs=5, eval_prompts=24, eval_per_prompt=6),
+    'demo_t2i': dict(n_train=3000, n_heldout=1200, n_unseen=400, codebook_size=256, vq_steps=400, gpt_layers=3,
+                     gpt_dim=96, gpt_epochs=6, detector_epochs=5, judge_epochs=5, clip_epochs=4, quality_epochs=3,
+                     fakes=1500, disc_epochs=4, eval_prompts=16, eval_per_prompt=6),
 }
 NOT_KEYED = {'preset', 'root', 'eval_prompts', 'eval_per_prompt'}  # fields that do not change what is built
 REWARDS = ('geneval', 'world_clip', 'world_quality', 'world_real', 'loo_fid')  # by their --rewards names
@@ -647,7 +647,8 @@ def targets(base, tuned, control=None):
     fall = min(tuned[f'geneval_{t}'] - base[f'geneval_{t}'] + two_se(f'geneval_{t}', tuned) for t in scenes.TAGS)
     checks = [('overall >= base + half its error', tuned['geneval_overall'], need, tuned['geneval_overall'] >= need),
               ('no category falls by more than 2 s.e. (least margin)', fall, 0.0, fall >= 0),
-              ('unseen >= base + a third of its error', tuned['geneval_unseen'], need_u, tuned['geneval_unseen'] >= need_u),
+              ('unseen >= base + a third of its error', tuned['geneval_unseen'], need_u,
+               tuned['geneval_unseen'] >= need_u),
               ('mini-FID <= base', tuned['mini_fid'], base['mini_fid'], tuned['mini_fid'] <= base['mini_fid']),
               ('pixel diversity >= 0.8 x base', tuned['pixel_diversity'], 0.8 * base['pixel_diversity'],
                tuned['pixel_diversity'] >= 0.8 * base['pixel_diversity'])]
@@ -697,7 +698,8 @@ def write_before_after(path, w, measured, res, rows_per_tag=2, cols=4):
     per, cols = w.config.eval_per_prompt, min(cols, w.config.eval_per_prompt)
     _, _, prompts, _ = measured['base']
     firsts = range(0, len(eval_list(w, 'seen', per)), per)  # the first sample of each seen prompt
-    picks = [i for tag in scenes.TAGS for i in [j for j in firsts if scenes.parse(prompts[j])['tag'] == tag][:rows_per_tag]]
+    tag_of = lambda i: scenes.parse(prompts[i])['tag']
+    picks = [i for tag in scenes.TAGS for i in [j for j in firsts if tag_of(j) == tag][:rows_per_tag]]
     blocks = []
     for key, title in (('base', 'base: the pretrained generator'), ('tuned', 'after GRPO (same seeds)')):
         _, images, _, dets = measured[key]
