@@ -198,4 +198,7 @@ if __name__ == '__main__':
     tiles = (torch.rand(3, 4, 8, 8, 3, generator=g) * 255).to(torch.uint8).numpy()  # 3 classes x 4 tiles
     class_rows('/tmp/plots_rows.png', [('random', tiles, None), ('judged', tiles, np.array([[0, 1, 0, 0]] * 3))],
                ['a', 'b', 'c'], footer='green: the judge saw the row class')
-    print("wrote /tmp/plots_grid.png (2 groups of 8 with their rewards), /tmp/plots_curve.png, /tmp/plots_rows.png")
+    atoms = [[[('a disk', True), ('the disk is red', k % 2 == 0)] for k in range(4)]] * 3  # 3 prompts x 4 tiles
+    prompt_rows('/tmp/plots_prompts.png', ['a red disk'] * 3, [('random', tiles, atoms)], footer='+: found, x: not')
+    print("wrote /tmp/plots_grid.png (2 groups of 8 with their rewards), /tmp/plots_curve.png, /tmp/plots_rows.png, "
+          "/tmp/plots_prompts.png")

@@ -15,8 +15,10 @@ import torch
 import geneval
 import miniature
 import scenes
+import sample
 import train
 import world_t2i
+from checkpoint import load_gpt
 from cli import UserError, parse_config
 from conditions import encode_prompts, load_t5
 from model import GPT, config_for
@@ -133,6 +135,12 @@ def test_t2i_grpo_writes_a_report_that_round_trips(tiny_t2i, tmp_path):
         assert z['prompts'].tolist() == prompts
     for name in ('before_after.png', 'curves.png', 'report.md'):
         assert (tmp_path / name).stat().st_size > 0
+    # python sample.py --prompt ... --ckpt <the tuned checkpoint> finds the world's VQ and T5 by itself
+    ckpt, out = str(tmp_path / 'tuned' / 'latest' / 'model.safetensors'), str(tmp_path / 's.png')
+    drawn = sample.main(['--prompt', 'two yellow rings', '--ckpt', ckpt, '--n', '2', '--out', out])
+    assert drawn.shape == (2, tiny_t2i.config.image_size, tiny_t2i.config.image_size, 3)
+    with pytest.raises(UserError, match="unknown word 'pink'"):
+        sample.main(['--prompt', 'two pink rings', '--ckpt', ckpt, '--out', out])
 
 
 @pytest.mark.parametrize('seed', [0, 1, 2])
@@ -143,7 +151,7 @@ def test_t2i_grpo_raises_the_heldout_geneval_score(tiny_t2i, tmp_path, seed):
     cfg = grpo_config(w, tmp_path, seed)
     with miniature.fixed_threads():
         train.train(cfg)
-        tuned = world_t2i.load_gpt(str(tmp_path / 'latest' / 'model.safetensors'))
+        tuned = load_gpt(str(tmp_path / 'latest' / 'model.safetensors'))
         b = world_t2i.measure(w, w.gpt, 1.0, w.config.eval_per_prompt)[0]
         t = world_t2i.measure(w, tuned, 1.0, w.config.eval_per_prompt)[0]
     gain = t['geneval_overall'] - b['geneval_overall']
