@@ -119,7 +119,7 @@ T2I_PRESETS = {
     # the tests and the smoke demo: 16 px, every part trained a little; 2x2-pixel tokens, since measured at 16 px
     # a 4x-downsampling VQ was still at the mean image's error after 300 steps and a 2x one at half of it after 100
     'tiny_t2i': dict(image_size=16, grid=8, n_train=1500, n_heldout=600, n_unseen=150, codebook_size=64,
-                     vq_steps=150, detector_epochs=4, judge_epochs=4, clip_epochs=4, quality_epochs=2, fakes=500,
+                     vq_steps=150, detector_epochs=4, judge_epochs=8, clip_epochs=4, quality_epochs=6, fakes=500,
                      disc_epochs=3, eval_prompts=6, eval_per_prompt=4),
     # python train.py --preset demo_t2i: each size chosen by measurement (README)
     'demo_t2i': dict(n_train=3000, n_heldout=1200, n_unseen=400, codebook_size=256, vq_steps=400, gpt_layers=3,
