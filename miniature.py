@@ -75,7 +75,7 @@ def seeded(wc, part):
     return torch.Generator().manual_seed(seed)
 
 
-PARTS = ('vq', 'gpt', 'classifier', 'quality', 'fakes', 'discriminator', 'judge')
+PARTS = ('vq', 'gpt', 'classifier', 'quality', 'fakes', 'discriminator', 'judge', 't5', 'detector', 'clip')
 
 
 # -----------------------------------------------------------------------------
@@ -376,6 +376,20 @@ def model_stats(gpt, base, tokens, labels, bs=500):
         ent.append(-(lp.exp() * lp).sum(-1).flatten())
         kl.append((lp.exp() * (lp - lq)).sum(-1).flatten())
     return dict(entropy=torch.cat(ent).mean().item(), kl_to_base=torch.cat(kl).mean().item())
+
+
+# -----------------------------------------------------------------------------
+# appended for the text-to-image world (world_t2i.py)
+
+
+def discriminator_any(size):
+    """discriminator() for a side that is not a power of 2: the same stride-2 convs, ending on a ceil(size / 2^n)
+    square map (24 px: 3x3) before the dense layer; at 16 px it is discriminator(16) layer for layer."""
+    n = int(math.log2(size // 2))
+    widths = (3,) + tuple(16 * 2 ** i for i in range(n + 1))
+    cells = math.ceil(size / 2 ** n) ** 2
+    return nn.Sequential(*conv_stack(widths, lambda: nn.LeakyReLU(0.2)), nn.Flatten(), nn.Dropout(0.2),
+                         nn.Linear(widths[-1] * cells, 1))
 
 
 # -----------------------------------------------------------------------------

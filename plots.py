@@ -159,6 +159,36 @@ def side_by_side(rows, path, max_images=8, gap=8):
     Image.fromarray(np.concatenate([left, white, right], 1)).save(path, format='PNG')
 
 
+def prompt_rows(path, prompts, blocks, footer='', gap=16, left=250):
+    """One row per prompt (the text-to-image miniature's before/after grid): blocks of samples side by side under
+    their titles, and under each sample the prompt's atoms, green (+) where the evaluator found one satisfied and
+    red (x) where not. blocks: [(title, tiles uint8 (P, n, H, W, 3), atoms: P lists of n lists of (name, ok))]."""
+    side = max(5, 120 // blocks[0][1].shape[2]) * blocks[0][1].shape[2]  # tiles blown up to about 120 px
+    lines = max(len(a) for _, _, atoms in blocks for row in atoms for a in row)
+    row, top = side + 12 * lines + 12, 40
+    xs = [left]
+    for _, tiles, _ in blocks[:-1]:
+        xs.append(xs[-1] + tiles.shape[1] * side + gap)
+    width = max(xs[-1] + blocks[-1][1].shape[1] * side + 8, left + 7 * len(footer))
+    canvas = Image.new('RGB', (width, top + len(prompts) * row + (24 if footer else 8)), 'white')
+    d, f, small = ImageDraw.Draw(canvas), font(13), font(10)
+    for x0, (title, tiles, atoms) in zip(xs, blocks):
+        d.text((x0, 12), title, fill='black', font=font(14))
+        for p in range(len(prompts)):
+            y = top + p * row
+            for k in range(tiles.shape[1]):
+                x = x0 + k * side
+                canvas.paste(Image.fromarray(tiles[p, k]).resize((side - 4, side - 4), Image.NEAREST), (x, y))
+                for a, (name, ok) in enumerate(atoms[p][k]):
+                    d.text((x + 1, y + side - 2 + 12 * a), ('+ ' if ok else 'x ') + name,
+                           fill=(30, 140, 50) if ok else (200, 40, 30), font=small)
+    for p, text in enumerate(prompts):
+        d.text((4, top + p * row + side // 2 - 8), text, fill='black', font=f)
+    if footer:
+        d.text((left, canvas.height - 20), footer, fill='black', font=f)
+    atomic_write({path: lambda tmp: canvas.save(tmp, format='PNG')})
+
+
 if __name__ == '__main__':
     import torch
     g = torch.Generator().manual_seed(0)
@@ -169,4 +199,7 @@ if __name__ == '__main__':
     tiles = (torch.rand(3, 4, 8, 8, 3, generator=g) * 255).to(torch.uint8).numpy()  # 3 classes x 4 tiles
     class_rows('/tmp/plots_rows.png', [('random', tiles, None), ('judged', tiles, np.array([[0, 1, 0, 0]] * 3))],
                ['a', 'b', 'c'], footer='green: the judge saw the row class')
-    print("wrote /tmp/plots_grid.png (2 groups of 8 with their rewards), /tmp/plots_curve.png, /tmp/plots_rows.png")
+    atoms = [[[('a disk', True), ('the disk is red', k % 2 == 0)] for k in range(4)]] * 3  # 3 prompts x 4 tiles
+    prompt_rows('/tmp/plots_prompts.png', ['a red disk'] * 3, [('random', tiles, atoms)], footer='+: found, x: not')
+    print("wrote /tmp/plots_grid.png (2 groups of 8 with their rewards), /tmp/plots_curve.png, /tmp/plots_rows.png, "
+          "/tmp/plots_prompts.png")

@@ -11,6 +11,7 @@ LlamaGen's sample_c2i_ddp.py).
     python sample.py                          # LlamaGen's 8 demo classes with c2i_B_256 + vq_ds16_c2i
     python sample.py --class 207 "golden retriever" --n 4 --seed 0
     python sample.py --prompt "a blue Porsche 356 parked in front of a yellow brick wall"
+    python sample.py --prompt "two yellow rings" --ckpt out/demo_t2i/tuned/latest/model.safetensors  # the miniature
     python sample.py --class 207 --ckpt out/run/latest/model.safetensors --npz samples.npz
     python sample.py --ckpt out/demo/tuned/latest/model.safetensors --class "warm disk" --n 8   # the miniature
     torchrun --nproc_per_node=8 sample.py --preset paper_c2i --ckpt c2i_XL_384 --per_class 50 --npz xl.npz
@@ -76,6 +77,11 @@ class SampleConfig:
 
     def __post_init__(self):  # defaults that depend on the condition, so the printed config is final
         t2i = bool(self.prompts)
+        self._world = t2i_world_of(self.ckpt) if t2i and self.ckpt else None
+        if self._world:  # the text-to-image miniature: its own VQ and text encoder, guidance-free as it was tuned
+            self.vq_ckpt = self.vq_ckpt or os.path.join(self._world, 'vq.safetensors')
+            self.t5 = os.path.join(self._world, 't5') if self.t5 == 'google/flan-t5-xl' else self.t5
+            self.cfg, self.top_k = (1.0 if self.cfg is None else self.cfg), (0 if self.top_k is None else self.top_k)
         saved = saved_sampling(self.ckpt)  # a train.py save says how it was sampled while it trained
         for k in ('cfg', 'top_k', 'top_p', 'temperature', 'vq_ckpt'):
             setattr(self, k, saved.get(k) if getattr(self, k) is None else getattr(self, k))
@@ -107,6 +113,10 @@ class SampleConfig:
         self._check_combinations()
         check_world(self.ckpt, self.vq_ckpt)
         ids = self.class_ids()  # bad names fail here
+        if self._world:  # the miniature knows only its world's words: an unknown one is one sentence
+            import scenes
+            for p in self.prompts:
+                scenes.parse(p)
         check_generator(peek_gpt_config(self.ckpt), self.ckpt, bool(self.prompts), ids or (), self.image_size,
                         vq_downsample(self.vq_ckpt), flags=('--prompt', '--class'))
         for path in filter(None, (self.out, self.npz)):
@@ -159,6 +169,22 @@ class SampleConfig:
         _check(not self.out, "--out writes a grid of every image, which --per_class does not do; drop --out (the "
                              "images go to --npz)")
         _check(bool(self.npz), "--per_class needs an --npz file to write the images to")
+
+def t2i_world_of(ckpt):
+    """The world_t2i.py directory a checkpoint belongs to, or None: the world's own base (gpt.safetensors beside
+    world.json and t5/), or a train.py save whose state.pt beside it names that world as its --world."""
+    if not os.path.isfile(ckpt):
+        return None
+    d = os.path.dirname(os.path.abspath(ckpt))
+    world = lambda w: bool(w) and os.path.isfile(os.path.join(w, 'world.json')) and os.path.isdir(os.path.join(w, 't5'))
+    if world(d):
+        return d
+    try:
+        w = torch.load(os.path.join(d, 'state.pt'), weights_only=True)['config'].get('world', '')
+    except Exception:  # no save of train.py's, or another kind of file: not the miniature
+        return None
+    return w if world(w) else None
+
 
 def _check(ok, message):
     if not ok:

@@ -7,6 +7,7 @@ change to the recipe buys: train.py --preset demo run many times in world.py's w
     python study.py --beyond --world_seeds 0      # the README's "beyond the paper" table (BEYOND's rows, seeds
                                                   # 0 1 2, the base with and without guidance) and beyond.png
     python study.py --seeds 0 --world_seeds 0 --variants "" "--beta 0.2"   # a sweep of your own
+    python study.py --preset demo_t2i --out_dir out/study_t2i   # the text-to-image miniature's table (world_t2i.py)
 
 Each run is `python train.py --preset demo --seed S --world_seed W <variant flags>`, in this process
 (world.run_demo: GRPO, optionally its control, then base and tuned measured on the same seeds). Its outputs stay
@@ -30,6 +31,7 @@ import train
 import miniature
 from provenance import one_line
 import world
+import world_t2i
 from cli import UserError, atomic_write, check_range, check_seed, check_writable_dir, parse_config, run
 from plots import class_rows
 
@@ -75,6 +77,8 @@ class StudyConfig:
                 raise UserError(f"--{name} must be one or more integers >= 0, got {getattr(self, name)}")
         check_seed(self, 'seeds world_seeds')
         check_range(self, 'guided_cfg', lo=1, lo_open=True)
+        if self.beyond and room(self) is world_t2i:
+            raise UserError("--beyond is the class-to-image table (issue 19); drop it with --preset demo_t2i")
         check_writable_dir(self.out_dir, '--out_dir')
         for v in self.all_variants().values():  # every variant's flags are checked now, not after an hour of runs
             train_config(self, v, 0, 0, out_dir=os.path.join(self.out_dir, '.check'))  # (a path that holds nothing)
@@ -87,6 +91,11 @@ class StudyConfig:
     def all_variants(self):
         """{row name: flags}."""
         return dict(BEYOND) if self.beyond else {v or 'the preset as it is': v for v in self.variants}
+
+
+def room(sc):
+    """The world file of the study's preset: world_t2i for the text-to-image miniature, else world."""
+    return world_t2i if world_t2i.is_t2i(train.TRAIN_PRESETS[sc.preset]['world']) else world
 
 
 def run_dir(sc, variant, world_seed, seed):
@@ -113,26 +122,28 @@ def run_one(sc, variant, world_seed, seed, control):
     path = os.path.join(run_dir(sc, variant, world_seed, seed), 'report.json')
     if not os.path.isfile(path):
         print(f"study: variant {variant or '(preset)'!r}, world {world_seed}, GRPO seed {seed}", flush=True)
-        world.run_demo(train_config(sc, variant, world_seed, seed), train.train, control=control)
+        room(sc).run_demo(train_config(sc, variant, world_seed, seed), train.train, control=control)
     with open(path) as f:
         return json.load(f)
 
 
 STUDY_KEYS = ('world_class', 'world_quality', 'world_real', 'judge_accuracy', 'mini_fid', 'pixel_diversity',
               'token_hamming', 'kl_to_base', 'forward_passes')
+T2I_KEYS = ('geneval_overall', 'geneval_unseen', *(f'geneval_{t}' for t in world_t2i.scenes.TAGS), 'geneval',
+            'world_clip', 'world_quality', 'world_real', 'mini_fid', 'pixel_diversity', 'kl_to_base')
 ms = lambda vals: f"{np.mean(vals):.3f} ± {np.std(vals, ddof=1) if len(vals) > 1 else 0:.3f}"
 
 
-def summarise(name, runs):
-    """Markdown for one variant: mean +- spread of each figure, then each run's target checks.
-    runs: {(world_seed, seed): results}."""
+def summarise(name, runs, rm=world):
+    """Markdown for one variant: mean +- spread of each figure, then each run's target checks (rm.targets: the
+    world file's own). runs: {(world_seed, seed): results}."""
     parts = [p for p in ('base', 'tuned', 'control') if all(p in r for r in runs.values())]
     lines = [f"### {name} ({len(runs)} runs: worlds x GRPO seeds)", '',
              '| figure | ' + ' | '.join({'base': 'base', 'tuned': 'GRPO', 'control': 'shuffled control'}[p]
                                         for p in parts) + ' |', '|---' * (1 + len(parts)) + '|']
-    for k in STUDY_KEYS:
+    for k in (T2I_KEYS if rm is world_t2i else STUDY_KEYS):
         lines.append(f"| {k} | " + ' | '.join(ms([r[p][k] for r in runs.values()]) for p in parts) + ' |')
-    checks = {key: world.targets(r['base'], r['tuned'], r.get('control')) for key, r in runs.items()}
+    checks = {key: rm.targets(r['base'], r['tuned'], r.get('control')) for key, r in runs.items()}
     names = [c[0] for c in next(iter(checks.values()))]
     lines += ['', '| world | GRPO seed | ' + ' | '.join(names) + ' |', '|---' * (2 + len(names)) + '|']
     for (w, s), cs in checks.items():
@@ -206,7 +217,7 @@ def main(argv=None):
     rows, lines = {}, []
     for name, variant in sc.all_variants().items():
         rows[name] = {(w, s): run_one(sc, variant, w, s, control) for w in sc.world_seeds for s in sc.seeds}
-        lines += summarise(name, rows[name])
+        lines += summarise(name, rows[name], room(sc))
         print('\n'.join(lines), flush=True)
     if sc.beyond:
         lines = beyond_table(sc, rows, [guided_base(sc, w) for w in sc.world_seeds]) + lines

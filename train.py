@@ -51,6 +51,7 @@ import memory
 import metrics
 import tracking
 import world
+import world_t2i
 from checkpoint import (RELEASES, CheckpointError, WeightsUnavailable, check_generator, check_out_dir,
                         load_checkpoint, load_training_models, open_run, peek_gpt_config, resumed_rows,
                         save_checkpoint, vq_downsample)
@@ -152,6 +153,13 @@ TRAIN_PRESETS = {
                  rewards='world_class=1,world_quality=0.5,world_real=0.5,loo_fid=0.5',
                  conds_per_rank=16, group_size=8, cfg_scale=1.0, lr=3e-4, beta=0.1, max_steps=150,
                  save_every=50, grid_every=0, out_dir='out/demo'),
+    # the text-to-image miniature (issue 25): world_t2i.py builds (once) a VQ, a small T5, a t2i GPT, a detector,
+    # a contrastive image-text model, quality and realism nets and a held-out GenEval judge; GRPO on the train
+    # captions, then base vs tuned vs shuffled-reward control on the held-out judge, seen and unseen prompts
+    'demo_t2i': dict(world='demo_t2i', ckpt='', vq_ckpt='', t5='', image_size=24,
+                     rewards='geneval=1,world_clip=0.5,world_quality=0.25,world_real=0.25,loo_fid=0.5',
+                     conds_per_rank=16, group_size=8, cfg_scale=1.0, lr=3e-4, beta=0.05, max_steps=60,
+                     save_every=60, grid_every=0, out_dir='out/demo_t2i'),
     # the smallest smoke run: tiny random generator + tiny random VQ + a weight-free reward
     'demo_color': dict(ckpt='', model='GPT-tiny', vq_ckpt='', image_size=16, classes=list(range(8)),
                        rewards='colorfulness=1', conds_per_rank=4, group_size=8, cfg_scale=1.0, lr=3e-3,
@@ -531,7 +539,8 @@ def setup(cfg):
 def extra_rewards(cfg, device):
     """The scorers build_reward cannot make alone: the miniature world's learned rewards (world.py), and the
     leave-one-out FID reward on TF-Inception features against --fid_ref (metrics.py) for a real run."""
-    extra = world.reward_scorers(cfg.world, cfg.rewards, cfg.fid_decay) if cfg.world else {}
+    room = world_t2i if world_t2i.is_t2i(cfg.world) else world  # the text-to-image world, or world.py's
+    extra = room.reward_scorers(cfg.world, cfg.rewards, cfg.fid_decay) if cfg.world else {}
     if 'loo_fid' in parse_spec(cfg.rewards, EXTRA_REWARDS) and 'loo_fid' not in extra:
         extra['loo_fid'] = metrics.loo_fid_reward(cfg.fid_ref, cfg.fid_decay, device, cfg.inception)
     return extra
@@ -577,7 +586,7 @@ def _now(device):
         torch.cuda.synchronize(device)
     return time.perf_counter()
 
-EXTRA_REWARDS = world.REWARDS  # rewards that extra_rewards() hands to build_reward: the world's three, loo_fid
+EXTRA_REWARDS = tuple(dict.fromkeys(world.REWARDS + world_t2i.REWARDS))  # extra_rewards()' scorers: both worlds
 
 # -----------------------------------------------------------------------------
 # checks (skip on a first reading): validate() runs them before anything is loaded; each room checks its own
@@ -604,7 +613,7 @@ def check_train_config(cfg):
     if any(c < 0 for c in cfg.classes):
         raise UserError(f"--classes must be class ids >= 0, got {cfg.classes}")
     check_batch(cfg)
-    world.check_flags(cfg.world, cfg.rewards, cfg.world_seed)
+    (world_t2i if world_t2i.is_t2i(cfg.world) else world).check_flags(cfg.world, cfg.rewards, cfg.world_seed)
     if cfg.world in world.WORLD_PRESETS and not os.path.isfile(os.path.join(world.resolve(cfg.world, cfg.world_seed),
                                                                              'world.json')):  # to be built there
         check_writable_dir(world.cache_root(), f'the world cache (${world.CACHE_ENV}, default out/world)')
@@ -663,9 +672,10 @@ def main(argv=None):
     cfg = parse_config(TrainConfig, argv, presets=TRAIN_PRESETS)  # runs cfg.validate()
     try:
         if cfg.world:  # the miniature world: build or load it, then GRPO + the report (or --eval in it)
+            room = world_t2i if world_t2i.is_t2i(cfg.world) else world  # text-to-image or class-to-image
             if not cfg.eval:
-                return world.run_demo(cfg, train)
-            world.prepare(cfg)
+                return room.run_demo(cfg, train)
+            room.prepare(cfg)
         return train(cfg)
     finally:
         if dist.is_initialized():
