@@ -3,7 +3,8 @@ geneval.py -- GenEval's rules (Ghosh et al. 2023, github.com/djghosh13/geneval, 
 applied to detections, and the small object detectors of the text-to-image world that produce them: one for the
 verifiable reward (trained on the train split), one of another architecture for the held-out evaluator.
 
-    python geneval.py    # smoke demo: train both detectors on a small split, GenEval accuracy per category
+    python geneval.py    # smoke demo: two rule checks; both detectors briefly trained, GenEval accuracy per category
+    python geneval.py --n_train 4000 --epochs 10 --bs 64 --n_eval 1200    # the README's figures (~25 s CPU each)
 
 The rules, per atom of a prompt (scenes.py's spec), on detections sorted by score:
   present    at least `count` detections of the named shape (GenEval's include clause);
@@ -23,12 +24,15 @@ object's centre lies in it (objectness), its shape, its colour and its box (cent
 height). Objects in scenes.py never overlap, so their centres fall in different cells.
 """
 import math
+import time
+from dataclasses import dataclass
 
 import numpy as np
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from cli import UserError, check_range, parse_config
 from miniature import fit, to_float
 from scenes import COLOUR_NAMES, NUMBERS, SHAPES, parse
 
@@ -114,23 +118,28 @@ def correct(spec, detections):
 
 def reward_body():
     """The reward's detector: 3x3 convs, two of stride 2 down to the cells, then a dilated 3x3 so each cell
-    sees the largest object whole (receptive field 33 px); ReLU, no normalisation. (B, 3, S, S) -> (B, 64, S/4, S/4)"""
+    sees the largest object whole (receptive field 33 px); BatchNorm and ReLU (measured: BatchNorm and POS_WEIGHT,
+    added together, took 2000 images x 8 epochs from 0.18 GenEval accuracy to 0.91).
+    (B, 3, S, S) -> (B, 64, S/4, S/4)"""
     conv = lambda a, b, stride=1, dil=1: [nn.Conv2d(a, b, 3, stride, dil, dilation=dil), nn.BatchNorm2d(b), nn.ReLU()]
     return nn.Sequential(*conv(3, 24), *conv(24, 48, 2), *conv(48, 64, 2), *conv(64, 64), *conv(64, 64, dil=2))
 
 
 def judge_body():
     """The held-out evaluator's detector, another architecture on purpose: a 5x5 conv, max-pooling instead of
-    strides, GroupNorm, GELU, and a 5x5 conv at the cells (receptive field 28 px). (B, 3, S, S) -> (B, 64, S/4, S/4)"""
-    return nn.Sequential(nn.Conv2d(3, 24, 5, 1, 2), nn.GroupNorm(4, 24), nn.GELU(), nn.MaxPool2d(2),
-                         nn.Conv2d(24, 48, 3, 1, 1), nn.GroupNorm(8, 48), nn.GELU(), nn.MaxPool2d(2),
-                         nn.Conv2d(48, 64, 5, 1, 2), nn.GroupNorm(8, 64), nn.GELU())
+    strides, GELU, a 5x5 and a 3x3 conv at the cells (receptive field 36 px). BatchNorm, as the reward's
+    (measured: a wider version with GroupNorm counted worse, 0.84 held-out counting accuracy against 0.94, and
+    ran slower). (B, 3, S, S) -> (B, 64, S/4, S/4)"""
+    conv = lambda a, b, k: [nn.Conv2d(a, b, k, 1, k // 2), nn.BatchNorm2d(b), nn.GELU()]
+    return nn.Sequential(*conv(3, 16, 5), nn.MaxPool2d(2), *conv(16, 48, 3), nn.MaxPool2d(2), *conv(48, 64, 5),
+                         *conv(64, 64, 3))
 
 
 class Detector(nn.Module):
     """Per-cell detector: body (B, 3, S, S) -> features (B, C, S/4, S/4) -> a 1x1 conv to OUT channels per cell:
-    objectness logit, shape logits (5), colour logits (6), box (x, y offset of the centre in the cell as logits
-    of [0, 1]; width and height as logits of their share of the image side)."""
+    objectness logit, shape logits (5), colour logits (6), box logits (4) of [0, 1]: the centre's x and y offset
+    from the cell's corner, in cells, as (offset + 0.5) / 2 (an offset in [-0.5, 1.5], targets() says why), and
+    the width and height as shares of the image side."""
 
     def __init__(self, arch='reward'):
         super().__init__()
@@ -290,19 +299,44 @@ def accuracy(specs, detections):
     return out
 
 
-if __name__ == '__main__':
-    import time
+@dataclass
+class MeasureConfig:
+    size: int = 24  # image side, pixels (a multiple of 4)
+    n_train: int = 1200  # training images (the README's figures: 4000)
+    epochs: int = 4  # training passes (the README's figures: 10)
+    bs: int = 32  # images per step (the README's figures: 64)
+    n_eval: int = 600  # held-out images the accuracy is measured on (the README's figures: 1200)
+
+    def validate(self):
+        check_range(self, 'size n_train epochs bs n_eval', lo=1)
+        if self.size % STRIDE or self.size < 2 * STRIDE:
+            raise UserError(f"--size must be a multiple of {STRIDE}, at least {2 * STRIDE}, got {self.size}")
+
+
+def main(argv=None):
+    """Train both detectors on one thread; print each one's GenEval accuracy per category on held-out and unseen
+    ground-truth images, and its training time (wall and CPU seconds)."""
     from scenes import make_split
+    mc = parse_config(MeasureConfig, argv)
     torch.set_num_threads(1)
     spec = parse("a red disk to the left of a blue cross")
     disk, cross = [2, 8, 10, 16], [14, 8, 22, 16]
     for boxes in ((disk, cross), (cross, disk)):
         sc = [dict(shape='disk', colour='red', box=boxes[0]), dict(shape='cross', colour='blue', box=boxes[1])]
         print(f"disk at x {boxes[0][0]}, cross at x {boxes[1][0]}:", dict(zip(atom_names(spec), check(spec, sc))))
-    train, held = make_split(1200, 0), make_split(600, 1, split='heldout')
+    train = make_split(mc.n_train, 0, mc.size)
+    evals = {'heldout': make_split(mc.n_eval, 2, mc.size, 'heldout'), 'unseen': make_split(mc.n_eval // 2, 3, mc.size,
+                                                                                          'unseen')}
     for arch in ('reward', 'judge'):
-        t0 = time.time()
-        net = train_detector(train[0], train[3], 4, torch.Generator().manual_seed(0), arch)
-        acc = accuracy(held[2], detect(net, to_float(held[0])))
-        print(f"{arch} detector ({time.time() - t0:.0f} s):",
-              ', '.join(f"{t} {a:.2f}±{se:.2f}" for t, (a, se, _) in acc.items()))
+        t, c = time.time(), time.process_time()
+        net = train_detector(train[0], train[3], mc.epochs, torch.Generator().manual_seed(0), arch, bs=mc.bs)
+        print(f"{arch} detector: trained in {time.time() - t:.1f} s wall, {time.process_time() - c:.1f} s CPU")
+        for name, (x, _, specs, _) in evals.items():
+            acc = accuracy(specs, detect(net, to_float(x)))
+            print(f"  {name}:", ', '.join(f"{k} {a:.3f}±{se:.3f}" for k, (a, se, _) in sorted(acc.items())))
+
+
+if __name__ == '__main__':
+    import sys
+    from cli import run
+    sys.exit(run(main, errors=(UserError,)))
