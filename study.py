@@ -3,7 +3,7 @@ study.py -- how much of the miniature's result survives another GRPO seed and an
 change to the recipe buys: train.py --preset demo run many times in world.py's worlds, side by side.
 
     python study.py                               # the README's demo table: the demo recipe, GRPO seeds 0 1 2 x
-                                                  # worlds 0 1, each run beside its shuffled-reward control
+                                                  # worlds 0..4, each run beside its shuffled-reward control
     python study.py --beyond --world_seeds 0      # the README's "beyond the paper" table (BEYOND's rows, seeds
                                                   # 0 1 2, the base with and without guidance) and beyond.png
     python study.py --seeds 0 --world_seeds 0 --variants "" "--beta 0.2"   # a sweep of your own

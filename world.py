@@ -8,7 +8,7 @@ the paper's three reward dimensions as learned nets, and a held-out judge, all t
     python world.py --preset demo --world_seed 1   # another world: other images, other nets, same recipe
     python world.py --eval out/demo/samples_tuned.npz   # score an .npz as the report does (judge, mini-FID, ...)
     python train.py --preset demo                  # the headline: GRPO in this world, base vs tuned vs control
-    python study.py --preset demo                  # the README's table: 3 GRPO seeds x 2 worlds
+    python study.py --preset demo                  # the README's table: 3 GRPO seeds x 5 worlds
 
 What each part stands for in the paper (AR-GRPO, arXiv 2508.06924, on ImageNet with LlamaGen):
   data           10 procedural classes (5 shapes x warm/cool colour) with random position, size, hue
