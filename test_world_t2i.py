@@ -155,9 +155,12 @@ def test_t2i_train_flags(tmp_path):
                                                       'out_dir': str(tmp_path / 'o')}))
     with pytest.raises(UserError, match='unknown reward'):
         parse_config(train.TrainConfig, ['--preset', 'demo_t2i', '--rewards', 'geneval=1,nope=1',
-                                         '--out_dir', str(tmp_path / 'o')])
-    cfg = parse_config(world_t2i.T2IWorldConfig, ['--preset', 'demo_t2i', '--root', str(tmp_path)])
-    assert cfg.image_size >= 24 and world_t2i.world_dir(cfg) != world_t2i.world_dir(
-        parse_config(world_t2i.T2IWorldConfig, ['--preset', 'demo_t2i', '--world_seed', '1', '--root', str(tmp_path)]))
+                                         '--out_dir', str(tmp_path / 'o')], presets=train.TRAIN_PRESETS)
+    parse = lambda *a: parse_config(world_t2i.T2IWorldConfig, [*a, '--root', str(tmp_path)],
+                                    presets=world_t2i.T2I_PRESETS)
+    cfg = parse('--preset', 'demo_t2i')
+    assert cfg.image_size >= 24 and cfg.n_train == world_t2i.T2I_PRESETS['demo_t2i']['n_train']
+    assert world_t2i.world_dir(cfg) != world_t2i.world_dir(parse('--preset', 'demo_t2i', '--world_seed', '1'))
+    assert world_t2i.world_dir(cfg) == world_t2i.world_dir(parse('--preset', 'demo_t2i', '--eval_per_prompt', '3'))
     with pytest.raises(UserError, match='--image_size'):
         parse_config(world_t2i.T2IWorldConfig, ['--image_size', '20', '--grid', '6', '--root', str(tmp_path)])
