@@ -21,7 +21,6 @@ import scenes
 import sample
 import train
 import world_t2i
-from checkpoint import load_gpt
 from cli import UserError, parse_config
 from conditions import encode_prompts, load_t5
 from model import GPT, config_for
