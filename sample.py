@@ -53,7 +53,7 @@ class SampleConfig:
     prompts: List[str] = field(default_factory=list, metadata=dict(flag='--prompt'))  # t2i: one or more prompts
     n: Optional[int] = None  # images per class / prompt (one grid row each); None = 4
     seed: int = 0  # seeds the sampling generator: same seed, same images
-    cfg: Optional[float] = None  # classifier-free guidance; None = the --ckpt's own, else 4.0 (c2i) / 7.5 (t2i); <= 1 off
+    cfg: Optional[float] = None  # CFG scale; None = the --ckpt's own, else 4.0 (c2i) / 7.5 (t2i); <= 1 = off
     cfg_interval: int = -1  # CFG for the first cfg_interval + 2 tokens only; -1 = every token
     top_k: Optional[int] = None  # None = the --ckpt's own, else 2000 (c2i) or 1000 (t2i); 0 = no top-k
     top_p: Optional[float] = None  # nucleus filtering; 1 = off; None = the --ckpt's own (a train.py save), else 1

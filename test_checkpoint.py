@@ -219,8 +219,8 @@ def test_a_fresh_run_never_replaces_a_run_unasked(tmp_path, capsys):
     before = latest_weights(r)
     with pytest.raises(UserError, match='holds a run .step_000004, 4 rows'):  # validation: nothing computed
         run_train(r, '--max_steps', '1', '--save_every', '1')
-    assert sorted(os.listdir(r)) == ['.lock', 'latest', 'metrics.jsonl', 'reward_curve.png', 'step_000002',
-                                     'step_000004']  # the last two saves
+    assert sorted(os.listdir(r)) == ['.lock', 'latest', 'metrics.jsonl', 'reward_curve.png', 'run.json',
+                                     'step_000002', 'step_000004']  # the last two saves
     assert len(_rows(r)) == 4 and all(torch.equal(before[k], v) for k, v in latest_weights(r).items())
     # a run started from code (the demo's) is checked when it opens the directory, too
     cfg = parse_config(train.TrainConfig, ['--preset', 'demo_color', '--image_size', '8', '--out_dir', str(tmp_path / 'x')],
@@ -241,9 +241,9 @@ def test_a_fresh_run_never_replaces_a_run_unasked(tmp_path, capsys):
         run_train(r, '--max_steps', '1', '--save_every', '1', '--overwrite')
     finally:
         train.save_checkpoint = real_save
-    assert seen == [['latest', 'metrics.jsonl', 'reward_curve.png', 'step_000002', 'step_000004']]
+    assert seen == [['latest', 'metrics.jsonl', 'reward_curve.png', 'run.json', 'step_000002', 'step_000004']]
     assert 'moved to' in capsys.readouterr().out
-    assert sorted(os.listdir(r)) == ['.lock', 'latest', 'metrics.jsonl', 'reward_curve.png', 'step_000001']
+    assert sorted(os.listdir(r)) == ['.lock', 'latest', 'metrics.jsonl', 'reward_curve.png', 'run.json', 'step_000001']
     assert [row['step'] for row in _rows(r)] == [1]
 
 

@@ -4,6 +4,7 @@ in exit code 2 with one sentence naming the problem, no traceback, and nothing w
 outputs. Rows run in-process through cli.run (the scripts' own entry wrapper), so each costs about the
 validation time, not a model load.
 """
+import json
 import os
 import re
 import subprocess
@@ -19,6 +20,7 @@ import torch
 import bench
 import cli
 import metrics
+import sample
 import study
 import train
 import world
@@ -68,6 +70,14 @@ def _bad_input_files(tmp):
     f['nul'].write_bytes(b'\x00' * 100_000)  # valid UTF-8, but no text
     with open(f['huge'], 'wb') as h:  # 2 GiB, sparse: costs no disk, and nothing may read it whole
         h.truncate(2 << 30)
+    f['two'] = tmp / 'two.npz'
+    np.savez(f['two'], arr_0=np.zeros((2, 8, 8, 3), np.uint8), arr_1=np.zeros(2, np.int64))
+    f['onel'] = tmp / 'one_labelled.npz'
+    np.savez(f['onel'], arr_0=np.zeros((1, 8, 8, 3), np.uint8), arr_1=np.zeros(1, np.int64))
+    f['worldsave'] = tmp / 'world_save.safetensors'  # a save of a world that was deleted since
+    gone = str(tmp / 'gone')
+    save_gpt(tiny_gpt(), str(f['worldsave']), sampling=json.dumps(dict(
+        vq_ckpt=gone + '/vq.safetensors', cfg=1.0, top_k=0, world=gone, class_names=['warm disk'] * 10)))
     return {k: str(v) for k, v in f.items()}
 
 
@@ -172,6 +182,15 @@ BAD_INPUTS = [  # (script, argv with {placeholders}, phrase of the message)
     ('metrics', ['--bogus', '1'], 'unrecognized arguments: --bogus 1'),
     ('study', ['--variants', '--out_dir {tmp}/elsewhere', '--out_dir', '{tmp}/s'], 'sets --out_dir, which the study'),
     ('study', ['--variants', '--beta 0.2 --seed 3', '--out_dir', '{tmp}/s'], 'sets --seed, which the study'),
+    # trackers (tracking.py) and the miniature's scoring command (world.py --eval)
+    ('train', TRAIN + ['--report_to', 'mlflow'], '--report_to must be one of none, tensorboard, wandb'),
+    ('world', ['--eval', '{tmp}/nope.npz'], 'is not a file'),
+    ('world', ['--eval', '{prompts}'], 'is not an .npz with images `arr_0` and labels `arr_1`'),
+    ('world', ['--eval', '{onel}'], 'must be uint8 images (n >= 2, H, W, 3) with n labels'),
+    ('world', ['--eval', '{two}', '--world', '{empty}'], 'holds no built world'),
+    ('world', ['--eval', '{two}', '--world_seed', '-1'], '--world_seed must be >= 0'),
+    # sample.py with a save made in a world whose directory is gone
+    ('sample', ['--ckpt', '{worldsave}', '--class', 'warm disk'], 'which is gone'),
 ]
 
 
@@ -195,7 +214,8 @@ def test_bad_input_battery(script, argv, phrase, tmp_path, capsys, monkeypatch):
     if script == 'train' and '--out_dir' not in args:
         args += ['--out_dir', str(out)]
     before = sorted(p.relative_to(tmp_path) for p in tmp_path.rglob('*'))  # every file, at every depth
-    main = dict(train=train.main, bench=bench.main, metrics=metrics.main, world=world.main, study=study.main)[script]
+    main = dict(train=train.main, bench=bench.main, metrics=metrics.main, world=world.main, study=study.main,
+                sample=sample.main)[script]
     code = cli.run(main, args, errors=_ERRORS)
     err = capsys.readouterr().err
     assert code == 2, err

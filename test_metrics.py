@@ -28,7 +28,7 @@ from rewards import build_reward
 def _fid_args(ckpts, npz, *more):
     """FID sampling of the tiny fixtures: 4 classes x 2 images, 8x8 px, batch 3 -> shards of 3, 3, 2."""
     return ['--ckpt', ckpts['c2i'], '--vq_ckpt', ckpts['vq'], '--device', 'cpu', '--class', '0', '1', '2', '3',
-            '--per_class', '2', '--batch', '3', '--eval_size', '0', '--npz', str(npz), *more]
+            '--per_class', '2', '--batch', '2', '--eval_size', '0', '--npz', str(npz), *more]
 
 
 @pytest.fixture(scope='session')
@@ -344,3 +344,41 @@ def test_a_finished_npz_and_stale_shards_are_never_lost(ckpts, fid_single, tmp_p
         metrics.write_shard = real
     assert seen[0] and not os.path.exists(tmp_path / 'o.npz.shards.replaced')  # kept until a new shard was whole
     assert np.array_equal(np.load(other)['arr_0'], fid_single[0])
+
+
+def test_metrics_on_16px_miniature_images_against_a_heldout_npz(tmp_path, monkeypatch):
+    """The miniature's case: samples_tuned.npz against the world's heldout.npz, both 16 px in the ADM layout (labels
+    in arr_1), through torch-fidelity's network (random weights here: the real ones cannot be downloaded), which
+    resizes them to 299 inside. The command's numbers are the metric math on the features the network gave. Only
+    16 of the feature dimensions are kept, and three images a side: a 2048-d eigen-solve and a 299-px forward each
+    cost seconds to minutes on a busy 2-core CPU (precision/recall need more than k = 3 images)."""
+    import world
+    from miniature import save_adm
+    samples, held = world.make_split(3, 1, 16), world.make_split(3, 2, 16)
+    save_adm(str(tmp_path / 'samples_tuned.npz'), *samples)
+    save_adm(str(tmp_path / 'heldout.npz'), *held)
+    monkeypatch.setattr(tfi, 'load_state_dict_from_url', lambda *a, **k: {})
+    monkeypatch.setattr(tfi.FeatureExtractorInceptionV3, 'load_state_dict', lambda self, sd: None)
+    torch.manual_seed(0)
+    net = metrics.TFInception(None).eval()
+    seen, calls = [], []
+    net.net.Conv2d_1a_3x3.register_forward_hook(lambda m, i, o: seen.append(tuple(i[0].shape[1:])))
+
+    def recorded(x):  # the network as the command calls it, 16 feature dimensions kept, inputs and outputs recorded
+        out = {k: v if k == 'logits' else v[:, :16] for k, v in net(x).items()}
+        calls.append((x.permute(0, 2, 3, 1).numpy().copy(), {k: v.double().numpy() for k, v in out.items()}))
+        return out
+    monkeypatch.setattr(metrics, 'load_inception', lambda path=None, device='cpu': recorded)
+    got = metrics.main([str(tmp_path / 'samples_tuned.npz'), str(tmp_path / 'heldout.npz'), '--batch', '2',
+                        '--out', str(tmp_path / 'm.json')])
+    assert set(seen) == {(3, 299, 299)}  # every 16-px batch was resized to Inception's 299 px
+    x = np.concatenate([c[0] for c in calls])
+    feats = {k: np.concatenate([c[1][k] for c in calls]) for k in calls[0][1]}
+    assert np.array_equal(x, np.concatenate([held[0], samples[0]]))  # the reference first, then the samples
+    r, f = ({k: v[s] for k, v in feats.items()} for s in (slice(0, 3), slice(3, None)))
+    want = dict(fid=fid.frechet_distance(*fid.mean_cov(f['pool']), *fid.mean_cov(r['pool'])),
+                sfid=fid.frechet_distance(*fid.mean_cov(f['spatial']), *fid.mean_cov(r['spatial'])),
+                inception_score=metrics.inception_score(f['logits']))
+    for k, v in want.items():
+        assert got[k] == pytest.approx(v, rel=1e-9, abs=1e-12) and v > 0, k
+    assert got['n_samples'] == 3 and 'precision' not in got and json.load(open(tmp_path / 'm.json')) == got

@@ -780,7 +780,8 @@ class EvalConfig:
                 shape, dtype, n_labels = z['arr_0'].shape, z['arr_0'].dtype, z['arr_1'].shape
         except Exception as e:
             raise UserError(f"--eval {self.eval} is not an .npz with images `arr_0` and labels `arr_1` "
-                            f"({type(e).__name__}); write one as sample.py --npz or np.savez(arr_0=, arr_1=) do") from None
+                            f"({type(e).__name__}); write one as sample.py --npz or np.savez(arr_0=, arr_1=) "
+                            f"do") from None
         if dtype != np.uint8 or len(shape) != 4 or shape[-1] != 3 or n_labels != shape[:1] or shape[0] < 2:
             raise UserError(f"--eval {self.eval}: arr_0 must be uint8 images (n >= 2, H, W, 3) with n labels in arr_1, "
                             f"got {dtype} {shape} and {n_labels} labels")
