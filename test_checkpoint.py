@@ -358,7 +358,7 @@ def test_a_second_overwrite_before_a_save_never_deletes_the_replaced_run(tmp_pat
     with pytest.raises(UserError, match=r'no checkpoint in .*\.replaced'):
         run_train(r, '--max_steps', '1', '--resume')
     run_train(r, '--max_steps', '1', '--overwrite')  # the new run saves: now the replaced runs go
-    assert sorted(os.listdir(r)) == ['.lock', 'latest', 'metrics.jsonl', 'reward_curve.png', 'step_000001']
+    assert sorted(os.listdir(r)) == ['.lock', 'latest', 'metrics.jsonl', 'reward_curve.png', 'run.json', 'step_000001']
 
 
 def test_a_resume_refused_creates_no_folder_and_no_lock(tmp_path):
