@@ -28,7 +28,7 @@ from rewards import build_reward
 def _fid_args(ckpts, npz, *more):
     """FID sampling of the tiny fixtures: 4 classes x 2 images, 8x8 px, batch 3 -> shards of 3, 3, 2."""
     return ['--ckpt', ckpts['c2i'], '--vq_ckpt', ckpts['vq'], '--device', 'cpu', '--class', '0', '1', '2', '3',
-            '--per_class', '2', '--batch', '2', '--eval_size', '0', '--npz', str(npz), *more]
+            '--per_class', '2', '--batch', '3', '--eval_size', '0', '--npz', str(npz), *more]
 
 
 @pytest.fixture(scope='session')
@@ -108,7 +108,7 @@ def test_killed_run_resumes_without_duplicates_or_gaps(ckpts, fid_single, tmp_pa
         sample.main(_fid_args(ckpts, npz, '--seed', '1'))
     monkeypatch.setattr(metrics, 'write_shard', lambda path, *a: (calls.append(path), real_write(path, *a)))
     sample.main(_fid_args(ckpts, npz))  # continues: only the missing shard is sampled
-    assert len(calls) == 3 and len(set(calls)) == 3
+    assert len(calls) == 3 and len(set(calls)) == 3, calls
     z = np.load(npz)
     assert np.array_equal(z['arr_0'], single)
 
