@@ -140,7 +140,8 @@ def class_rows(path, blocks, class_names, footer='', zoom=5, gap=16):
                 canvas.paste(Image.fromarray(tiles[c, k]).resize((side - 2, side - 2), Image.NEAREST), (x, y))
                 if verdict is not None:
                     ok = int(verdict[c, k]) == c
-                    d.rectangle([x, y + side - 1, x + side - 3, y + side + 1], fill=(40, 170, 60) if ok else (210, 50, 40))
+                    colour = (40, 170, 60) if ok else (210, 50, 40)
+                    d.rectangle([x, y + side - 1, x + side - 3, y + side + 1], fill=colour)
                     if not ok:
                         d.text((x + 1, y + side + 2), class_names[int(verdict[c, k])], fill=(190, 30, 30), font=small)
     for c, name in enumerate(class_names):

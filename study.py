@@ -147,8 +147,8 @@ def summarise(name, runs, rm=world):
     names = [c[0] for c in next(iter(checks.values()))]
     lines += ['', '| world | GRPO seed | ' + ' | '.join(names) + ' |', '|---' * (2 + len(names)) + '|']
     for (w, s), cs in checks.items():
-        lines.append(f"| {w} | {s} | " + ' | '.join(f"{v:.3f} vs {lim:.3f} {'met' if ok else '**MISSED**'} ({m:+.1f} s.e.)"
-                                                   for _, v, lim, ok, m in cs) + ' |')
+        cell = lambda v, lim, ok, m: f"{v:.3f} vs {lim:.3f} {'met' if ok else '**MISSED**'} ({m:+.1f} s.e.)"
+        lines.append(f"| {w} | {s} | " + ' | '.join(cell(*c[1:]) for c in cs) + ' |')
     worst = [min(checks, key=lambda k: checks[k][i][4]) for i in range(len(names))]  # the run nearest each limit
     lines.append('| worst run | | ' + ' | '.join(f"{checks[k][i][1]:.3f} vs {checks[k][i][2]:.3f} "
                                                f"({checks[k][i][4]:+.1f} s.e.), world {k[0]} seed {k[1]}"

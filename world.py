@@ -125,11 +125,13 @@ class WorldConfig:
 WORLD_PRESETS = {
     # the tests and the smoke demo: 8x8 px, every part trained a little (seconds)
     'tiny': dict(image_size=8, n_train=2000, n_heldout=1000, codebook_size=64, vq_steps=120, vq_lr=3e-3,
-                 gpt_epochs=12, gpt_target=0.3, classifier_epochs=10, quality_epochs=8, fakes=2000, disc_epochs=20, judge_epochs=16,
+                 gpt_epochs=12, gpt_target=0.3, classifier_epochs=10, quality_epochs=8, fakes=2000, disc_epochs=20,
+                 judge_epochs=16,
                  eval_per_class=50),
     # python train.py --preset demo: each size chosen by measurement (README), about 4 1/2 minutes of one core
     'demo': dict(n_train=8000, n_heldout=2000, codebook_size=256, vq_steps=750, gpt_layers=4, gpt_dim=96,
-                 gpt_epochs=16, gpt_target=0.55, gpt_check_per_class=30, classifier_epochs=3, quality_epochs=6, fakes=8000, disc_epochs=10, judge_epochs=10,
+                 gpt_epochs=16, gpt_target=0.55, gpt_check_per_class=30, classifier_epochs=3, quality_epochs=6,
+                 fakes=8000, disc_epochs=10, judge_epochs=10,
                  eval_per_class=100),
 }
 NOT_KEYED = {'preset', 'root', 'eval_per_class'}  # fields that do not change what is built
@@ -219,7 +221,8 @@ def train_gpt(wc, codes, labels, check=None, bs=64):
             torch.nn.utils.clip_grad_norm_(gpt.parameters(), 1.0)
             opt.step()
             sched.step()
-            if check is not None and ((i + 1) % math.ceil(len(order) / 2) == 0 or i + 1 == len(order)):  # twice an epoch
+            half = (i + 1) % math.ceil(len(order) / 2) == 0 or i + 1 == len(order)  # checked twice an epoch
+            if check is not None and half:
                 checks.append(check(gpt.eval()))  # sampling uses its own generator: the training stream is intact
                 gpt.train()
                 if wc.gpt_target and checks[-1] >= wc.gpt_target:
