@@ -171,6 +171,8 @@ BAD_INPUTS = [  # (script, argv with {placeholders}, phrase of the message)
     ('train', TRAIN + ['--seed', '99999999999999999999'], '--seed must be >= 0 and <= 2**31 - 1'),
     ('train', TRAIN + ['--world_seed', '99999999999999999999'], '--world_seed must be >= 0 and <= 2**31 - 1'),
     ('world', ['--world_seed', '99999999999999999999', '--root', '{tmp}/w'], '--world_seed must be >= 0 and <='),
+    ('world', ['--gpt_target', '1.5', '--root', '{tmp}/w'], '--gpt_target must be'),
+    ('world', ['--gpt_check_per_class', '0', '--root', '{tmp}/w'], '--gpt_check_per_class must be'),
     ('study', ['--seeds', '0', '99999999999999999999', '--out_dir', '{tmp}/s'], '--seeds must be >= 0 and <='),
     ('train', TRAIN + ['--out_dir', ''], '--out_dir is empty'),
     ('study', ['--out_dir', ''], '--out_dir is empty'),
