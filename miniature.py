@@ -246,14 +246,16 @@ def discriminator(size):
 
 def fit(net, n, batch_fn, loss_fn, epochs, gen, desc, lr=2e-3, bs=128, weight_decay=0.0):
     """Adam(W) with warm-up and cosine over `epochs` passes of n items; batch_fn(indices) -> (inputs, targets)
-    (so the quality net can distort each batch afresh). Returns the network frozen in eval mode."""
+    (so the quality net can distort each batch afresh), scored by loss_fn(net(inputs), targets); with loss_fn None,
+    batch_fn(indices) returns the batch's loss itself (a contrastive loss over two inputs). Returns the network
+    frozen in eval mode."""
     opt = torch.optim.AdamW(net.parameters(), lr=lr, weight_decay=weight_decay)
     sched = warmup_cosine(opt, epochs * math.ceil(n / bs))
     net.train()
     for _ in (bar := progress(range(epochs), f"{desc}, epochs")):
         for b in batches(n, bs, gen):
-            inputs, targets = batch_fn(b)
-            loss = loss_fn(net(inputs).squeeze(-1), targets)
+            out = batch_fn(b)
+            loss = out if loss_fn is None else loss_fn(net(out[0]).squeeze(-1), out[1])
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()

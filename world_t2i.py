@@ -248,18 +248,8 @@ def train_clip(wc, x, rec, emb, caption_ids):
     gen = seeded(wc, 'clip')
     net = ClipNet(wc.caption_len, wc.t5_dim)
     xs, es, ids = torch.cat([x, rec]), torch.cat([emb, emb]), torch.cat([caption_ids, caption_ids])
-    opt = torch.optim.AdamW(net.parameters(), lr=2e-3, weight_decay=0.05)
-    sched = warmup_cosine(opt, wc.clip_epochs * math.ceil(len(xs) / 128))
-    net.train()
-    for _ in (bar := progress(range(wc.clip_epochs), 'contrastive image-text model, epochs')):
-        for b in batches(len(xs), 128, gen):
-            loss = clip_loss(net, xs[b], es[b], ids[b][:, None] == ids[b][None])
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-            sched.step()
-        bar.set_postfix(loss=f"{loss.item():.3f}", refresh=False)
-    return net.eval().requires_grad_(False)
+    loss = lambda b: clip_loss(net, xs[b], es[b], ids[b][:, None] == ids[b][None])  # (B, B) equal captions
+    return fit(net, len(xs), loss, None, wc.clip_epochs, gen, 'contrastive image-text model', weight_decay=0.05)
 
 
 class ClipReward(nn.Module):
