@@ -183,7 +183,7 @@ def sample_spec(rng, tag, split='train'):
 
 
 SIZE = 24  # the default image side, pixels: the least at which four objects stay legible (README)
-RADII = {1: (0.2, 0.32), 2: (0.13, 0.21), 3: (0.11, 0.16), 4: (0.1, 0.145)}  # half-extent / size, by object count
+RADII = {1: (0.22, 0.34), 2: (0.15, 0.23), 3: (0.13, 0.17), 4: (0.12, 0.155)}  # half-extent / size, by object count
 GAP = 0.04  # the least gap between two objects' boxes, / size (objects never overlap)
 
 

@@ -58,7 +58,7 @@ from rewards import parse_spec
 from tokenizer import to_uint8
 from world import WorldReward, read_summary
 
-VERSION = 1  # bump when the code changes what a config builds
+VERSION = 3  # bump when the code changes what a config builds
 
 
 @dataclass
@@ -80,7 +80,10 @@ class T2IWorldConfig:
     caption_len: int = 16  # caption positions = the generator's cls_token_num (LlamaGen: 120)
     gpt_layers: int = 2  # generator depth
     gpt_dim: int = 64  # generator width (a multiple of 16)
-    gpt_epochs: int = 4  # pretraining passes
+    gpt_epochs: int = 4  # most pretraining passes
+    gpt_batch: int = 32  # sequences per pretraining step (32 beat 64 for the same epochs, measured)
+    gpt_target: float = 0.0  # > 0: stop pretraining once the reward detector's GenEval of base samples reaches it
+    gpt_check_per_tag: int = 40  # train captions per category behind that figure (measured twice an epoch)
     caption_dropout: float = 0.1  # share of captions replaced by the null caption while pretraining
     detector_epochs: int = 6  # the reward detector's epochs (train split)
     judge_epochs: int = 6  # the held-out judge's epochs (held-out split)
@@ -98,7 +101,8 @@ class T2IWorldConfig:
         check_range(self, 'world_seed', lo=0)
         check_range(self, 'image_size grid n_train n_heldout n_unseen vq_steps vq_batch t5_dim t5_layers caption_len '
                           'gpt_layers gpt_epochs detector_epochs judge_epochs clip_epochs quality_epochs fakes '
-                          'disc_epochs eval_prompts eval_per_prompt', lo=1)
+                          'disc_epochs eval_prompts eval_per_prompt gpt_batch gpt_check_per_tag', lo=1)
+        check_range(self, 'gpt_target', lo=0, hi=1)
         check_range(self, 'eval_per_prompt codebook_size', lo=2)
         check_range(self, 'vq_lr', lo=0, lo_open=True)
         check_range(self, 'cfg_scale', lo=0)
@@ -122,9 +126,10 @@ T2I_PRESETS = {
                      vq_steps=150, detector_epochs=4, judge_epochs=8, clip_epochs=4, quality_epochs=6, fakes=500,
                      disc_epochs=3, eval_prompts=6, eval_per_prompt=4),
     # python train.py --preset demo_t2i: each size chosen by measurement (README)
-    'demo_t2i': dict(n_train=3000, n_heldout=1200, n_unseen=400, codebook_size=256, vq_steps=400, gpt_layers=3,
-                     gpt_dim=96, gpt_epochs=6, detector_epochs=5, judge_epochs=5, clip_epochs=4, quality_epochs=3,
-                     fakes=1500, disc_epochs=4, eval_prompts=16, eval_per_prompt=6),
+    'demo_t2i': dict(n_train=8000, n_heldout=2000, n_unseen=400, codebook_size=256, vq_steps=1000, vq_lr=6e-3,
+                     gpt_layers=3, gpt_dim=128, gpt_epochs=16, gpt_target=0.3, detector_epochs=5, judge_epochs=8,
+                     clip_epochs=4,
+                     quality_epochs=3, fakes=2000, disc_epochs=4, eval_prompts=16, eval_per_prompt=6),
 }
 NOT_KEYED = {'preset', 'root', 'eval_prompts', 'eval_per_prompt'}  # fields that do not change what is built
 REWARDS = ('geneval', 'world_clip', 'world_quality', 'world_real', 'loo_fid')  # by their --rewards names
@@ -174,18 +179,23 @@ def null_caption(gpt, n):
 # the generator: model.GPT t2i pretrained by next-token cross-entropy with caption dropout
 
 
-def train_gpt(wc, codes, emb, mask, bs=64):
-    """A t2i GPT on the tokenised train split; a caption_dropout share of each batch sees the null caption
-    (LlamaGen's caption dropout, which is what makes CFG possible)."""
-    gen = seeded(wc, 'gpt')
+def train_gpt(wc, codes, emb, mask, check=None):
+    """A t2i GPT on the tokenised train split -> (gpt, [check(gpt) twice an epoch]); a caption_dropout share of
+    each batch sees the null caption (LlamaGen's caption dropout, which is what makes CFG possible). How long: up
+    to wc.gpt_epochs, and with wc.gpt_target > 0 it stops at the first half epoch at which check(gpt) (the reward
+    detector's GenEval overall on base samples of train captions, never the judge) reaches gpt_target, as
+    world.train_gpt does: measured, a fixed number of epochs put two worlds' bases at 0.12 and 0.20."""
+    gen, bs = seeded(wc, 'gpt'), wc.gpt_batch
     cfg = config_for(None, wc.image_size, wc.image_size // wc.grid, n_layer=wc.gpt_layers, n_head=4, dim=wc.gpt_dim,
                      vocab_size=wc.codebook_size, model_type='t2i', caption_dim=wc.t5_dim, cls_token_num=wc.caption_len,
                      class_dropout_prob=wc.caption_dropout)
     gpt = GPT(cfg).train()
     opt = torch.optim.AdamW(gpt.parameters(), lr=3e-3, weight_decay=0.05, betas=(0.9, 0.95))
     sched = warmup_cosine(opt, wc.gpt_epochs * math.ceil(len(codes) / bs))
-    for _ in (bar := progress(range(wc.gpt_epochs), 'generator, epochs')):
-        for b in batches(len(codes), bs, gen):
+    checks, done = [], False
+    for _ in (bar := progress(range(wc.gpt_epochs), 'generator, epochs (at most)')):
+        order = batches(len(codes), bs, gen)
+        for i, b in enumerate(order):
             c, m = emb[b].clone(), mask[b].clone()
             drop = torch.rand(len(b), generator=gen) < wc.caption_dropout
             c[drop], m[drop] = null_caption(gpt, int(drop.sum()))
@@ -196,8 +206,31 @@ def train_gpt(wc, codes, emb, mask, bs=64):
             torch.nn.utils.clip_grad_norm_(gpt.parameters(), 1.0)
             opt.step()
             sched.step()
-        bar.set_postfix(loss=f"{loss.item():.3f}", refresh=False)
-    return gpt.eval().requires_grad_(False)
+            if check is not None and ((i + 1) % math.ceil(len(order) / 2) == 0 or i + 1 == len(order)):
+                checks.append(check(gpt.eval()))  # sampling uses its own generator: the training stream is intact
+                gpt.train()
+                if done := wc.gpt_target > 0 and checks[-1] >= wc.gpt_target:
+                    break
+        bar.set_postfix(loss=f"{loss.item():.3f}", **({'base_geneval': f"{checks[-1]:.3f}"} if checks else {}),
+                        refresh=False)
+        if done:
+            break
+    return gpt.eval().requires_grad_(False), checks
+
+
+def base_geneval(wc, vq, t5, detector, captions):
+    """check() for train_gpt: the reward detector's GenEval overall (mean over categories of the share of images
+    whose every atom holds) on base samples of the first gpt_check_per_tag train captions of each category, from
+    a fixed seed at the demo's CFG. The judge is held out: it never steers the build."""
+    by_tag = {}
+    for c in captions:
+        tag = scenes.parse(c)['tag']
+        if len(by_tag.setdefault(tag, [])) < wc.gpt_check_per_tag:
+            by_tag[tag].append(c)
+    prompts = [c for tag in scenes.TAGS for c in by_tag.get(tag, [])]
+    specs = [scenes.parse(c) for c in prompts]
+    return lambda gpt: geneval.accuracy(specs, geneval.detect(detector, decode_all(
+        vq, sample_tokens(gpt, t5, prompts, wc.cfg_scale, 4242))))['overall'][0]
 
 
 @torch.no_grad()
@@ -401,12 +434,12 @@ def build(wc, log=print):
     codes = encode_all(vq, x)
     rec, rech = decode_all(vq, codes), decode_all(vq, encode_all(vq, xh))
     lap('tokenizer')
-    gpt = train_gpt(wc, codes, emb, mask)
-    save_gpt(gpt, os.path.join(d, 'gpt.safetensors'))
-    lap('generator')
     nets = dict(detector=geneval.train_detector(torch.cat([x, rec]), train[3] + train[3], wc.detector_epochs,
                                                 seeded(wc, 'detector'), 'reward', wc.image_size))
-    lap('detector')
+    lap('detector')  # before the generator: its pretraining stops at a level this detector measures
+    gpt, checks = train_gpt(wc, codes, emb, mask, base_geneval(wc, vq, t5, nets['detector'], train[1]))
+    save_gpt(gpt, os.path.join(d, 'gpt.safetensors'))
+    lap('generator')
     ids = torch.tensor([sorted(set(train[1])).index(c) for c in train[1]])
     nets['clip'] = train_clip(wc, x, rec, emb, ids)
     lap('clip')
@@ -425,7 +458,8 @@ def build(wc, log=print):
         save_net(net, os.path.join(d, f'{name}.safetensors'))
     log("world: measuring every part on held-out data")
     stats = world_stats(wc, nets, t5, held, rech, vq, gpt)
-    summary = dict(kind='t2i', config=asdict(wc), build_s=times, eval_prompts=eval_prompts(wc, held), **stats)
+    summary = dict(kind='t2i', config=asdict(wc), build_s=times, eval_prompts=eval_prompts(wc, held), **stats,
+                   gpt_checks=[round(c, 4) for c in checks], gpt_half_epochs_run=len(checks))
     text = json.dumps(summary, indent=1)
     atomic_write({os.path.join(d, 'world.json'): lambda tmp: Path(tmp).write_text(text)})
     return summary
