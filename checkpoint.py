@@ -800,6 +800,12 @@ if __name__ == '__main__':
         out_dir: str
         lora_rank: int = 0
         ckpt: str = ''
+        vq_ckpt: str = ''  # sampling_metadata's: how sample.py --ckpt samples the save
+        cfg_scale: float = 1.0
+        cfg_interval: int = -1
+        top_k: int = 0
+        top_p: float = 1.0
+        temperature: float = 1.0
 
     torch.manual_seed(0)
     policy = GPT(GPTConfig(dim=32, n_layer=1, n_head=2, vocab_size=16, num_classes=4, block_size=4))
