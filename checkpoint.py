@@ -269,12 +269,9 @@ def peek_gpt_config(ckpt):
 
 def gpt_config(ckpt, preset=None, image_size=None, downsample=16, **overrides):
     """The GPTConfig load_gpt builds for `ckpt` (a release name, hf://REPO/FILE or a local file), found without
-    reading a weight, so that train.py can plan a run's memory and refuse it before loading anything.
-
-    A file we wrote knows its own config (save_gpt puts it in the header; preset and overrides are then not needed);
-    otherwise it comes from the release table and the preset / image_size / overrides given here. A release is not
-    downloaded for this: the released files (LlamaGen's .pt, AR-GRPO's Trainer safetensors) carry no config.
-    """
+    reading a weight (train.py plans a run's memory with it before loading). A file we wrote knows its own config
+    (save_gpt puts it in the header); otherwise the release table and preset / image_size / overrides give it. A
+    release is not downloaded for this: the released files (LlamaGen's .pt, AR-GRPO's safetensors) hold no config."""
     rel = RELEASES.get(ckpt, {})
     path = ckpt if rel else resolve_checkpoint(ckpt)
     meta = {} if rel else file_metadata(path)
@@ -796,11 +793,11 @@ if __name__ == '__main__':
     from dataclasses import dataclass
 
     @dataclass
-    class Run:  # the TrainConfig fields a save reads
+    class Run:  # the TrainConfig fields a save reads (the last six: how sample.py --ckpt samples it)
         out_dir: str
         lora_rank: int = 0
         ckpt: str = ''
-        vq_ckpt: str = ''  # sampling_metadata's: how sample.py --ckpt samples the save
+        vq_ckpt: str = ''
         cfg_scale: float = 1.0
         cfg_interval: int = -1
         top_k: int = 0
