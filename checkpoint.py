@@ -179,8 +179,7 @@ def read_state_dict(path, submodel='gpt_model'):
             meta = {}
             sd = next((obj[k] for k in ('model', 'module', 'state_dict') if isinstance(obj, dict) and k in obj), obj)
     except Exception as e:
-        raise CheckpointError(f"could not read checkpoint {path}: it is truncated, corrupt or not a PyTorch / "
-                              f"safetensors file ({type(e).__name__})") from None
+        raise _unreadable(path, e) from None
     if not isinstance(sd, dict) or not all(isinstance(v, torch.Tensor) for v in sd.values()):
         raise CheckpointError(f"checkpoint {path} holds no state_dict of tensors")
     for p in KNOWN_PREFIXES:
@@ -189,6 +188,24 @@ def read_state_dict(path, submodel='gpt_model'):
         sd = {k[len(submodel) + 1:]: v for k, v in sd.items() if k.startswith(submodel + '.')}
     sd.pop('freqs_cis', None)  # LlamaGen quirk: some files carry the RoPE table; it is recomputed
     return sd, meta
+
+
+def _unreadable(path, e):
+    return CheckpointError(f"could not read checkpoint {path}: it is truncated, corrupt or not a PyTorch / "
+                           f"safetensors file ({type(e).__name__})")
+
+
+def file_metadata(path):
+    """A checkpoint file's safetensors header metadata (where save_gpt / save_vq put the config), read without
+    its weights (safe_open parses the header only); {} for a .pt. Raises CheckpointError when unreadable."""
+    if not path.endswith('.safetensors'):
+        return {}
+    try:
+        from safetensors import safe_open
+        with safe_open(path, 'pt') as f:
+            return f.metadata() or {}
+    except Exception as e:
+        raise _unreadable(path, e) from None
 
 
 def load_into(model, sd, path):
@@ -235,9 +252,7 @@ def header_config(path, key):
     if not (isinstance(path, str) and path.endswith('.safetensors') and os.path.isfile(path)):
         return None
     try:
-        from safetensors import safe_open
-        with safe_open(path, 'pt') as f:
-            return json.loads((f.metadata() or {})[key])
+        return json.loads(file_metadata(path)[key])
     except Exception:
         return None
 
@@ -252,26 +267,32 @@ def peek_gpt_config(ckpt):
     return header_config(ckpt, 'gpt_config') or {}
 
 
-def load_gpt(ckpt, preset=None, image_size=None, device='cpu', dtype=torch.float32, downsample=16, **overrides):
-    """Build and load a GPT from a release name, hf://REPO/FILE or a local file.
-
-    The config comes from the file's own metadata when it has one (files written by save_gpt, e.g. by
-    train.py); otherwise from the release table and the preset / image_size / overrides given here.
-    """
+def gpt_config(ckpt, preset=None, image_size=None, downsample=16, **overrides):
+    """The GPTConfig load_gpt builds for `ckpt` (a release name, hf://REPO/FILE or a local file), found without
+    reading a weight (train.py plans a run's memory with it before loading). A file we wrote knows its own config
+    (save_gpt puts it in the header); otherwise the release table and preset / image_size / overrides give it. A
+    release is not downloaded for this: the released files (LlamaGen's .pt, AR-GRPO's safetensors) hold no config."""
     rel = RELEASES.get(ckpt, {})
-    path = resolve_checkpoint(ckpt)
-    sd, meta = read_state_dict(path, 'gpt_model')
-    if 'gpt_config' in meta:  # a file we wrote knows its own config: preset and overrides are not needed
+    path = ckpt if rel else resolve_checkpoint(ckpt)
+    meta = {} if rel else file_metadata(path)
+    if 'gpt_config' in meta:
         cfg = GPTConfig(**json.loads(meta['gpt_config']))
         shape = dict(n_layer=cfg.n_layer, n_head=cfg.n_head, dim=cfg.dim)
         if preset is not None and GPT_PRESETS.get(preset) != shape:
             raise CheckpointError(f"checkpoint {path} holds a {shape} model, not {preset}; drop the preset or "
                                   f"check --ckpt")
-    else:
-        kw = {k: v for k, v in rel.items() if k in ('model_type', 'cls_token_num')}
-        kw.update(overrides)
-        cfg = config_for(preset or rel.get('preset') or 'GPT-B', image_size or rel.get('image_size', 256), downsample,
-                         **kw)
+        return cfg
+    kw = {k: v for k, v in rel.items() if k in ('model_type', 'cls_token_num')}
+    kw.update(overrides)
+    return config_for(preset or rel.get('preset') or 'GPT-B', image_size or rel.get('image_size', 256), downsample,
+                      **kw)
+
+
+def load_gpt(ckpt, preset=None, image_size=None, device='cpu', dtype=torch.float32, downsample=16, **overrides):
+    """Build and load a GPT from a release name, hf://REPO/FILE or a local file, with gpt_config's config."""
+    cfg = gpt_config(ckpt, preset, image_size, downsample, **overrides)
+    path = resolve_checkpoint(ckpt)
+    sd, _ = read_state_dict(path, 'gpt_model')
     with torch.device('meta'):
         model = GPT(cfg)
     model = model.to_empty(device='cpu')
@@ -334,18 +355,25 @@ def save_vq(vq, path):
     save_safetensors(sd, path, {'vq_config': json.dumps(asdict(vq.config))})
 
 
-def load_vq(ckpt='vq_ds16_c2i', preset=None, device='cpu', dtype=torch.float32, **overrides):
-    """Build and load a VQModel from a release name, hf://REPO/FILE or a local file."""
+def vq_config(ckpt='vq_ds16_c2i', preset=None, **overrides):
+    """The VQConfig load_vq builds for `ckpt`, without reading a weight: a save_vq file's header, else the preset
+    (the release's, or VQ-16) plus overrides. A release is not downloaded for it (the released .pt carry no config)."""
     rel = VQ_RELEASES.get(ckpt)
-    path = resolve_checkpoint(ckpt, VQ_RELEASES, '--vq_ckpt')
     preset = preset or (rel or {}).get('preset', 'VQ-16')
     if preset not in VQ_PRESETS:
         raise ValueError(f"unknown VQ preset {preset!r}; known: {', '.join(VQ_PRESETS)}")
-    sd, meta = read_state_dict(path, 'vq_model')
+    meta = {} if rel else file_metadata(resolve_checkpoint(ckpt, VQ_RELEASES, '--vq_ckpt'))
     # files we wrote carry their VQConfig; otherwise the preset plus overrides
-    kw = json.loads(meta['vq_config']) if 'vq_config' in meta else {**VQ_PRESETS[preset], **overrides}
+    return VQConfig(**(json.loads(meta['vq_config']) if 'vq_config' in meta else {**VQ_PRESETS[preset], **overrides}))
+
+
+def load_vq(ckpt='vq_ds16_c2i', preset=None, device='cpu', dtype=torch.float32, **overrides):
+    """Build and load a VQModel from a release name, hf://REPO/FILE or a local file, with vq_config's config."""
+    cfg = vq_config(ckpt, preset, **overrides)
+    path = resolve_checkpoint(ckpt, VQ_RELEASES, '--vq_ckpt')
+    sd, _ = read_state_dict(path, 'vq_model')
     with torch.device('meta'):
-        vq = VQModel(VQConfig(**kw))
+        vq = VQModel(cfg)
     vq = load_into(vq.to_empty(device='cpu'), sd, path)
     return vq.to(device=device, dtype=dtype).eval()
 
@@ -355,24 +383,34 @@ def load_vq(ckpt='vq_ds16_c2i', preset=None, device='cpu', dtype=torch.float32, 
 TINY_VQ = dict(codebook_size=64, encoder_ch_mult=[1, 1], decoder_ch_mult=[1, 1], z_channels=32, ch=128)  # demos
 
 
+def training_configs(cfg):
+    """(GPTConfig, VQConfig) of train.py's models, from the flags, the release tables and the files' headers,
+    without reading a weight: train.py plans the run's memory with them (and refuses it) before loading anything,
+    and load_training_models builds from the same."""
+    vq = vq_config(cfg.vq_ckpt) if cfg.vq_ckpt else VQConfig(**TINY_VQ)  # no --vq_ckpt: a random tiny VQ
+    if cfg.ckpt:
+        return gpt_config(cfg.ckpt, preset=cfg.model, image_size=cfg.image_size, downsample=vq.downsample), vq
+    return config_for(cfg.model, cfg.image_size, vq.downsample, vocab_size=vq.codebook_size), vq
+
+
 def load_training_models(cfg, device):
     """train.py's models: (policy, reference or None, vq). The reference is a frozen copy of the starting policy;
-    under LoRA
-    it is the policy itself with its adapters off (lora.AdaptersOff), so no second copy is held. With
+    under LoRA it is the policy itself with its adapters off (lora.AdaptersOff), so no second copy is held. With
     --fsdp the policy (and a full-fine-tuning reference) are sharded over the ranks."""
+    gpt_cfg, vq_cfg = training_configs(cfg)
     if cfg.vq_ckpt:
         vq = load_vq(cfg.vq_ckpt, device=device)
     else:  # a seeded random tiny VQ: the demo and tests need no weights
         torch.manual_seed(cfg.seed)
-        vq = VQModel(VQConfig(**TINY_VQ)).to(device).eval()
+        vq = VQModel(vq_cfg).to(device).eval()
     vq.requires_grad_(False)
-    ds, vocab = vq.config.downsample, vq.config.codebook_size
     load_to = torch.device('cpu') if cfg.fsdp else device  # FSDP moves each rank's shard to the device
     if cfg.ckpt:
-        policy = load_gpt(cfg.ckpt, preset=cfg.model, image_size=cfg.image_size, device=load_to, downsample=ds)
+        policy = load_gpt(cfg.ckpt, preset=cfg.model, image_size=cfg.image_size, device=load_to,
+                          downsample=vq_cfg.downsample)
     else:
         torch.manual_seed(cfg.seed)
-        policy = GPT(config_for(cfg.model, cfg.image_size, ds, vocab_size=vocab)).to(load_to)
+        policy = GPT(gpt_cfg).to(load_to)
     check_pair(policy, vq, cfg.ckpt, cfg.vq_ckpt, cfg.image_size)
     check_generator(asdict(policy.config), cfg.ckpt or 'this model', bool(cfg.prompts), cfg.classes)  # a .pt says less
     policy.eval()  # dropout off: see the module docstring
@@ -755,10 +793,16 @@ if __name__ == '__main__':
     from dataclasses import dataclass
 
     @dataclass
-    class Run:  # the TrainConfig fields a save reads
+    class Run:  # the TrainConfig fields a save reads (the last six: how sample.py --ckpt samples it)
         out_dir: str
         lora_rank: int = 0
         ckpt: str = ''
+        vq_ckpt: str = ''
+        cfg_scale: float = 1.0
+        cfg_interval: int = -1
+        top_k: int = 0
+        top_p: float = 1.0
+        temperature: float = 1.0
 
     torch.manual_seed(0)
     policy = GPT(GPTConfig(dim=32, n_layer=1, n_head=2, vocab_size=16, num_classes=4, block_size=4))

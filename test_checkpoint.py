@@ -127,6 +127,27 @@ def test_release_from_hub_cache_offline(tmp_path, monkeypatch):
         torch.testing.assert_close(m(tok[:, :-1], cls), want, atol=ATOL, rtol=0)
 
 
+def test_training_configs_are_the_loaded_models_configs(tmp_path, monkeypatch):
+    """train.py plans memory with training_configs before loading: the configs it names are those of the models
+    load_training_models then builds (random init; self-describing files, whose header differs from the flags'
+    default vocabulary), and a release is planned from the table alone, offline, with nothing downloaded."""
+    gpt, vq = str(tmp_path / 'g.safetensors'), str(tmp_path / 'v.safetensors')
+    save_gpt(tiny_gpt(), gpt)  # the LlamaGen fixtures: GPT-tiny's shape, 4x4 tokens, 10 classes; a 2x VQ
+    save_vq(tiny_vq(), vq)
+    for flags in ([], ['--ckpt', gpt, '--vq_ckpt', vq]):
+        cfg = parse_config(train.TrainConfig, [*SCALE_ARGS, '--out_dir', str(tmp_path / 'o'), *flags],
+                           presets=train.TRAIN_PRESETS)
+        planned_gpt, planned_vq = checkpoint.training_configs(cfg)
+        policy, _, v = checkpoint.load_training_models(cfg, torch.device('cpu'))
+        assert (planned_gpt, planned_vq) == (policy.config, v.config)
+    assert planned_gpt.num_classes == 10 and planned_gpt != config_for('GPT-tiny', 8, 2, vocab_size=64)  # header's
+    monkeypatch.setenv('HF_HOME', str(tmp_path / 'empty'))
+    monkeypatch.setenv('HF_HUB_OFFLINE', '1')  # a download would raise: the Hub cache is empty
+    cfg = parse_config(train.TrainConfig, ['--preset', 'c2i_xl', '--out_dir', str(tmp_path / 'xl')],
+                       presets=train.TRAIN_PRESETS)
+    assert checkpoint.training_configs(cfg)[0] == config_for('GPT-XL', 384, 16)
+
+
 def resave(src, dst, world, *args):
     """Load the newest save of src on `world` ranks and write it again, unchanged, as a save of dst."""
     def fn():

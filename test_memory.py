@@ -82,14 +82,60 @@ def test_refusal_names_the_option_that_makes_the_same_recipe_fit(tmp_path):
     assert f'the same recipe fits with --micro_batch_size {first}' in memory.refusal(memory_plan(xl, **opts), have,
                                                                                      fits, 'one GRPO step')
     # a train.py run on this CPU whose batch outgrows the machine's memory: refused at start-up, in one sentence
-    tiny = config_for('GPT-tiny', 8, 2, vocab_size=64)  # run_train's model: 8 px through the tiny VQ (4x4 tokens)
-    plan = lambda b, m: memory_plan(tiny, micro_batch=m, rollout_batch=b, cfg=False, beta=0.01, bf16=False)['peak']
+    batch, first = too_big_for_this_cpu()
+    with pytest.raises(UserError, match=f'the same recipe fits with --micro_batch_size {first}'):
+        run_train(tmp_path / 'big', '--images_per_step', str(batch))
+
+
+TINY = config_for('GPT-tiny', 8, 2, vocab_size=64)  # run_train's model: 8 px through the tiny VQ (4x4 tokens)
+
+
+def too_big_for_this_cpu():
+    """(images per step that run_train's model cannot fit in this machine's RAM, the largest micro-batch with which
+    it fits), found by trying memory_plan batch by batch (the machine's memory is the limit on a CPU)."""
+    plan = lambda b, m: memory_plan(TINY, micro_batch=m, rollout_batch=b, cfg=False, beta=0.01, bf16=False)['peak']
     ram, batch = memory.device_memory(torch.device('cpu')), 8
     while plan(batch, batch) <= ram:
         batch *= 2
-    first = next(batch // 2**k for k in range(30) if plan(batch, batch // 2**k) < 0.9 * ram)
-    with pytest.raises(UserError, match=f'the same recipe fits with --micro_batch_size {first}'):
-        run_train(tmp_path / 'big', '--images_per_step', str(batch))
+    return batch, next(batch // 2**k for k in range(30) if plan(batch, batch // 2**k) < 0.9 * ram)
+
+
+def test_a_run_that_cannot_fit_is_refused_before_a_weight_is_read(tmp_path, monkeypatch, capsys):
+    # self-describing --ckpt and --vq_ckpt files; every way a weight is read or a model is built (off the meta
+    # device, where memory.py counts parameters) fails the test: the plan comes from the files' headers and flags
+    import checkpoint
+    import cli
+    import tokenizer
+    import train
+    torch.manual_seed(0)
+    gpt, vq = str(tmp_path / 'g.safetensors'), str(tmp_path / 'v.safetensors')
+    checkpoint.save_gpt(model.GPT(TINY), gpt)
+    checkpoint.save_vq(tokenizer.VQModel(tokenizer.VQConfig(**checkpoint.TINY_VQ)), vq)
+    batch, first = too_big_for_this_cpu()
+    args = ['--ckpt', gpt, '--vq_ckpt', vq, '--images_per_step', str(batch)]
+
+    def loaded(*a, **k):
+        raise AssertionError('a weight was read or a model built before the memory plan refused the run')
+    gpt_init = model.GPT.__init__
+
+    def gpt_on_meta_only(self, *a, **k):
+        gpt_init(self, *a, **k)
+        if not next(self.parameters()).is_meta:
+            loaded()
+    monkeypatch.setattr(checkpoint, 'read_state_dict', loaded)
+    monkeypatch.setattr(train, 'load_training_models', loaded)
+    monkeypatch.setattr(tokenizer.VQModel, '__init__', loaded)
+    monkeypatch.setattr(model.GPT, '__init__', gpt_on_meta_only)
+    cfg = cli.parse_config(train.TrainConfig, ['--preset', 'demo_color', '--image_size', '8', '--out_dir',
+                                               str(tmp_path / 'run'), *args], presets=train.TRAIN_PRESETS)
+    with pytest.raises(AssertionError):  # the spies catch the loader: loading first would fail this test
+        checkpoint.load_training_models(cfg, torch.device('cpu'))
+    before = sorted(tmp_path.rglob('*'))
+    code = cli.run(lambda argv: run_train(tmp_path / 'run', *argv), args, errors=(ValueError,))
+    err = capsys.readouterr().err
+    assert code == 2 and err.count('\n') == 1 and err.startswith('error: one GRPO step'), err
+    assert f'the same recipe fits with --micro_batch_size {first}' in err, err
+    assert sorted(tmp_path.rglob('*')) == before  # no out_dir, no .lock
 
 
 def test_activation_estimate_within_20_percent_of_the_measured_peak():

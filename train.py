@@ -54,7 +54,7 @@ import world
 import world_t2i
 from checkpoint import (RELEASES, CheckpointError, WeightsUnavailable, check_generator, check_out_dir,
                         load_checkpoint, load_training_models, open_run, peek_gpt_config, resumed_rows,
-                        save_checkpoint, vq_downsample)
+                        save_checkpoint, training_configs, vq_downsample)
 from cli import (UserError, atomic_write, check_device, check_range, check_seed, check_writable_dir,
                  disk_full_is_one_sentence, parse_config, run)
 from conditions import encode_prompts, load_t5, read_prompts
@@ -525,8 +525,10 @@ def log_line(m, max_steps):
 def setup(cfg):
     """torchrun or not, the models, the reward and the conditions -> a Run (no optimizer yet)."""
     rank, world_size, device = distributed.init(cfg.device)
+    # the plan from the configs alone (flags, release table, file headers): a run that cannot fit is refused,
+    # naming the option that makes it fit, before a weight is read or allocated
+    memory.print_plan(cfg, training_configs(cfg)[0], world_size, device, step_layout(cfg, world_size)[1])
     policy, ref, vq = load_training_models(cfg, device)
-    memory.print_plan(cfg, policy.config, world_size, device, step_layout(cfg, world_size)[1])
     reward_fn = build_reward(cfg.rewards, device=device, clip_model=cfg.clip_model,
                              clip_pretrained=cfg.clip_pretrained, hps_ckpt=cfg.hps_ckpt, judge=cfg.judge,
                              judge_url=cfg.judge_url, judge_model=cfg.judge_model, extra=extra_rewards(cfg, device))
