@@ -9,6 +9,7 @@ The 'tiny_t2i' preset (16 px, 1,500 train scenes) is built once per session (tin
 core); every figure is on data the part never trained on. GenEval's rules themselves are test_geneval.py's.
 """
 import json
+from dataclasses import replace
 import math
 
 import numpy as np
@@ -163,3 +164,18 @@ def test_t2i_train_flags(tmp_path):
     assert world_t2i.world_dir(cfg) == world_t2i.world_dir(parse('--preset', 'demo_t2i', '--eval_per_prompt', '3'))
     with pytest.raises(UserError, match='--image_size'):
         parse_config(world_t2i.T2IWorldConfig, ['--image_size', '20', '--grid', '6', '--root', str(tmp_path)])
+
+
+def test_t2i_pretraining_stops_at_the_first_check_that_reaches_the_target():
+    """train_gpt checks twice an epoch and stops at the first check >= gpt_target; without a target it runs every
+    epoch. The check here is a scripted sequence, so where it must stop is known without training anything."""
+    wc = world_t2i.T2IWorldConfig(image_size=8, grid=4, codebook_size=8, t5_dim=8, caption_len=4, gpt_dim=16,
+                                  gpt_layers=1, gpt_batch=4, gpt_epochs=5, gpt_target=0.5)
+    n = 16  # 4 batches an epoch: checks after batches 2 and 4
+    codes, emb, mask = torch.randint(8, (n, 4)), torch.randn(n, 4, 8), torch.ones(n, 4, dtype=torch.long)
+    seq = iter([0.1, 0.2, 0.3, 0.6, 0.9, 0.9, 0.9, 0.9, 0.9, 0.9])
+    _, checks = world_t2i.train_gpt(wc, codes, emb, mask, check=lambda gpt: next(seq))
+    assert checks == [0.1, 0.2, 0.3, 0.6]  # stopped in the second epoch, at its second check
+    seq = iter([0.0] * 10)
+    _, checks = world_t2i.train_gpt(replace(wc, gpt_target=0.0), codes, emb, mask, check=lambda gpt: next(seq))
+    assert len(checks) == 2 * wc.gpt_epochs

@@ -120,14 +120,13 @@ class T2IWorldConfig:
 
 
 T2I_PRESETS = {
-    # the tests and the smoke demo: 16 px, every part trained a little; 2x2-pixel tokens, since measured at 16 px
-    # a 4x-downsampling VQ was still at the mean image's error after 300 steps and a 2x one at half of it after 100
-    'tiny_t2i': dict(image_size=16, grid=8, n_train=1500, n_heldout=600, n_unseen=150, codebook_size=64,
-                     vq_steps=150, detector_epochs=4, judge_epochs=8, clip_epochs=4, quality_epochs=6, fakes=500,
-                     disc_epochs=3, eval_prompts=6, eval_per_prompt=4),
+    # the tests and the smoke demo: the demo's 24 px scenes, every part trained a little (a few minutes of one core)
+    'tiny_t2i': dict(n_train=2000, n_heldout=600, n_unseen=150, codebook_size=128, vq_steps=300, vq_lr=6e-3,
+                     gpt_epochs=10, detector_epochs=4, judge_epochs=6, clip_epochs=3, quality_epochs=3, fakes=500,
+                     disc_epochs=3, eval_prompts=8, eval_per_prompt=8),
     # python train.py --preset demo_t2i: each size chosen by measurement (README)
     'demo_t2i': dict(n_train=8000, n_heldout=2000, n_unseen=400, codebook_size=256, vq_steps=1000, vq_lr=6e-3,
-                     gpt_layers=3, gpt_dim=128, gpt_epochs=16, gpt_target=0.3, detector_epochs=5, judge_epochs=8,
+                     gpt_layers=3, gpt_dim=128, gpt_epochs=20, gpt_target=0.35, detector_epochs=5, judge_epochs=8,
                      clip_epochs=4,
                      quality_epochs=3, fakes=2000, disc_epochs=4, eval_prompts=16, eval_per_prompt=6),
 }
