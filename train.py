@@ -157,9 +157,9 @@ TRAIN_PRESETS = {
     # a contrastive image-text model, quality and realism nets and a held-out GenEval judge; GRPO on the train
     # captions, then base vs tuned vs shuffled-reward control on the held-out judge, seen and unseen prompts
     'demo_t2i': dict(world='demo_t2i', ckpt='', vq_ckpt='', t5='', image_size=24,
-                     rewards='geneval=1,world_clip=0.5,world_quality=0.25,world_real=0.25,loo_fid=0.5',
-                     conds_per_rank=16, group_size=8, cfg_scale=1.0, lr=3e-4, beta=0.05, max_steps=60,
-                     save_every=60, grid_every=0, out_dir='out/demo_t2i'),
+                     rewards='geneval=1,world_clip=0.5,world_quality=0.25,world_real=0.25,loo_fid=1',
+                     conds_per_rank=16, group_size=8, cfg_scale=1.0, lr=5e-4, beta=0.02, max_steps=100,
+                     save_every=50, grid_every=0, out_dir='out/demo_t2i'),
     # the smallest smoke run: tiny random generator + tiny random VQ + a weight-free reward
     'demo_color': dict(ckpt='', model='GPT-tiny', vq_ckpt='', image_size=16, classes=list(range(8)),
                        rewards='colorfulness=1', conds_per_rank=4, group_size=8, cfg_scale=1.0, lr=3e-3,
