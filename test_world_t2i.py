@@ -1,12 +1,12 @@
 """
 test_world_t2i.py -- the text-to-image miniature (world_t2i.py) on CPU: the real caption path, each reward against
-chance on held-out data, a short GRPO run through train.py's loop, and the files the report writes. Not here yet:
-issue 25's "a short GRPO run raises the held-out score by > 3 s.e. for each of several seeds" -- measured in the
-tiny world (30 steps, geneval reward, lr 1e-3) the gain was 1.3 and 0.6 s.e. for seeds 0 and 1, so it is not
-asserted (README, the text-to-image section).
+chance on held-out data, a short GRPO run through train.py's loop, the files the report writes, and the rule that
+stops the generator's pretraining.
 
-The 'tiny_t2i' preset (16 px, 1,500 train scenes) is built once per session (tiny_t2i below, a few minutes on one
-core); every figure is on data the part never trained on. GenEval's rules themselves are test_geneval.py's.
+The 'tiny_t2i' preset (the demo's 24 px scenes, 2,000 train scenes) is built once per session (tiny_t2i below, a
+few minutes on one core); every figure is on data the part never trained on. GenEval's rules themselves are
+test_geneval.py's. Not here: issue 25's "a short GRPO run raises the held-out score by > 3 s.e. for each of
+several seeds" (README, the text-to-image section, says what was measured).
 """
 import json
 from dataclasses import replace

@@ -3,7 +3,7 @@ world_t2i.py -- the text-to-image miniature (issue 25): prompts in GenEval's six
 real t2i path, a caption-conditioned generator pretrained here, verifiable and learned rewards, and an offline
 GenEval, all built on one CPU core from one seed (world.py is the class-to-image twin it follows).
 
-    python world_t2i.py                                # smoke demo: the tests' tiny world (seconds), its summary
+    python world_t2i.py                                # smoke demo: the tests' tiny world (minutes), its summary
     python world_t2i.py --preset demo_t2i              # build (or load) the demo world and print its summary
     python train.py --preset demo_t2i                  # the headline: GRPO in this world, base vs tuned vs control
     python sample.py --prompt "two yellow rings" --ckpt out/demo_t2i/tuned/latest/model.safetensors
@@ -15,9 +15,10 @@ What each part stands for (AR-GRPO, arXiv 2508.06924, text-to-image with LlamaGe
   text encoder   a transformers T5EncoderModel from a small T5Config with a word-level tokenizer of the world's
                  vocabulary, saved with save_pretrained into <world>/t5, loaded by conditions.load_t5 with the
                  calls that load FLAN-T5-XL; frozen at its random init (README: why)      ~ FLAN-T5-XL
-  tokenizer      miniature.train_vq                                                      ~ LlamaGen VQ-16
+  tokenizer      miniature.train_vq: 4x4-pixel tokens, 6x6 per 24 px image               ~ LlamaGen VQ-16
   generator      model.GPT t2i (CaptionEmbedder, left-padded caption mask) pretrained by next-token
-                 cross-entropy with caption dropout to the null caption                  ~ LlamaGen t2i
+                 cross-entropy with caption dropout to the null caption, until the reward detector finds
+                 gpt_target of its samples correct (the judge never steers the build)     ~ LlamaGen t2i
   geneval        reward, verifiable: geneval.GenEvalReward, a detector trained on the train split checked
                  against the prompt's atoms with GenEval's rules                          ~ GenEval-rule rewards
   world_clip     reward, learned: a contrastive image-text model trained on the train split ~ CLIPScore
