@@ -9,6 +9,7 @@ test_geneval.py's. Not here: issue 25's "a short GRPO run raises the held-out sc
 several seeds" (README, the text-to-image section, says what was measured).
 """
 import json
+import os
 from dataclasses import replace
 import math
 
@@ -20,6 +21,7 @@ import geneval
 import miniature
 import scenes
 import sample
+import study
 import train
 import world_t2i
 from cli import UserError, parse_config
@@ -126,11 +128,15 @@ def test_t2i_grpo_writes_a_report_that_round_trips(tiny_t2i, tmp_path):
     cfg = grpo_config(tiny_t2i, tmp_path, 0, max_steps=4)
     res = world_t2i.run_demo(cfg, train.train, log=lambda *a: None)
     report = json.load(open(tmp_path / 'report.json'))
+    prov = report.pop('provenance')  # where the result came from (provenance.py)
     assert report == res and set(report) == {'base', 'tuned', 'control'}
+    assert prov['seeds']['seed'] == 0 and prov['world']['dir'] == os.path.abspath(tiny_t2i.dir)
     keys = ['geneval_overall', 'geneval_overall_se', 'geneval_unseen', 'geneval_unseen_se', 'mini_fid',
             'pixel_diversity', 'kl_to_base'] + [f'geneval_{t}' for t in scenes.TAGS]
     assert all(math.isfinite(report[part][k]) for part in report for k in keys)
     assert report['base']['kl_to_base'] == pytest.approx(0, abs=1e-6)
+    table = '\n'.join(study.summarise('t2i', {(0, 0): report}, world_t2i))  # the study's table reads it too
+    assert table.count('| 0 | 0 |') == 1 and 'control gain' in table
     base, images, prompts, _ = world_t2i.measure(tiny_t2i, tiny_t2i.gpt, cfg.cfg_scale, tiny_t2i.config.eval_per_prompt)
     assert base == pytest.approx(res['base'])  # the same seeds again
     with np.load(tmp_path / 'samples_base.npz') as z:
