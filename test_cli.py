@@ -24,6 +24,7 @@ import sample
 import study
 import train
 import world
+import world_t2i
 from checkpoint import CheckpointError, save_gpt
 from cli import UserError, parse_config
 from conftest import HERE, tiny_gpt
@@ -173,6 +174,10 @@ BAD_INPUTS = [  # (script, argv with {placeholders}, phrase of the message)
     ('world', ['--world_seed', '99999999999999999999', '--root', '{tmp}/w'], '--world_seed must be >= 0 and <='),
     ('world', ['--gpt_target', '1.5', '--root', '{tmp}/w'], '--gpt_target must be'),
     ('world', ['--gpt_check_per_class', '0', '--root', '{tmp}/w'], '--gpt_check_per_class must be'),
+    # the text-to-image world's pretraining flags (issue 25)
+    ('world_t2i', ['--gpt_target', '1.5', '--root', '{tmp}/w'], '--gpt_target must be'),
+    ('world_t2i', ['--gpt_batch', '0', '--root', '{tmp}/w'], '--gpt_batch must be'),
+    ('world_t2i', ['--gpt_check_per_tag', '0', '--root', '{tmp}/w'], '--gpt_check_per_tag must be'),
     ('study', ['--seeds', '0', '99999999999999999999', '--out_dir', '{tmp}/s'], '--seeds must be >= 0 and <='),
     ('train', TRAIN + ['--out_dir', ''], '--out_dir is empty'),
     ('study', ['--out_dir', ''], '--out_dir is empty'),
@@ -216,7 +221,7 @@ def test_bad_input_battery(script, argv, phrase, tmp_path, capsys, monkeypatch):
     if script == 'train' and '--out_dir' not in args:
         args += ['--out_dir', str(out)]
     before = sorted(p.relative_to(tmp_path) for p in tmp_path.rglob('*'))  # every file, at every depth
-    main = dict(train=train.main, bench=bench.main, metrics=metrics.main, world=world.main, study=study.main,
+    main = dict(train=train.main, bench=bench.main, metrics=metrics.main, world=world.main, world_t2i=world_t2i.main, study=study.main,
                 sample=sample.main)[script]
     code = cli.run(main, args, errors=_ERRORS)
     err = capsys.readouterr().err
