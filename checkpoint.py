@@ -141,15 +141,51 @@ def fetch_weights(what, download, arg, local="a local file"):
                                  f"has them or pass {local} as {arg}.") from None
 
 
+def hub_spec(spec):
+    """`hf://OWNER/REPO/FILE` -> (OWNER/REPO, FILE)."""
+    parts = spec[5:].split('/')
+    if len(parts) < 3:
+        raise CheckpointError(f"{spec} is not of the form hf://OWNER/REPO/FILE")
+    return '/'.join(parts[:2]), '/'.join(parts[2:])
+
+
+def header_metadata(spec, releases=RELEASES, flag='--ckpt'):
+    """The safetensors header metadata of a checkpoint spec, read without its weights: {} for a release (their files
+    hold no config) or a .pt; a local file's header; an `hf://` file's header from the cache, else over the network
+    by two small range requests (huggingface_hub.parse_safetensors_file_metadata), so a run is planned -- and
+    refused if it cannot fit -- before gigabytes are downloaded."""
+    if spec in releases or not spec.endswith('.safetensors'):
+        if not (spec in releases or spec.startswith('hf://')):
+            resolve_checkpoint(spec, releases, flag)  # a missing local file: one sentence now
+        return {}
+    if not spec.startswith('hf://'):
+        return file_metadata(resolve_checkpoint(spec, releases, flag))
+    from huggingface_hub import hf_hub_download, parse_safetensors_file_metadata
+    repo, filename = hub_spec(spec)
+    try:
+        return file_metadata(hf_hub_download(repo, filename, cache_dir=hub_cache_dir(), local_files_only=True))
+    except CheckpointError:
+        raise
+    except Exception:
+        pass  # not cached: read the header over the network
+    why = hub_unreachable()
+    try:
+        if why:
+            raise ConnectionError(why)
+        return parse_safetensors_file_metadata(repo, filename).metadata or {}
+    except Exception as e:
+        raise CheckpointError(f"could not read the header of {filename} in the Hugging Face Hub repo {repo}: it is "
+                              f"not in the cache {hub_cache_dir()} and the Hub is unreachable or refused "
+                              f"({type(e).__name__}); download it where there is network (or point HF_HOME at a "
+                              f"cache that has it), or pass a local file with {flag} PATH") from None
+
+
 def resolve_checkpoint(spec, releases=RELEASES, flag='--ckpt'):
     """A release name, `hf://OWNER/REPO/FILE` or a local path -> a local file path."""
     if spec in releases:
         return hub_file(releases[spec]['repo'], releases[spec]['file'], flag)
     if spec.startswith('hf://'):
-        parts = spec[5:].split('/')
-        if len(parts) < 3:
-            raise CheckpointError(f"{spec} is not of the form hf://OWNER/REPO/FILE")
-        return hub_file('/'.join(parts[:2]), '/'.join(parts[2:]), flag)
+        return hub_file(*hub_spec(spec), flag)
     if not os.path.isfile(spec):
         raise CheckpointError(f"checkpoint {spec} is not a known release ({', '.join(releases)}) nor an "
                               f"existing file; pass a local file with {flag} PATH")
@@ -271,10 +307,10 @@ def gpt_config(ckpt, preset=None, image_size=None, downsample=16, **overrides):
     """The GPTConfig load_gpt builds for `ckpt` (a release name, hf://REPO/FILE or a local file), found without
     reading a weight (train.py plans a run's memory with it before loading). A file we wrote knows its own config
     (save_gpt puts it in the header); otherwise the release table and preset / image_size / overrides give it. A
-    release is not downloaded for this: the released files (LlamaGen's .pt, AR-GRPO's safetensors) hold no config."""
+    release is not downloaded for this (the released files, LlamaGen's .pt and AR-GRPO's safetensors, hold no
+    config), and of an hf:// file only the header is read (header_metadata)."""
     rel = RELEASES.get(ckpt, {})
-    path = ckpt if rel else resolve_checkpoint(ckpt)
-    meta = {} if rel else file_metadata(path)
+    meta, path = header_metadata(ckpt), ckpt
     if 'gpt_config' in meta:
         cfg = GPTConfig(**json.loads(meta['gpt_config']))
         shape = dict(n_layer=cfg.n_layer, n_head=cfg.n_head, dim=cfg.dim)
@@ -362,7 +398,7 @@ def vq_config(ckpt='vq_ds16_c2i', preset=None, **overrides):
     preset = preset or (rel or {}).get('preset', 'VQ-16')
     if preset not in VQ_PRESETS:
         raise ValueError(f"unknown VQ preset {preset!r}; known: {', '.join(VQ_PRESETS)}")
-    meta = {} if rel else file_metadata(resolve_checkpoint(ckpt, VQ_RELEASES, '--vq_ckpt'))
+    meta = header_metadata(ckpt, VQ_RELEASES, '--vq_ckpt')
     # files we wrote carry their VQConfig; otherwise the preset plus overrides
     return VQConfig(**(json.loads(meta['vq_config']) if 'vq_config' in meta else {**VQ_PRESETS[preset], **overrides}))
 

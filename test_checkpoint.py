@@ -148,6 +148,33 @@ def test_training_configs_are_the_loaded_models_configs(tmp_path, monkeypatch):
     assert checkpoint.training_configs(cfg)[0] == config_for('GPT-XL', 384, 16)
 
 
+def test_an_hf_checkpoint_is_planned_from_its_header_alone(tmp_path, monkeypatch):
+    """An hf:// safetensors checkpoint that is not cached is planned from its header (two range requests), never
+    downloaded for the plan: hf_hub_download may only look in the cache. Offline, one sentence naming --ckpt."""
+    import huggingface_hub
+    path = str(tmp_path / 'g.safetensors')
+    save_gpt(tiny_gpt(), path)
+    calls = []
+
+    def download(repo, filename, local_files_only=False, **kw):
+        calls.append((repo, filename, local_files_only))
+        raise huggingface_hub.errors.LocalEntryNotFoundError('not in the cache')  # an empty cache
+
+    class Header:  # what parse_safetensors_file_metadata returns, read here from the real file
+        metadata = checkpoint.file_metadata(path)
+
+    monkeypatch.setattr(huggingface_hub, 'hf_hub_download', download)
+    monkeypatch.setattr(huggingface_hub, 'parse_safetensors_file_metadata', lambda repo, filename, **kw: Header)
+    monkeypatch.setattr(checkpoint, 'hub_unreachable', lambda: None)
+    assert checkpoint.gpt_config('hf://someone/tuned/g.safetensors') == tiny_gpt().config
+    assert calls == [('someone/tuned', 'g.safetensors', True)]  # the cache was asked, nothing downloaded
+    monkeypatch.setattr(checkpoint, 'hub_unreachable', lambda: 'no network')
+    with pytest.raises(checkpoint.CheckpointError, match=r'header of g.safetensors .* --ckpt PATH$'):
+        checkpoint.gpt_config('hf://someone/tuned/g.safetensors')
+    assert checkpoint.header_metadata('hf://someone/tuned/g.pt') == {}  # a .pt holds no config: nothing asked
+    assert len(calls) == 2
+
+
 def resave(src, dst, world, *args):
     """Load the newest save of src on `world` ranks and write it again, unchanged, as a save of dst."""
     def fn():
