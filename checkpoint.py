@@ -1,6 +1,6 @@
 """
-checkpoint.py -- every file a model comes from or goes to: the released-checkpoint table, Hugging Face Hub
-downloads (offline: one sentence, at once), readers for every LlamaGen checkpoint layout, self-describing
+checkpoint.py -- every file a model comes from or goes to: the released-checkpoint table, Hub downloads (through
+hub.py; offline: one sentence, at once), readers for every LlamaGen checkpoint layout, self-describing
 safetensors for the GPT and the VQ, and train.py's step-directory saves.
 
     python checkpoint.py     # smoke demo: save a tiny policy twice, resume it, compare
@@ -34,6 +34,9 @@ import warnings
 from dataclasses import asdict
 
 import torch
+
+import hub
+from hub import cache_only_if_offline, hub_cache_dir
 import torch.distributed as dist
 
 import distributed
@@ -79,39 +82,6 @@ class CheckpointError(RuntimeError):
     """A checkpoint that cannot be found, read or loaded; the message is one sentence for the user."""
 
 
-def hub_cache_dir():
-    """The huggingface_hub cache, read from the environment now (not at import, so tests can move it)."""
-    home = os.environ.get('HF_HOME', os.path.join(os.path.expanduser('~'), '.cache', 'huggingface'))
-    return os.environ.get('HF_HUB_CACHE', os.path.join(home, 'hub'))
-
-
-def hub_unreachable():
-    """Why the Hub cannot be reached right now (HF_HUB_OFFLINE is set, or its host does not resolve), or None."""
-    import socket
-    from urllib.parse import urlparse
-    from huggingface_hub import constants
-    if os.environ.get('HF_HUB_OFFLINE', '0').lower() in ('1', 'true', 'yes', 'on'):
-        return 'HF_HUB_OFFLINE is set'
-    try:
-        socket.getaddrinfo(urlparse(constants.ENDPOINT).hostname, 443)
-    except OSError:
-        return 'no network'
-    return None
-
-
-@contextlib.contextmanager
-def cache_only_if_offline():
-    """Inside, Hub lookups answer from the local cache alone when the Hub cannot be reached, so a missing
-    file fails at once instead of after huggingface_hub's ~25 s of retries."""
-    from huggingface_hub import constants
-    saved = constants.HF_HUB_OFFLINE  # read by huggingface_hub at call time
-    constants.HF_HUB_OFFLINE = saved or hub_unreachable() is not None
-    try:
-        yield
-    finally:
-        constants.HF_HUB_OFFLINE = saved
-
-
 def hub_file(repo, filename, flag='--ckpt'):
     """Local path of `filename` from Hub `repo`: the huggingface_hub cache, else a download."""
     from huggingface_hub import hf_hub_download
@@ -124,21 +94,6 @@ def hub_file(repo, filename, flag='--ckpt'):
                               f"cache {cache} and the Hub is unreachable or refused ({type(e).__name__}); download "
                               f"it where there is network (or point HF_HOME at a cache that has it), or pass a "
                               f"local file with {flag} PATH") from None
-
-
-class WeightsUnavailable(RuntimeError):
-    """Pretrained reward or judge weights that are neither in the local cache nor downloadable (e.g. offline)."""
-
-
-def fetch_weights(what, download, arg, local="a local file"):
-    """download() inside cache_only_if_offline; any failure -> WeightsUnavailable, one sentence naming the flag."""
-    try:
-        with cache_only_if_offline():  # offline: fail at once instead of retrying for ~25 s
-            return download()
-    except Exception as e:  # offline, not in the cache, or a hub error
-        raise WeightsUnavailable(f"{what} are not in the Hugging Face cache {hub_cache_dir()} and "
-                                 f"could not be downloaded ({type(e).__name__}); set HF_HOME to a cache that "
-                                 f"has them or pass {local} as {arg}.") from None
 
 
 def hub_spec(spec):
@@ -160,19 +115,12 @@ def header_metadata(spec, releases=RELEASES, flag='--ckpt'):
         return {}
     if not spec.startswith('hf://'):
         return file_metadata(resolve_checkpoint(spec, releases, flag))
-    from huggingface_hub import hf_hub_download, parse_safetensors_file_metadata
     repo, filename = hub_spec(spec)
+    cached = hub.cached_file(repo, filename)
+    if cached:
+        return file_metadata(cached)
     try:
-        return file_metadata(hf_hub_download(repo, filename, cache_dir=hub_cache_dir(), local_files_only=True))
-    except CheckpointError:
-        raise
-    except Exception:
-        pass  # not cached: read the header over the network
-    why = hub_unreachable()
-    try:
-        if why:
-            raise ConnectionError(why)
-        return parse_safetensors_file_metadata(repo, filename).metadata or {}
+        return hub.remote_header(repo, filename)
     except Exception as e:
         raise CheckpointError(f"could not read the header of {filename} in the Hugging Face Hub repo {repo}: it is "
                               f"not in the cache {hub_cache_dir()} and the Hub is unreachable or refused "

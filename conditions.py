@@ -16,7 +16,8 @@ import os
 
 import torch
 
-from checkpoint import CheckpointError, cache_only_if_offline, hub_cache_dir
+from checkpoint import CheckpointError
+from hub import cache_only_if_offline, hub_cache_dir
 from cli import UserError
 
 # -----------------------------------------------------------------------------

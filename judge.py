@@ -29,7 +29,7 @@ import urllib.request
 import torch
 from PIL import Image
 
-from checkpoint import fetch_weights, hub_cache_dir
+from hub import fetch_weights, hub_cache_dir
 from tokenizer import to_unit
 
 JUDGE = "Qwen/Qwen2.5-VL-3B-Instruct"  # the paper's judge

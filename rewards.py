@@ -30,7 +30,7 @@ import torch.nn.functional as F
 from huggingface_hub import hf_hub_download
 from open_clip.constants import OPENAI_DATASET_MEAN as OPENAI_MEAN, OPENAI_DATASET_STD as OPENAI_STD
 
-from checkpoint import WeightsUnavailable, fetch_weights, hub_cache_dir
+from hub import WeightsUnavailable, fetch_weights, hub_cache_dir
 from judge import JUDGE, ServedJudge, load_judge
 from tokenizer import to_unit
 

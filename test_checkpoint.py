@@ -19,6 +19,7 @@ import torch
 import checkpoint
 import cli
 import distributed
+import hub
 import train
 from checkpoint import CheckpointError, RELEASES, load_gpt, read_state_dict, save_gpt, load_vq, save_vq
 from cli import UserError, parse_config
@@ -165,10 +166,10 @@ def test_an_hf_checkpoint_is_planned_from_its_header_alone(tmp_path, monkeypatch
 
     monkeypatch.setattr(huggingface_hub, 'hf_hub_download', download)
     monkeypatch.setattr(huggingface_hub, 'parse_safetensors_file_metadata', lambda repo, filename, **kw: Header)
-    monkeypatch.setattr(checkpoint, 'hub_unreachable', lambda: None)
+    monkeypatch.setattr(hub, 'hub_unreachable', lambda: None)
     assert checkpoint.gpt_config('hf://someone/tuned/g.safetensors') == tiny_gpt().config
     assert calls == [('someone/tuned', 'g.safetensors', True)]  # the cache was asked, nothing downloaded
-    monkeypatch.setattr(checkpoint, 'hub_unreachable', lambda: 'no network')
+    monkeypatch.setattr(hub, 'hub_unreachable', lambda: 'no network')
     with pytest.raises(checkpoint.CheckpointError, match=r'header of g.safetensors .* --ckpt PATH$'):
         checkpoint.gpt_config('hf://someone/tuned/g.safetensors')
     assert checkpoint.header_metadata('hf://someone/tuned/g.pt') == {}  # a .pt holds no config: nothing asked

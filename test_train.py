@@ -19,7 +19,8 @@ import conditions
 import grpo
 import metrics
 import train
-from checkpoint import CheckpointError, WeightsUnavailable
+from checkpoint import CheckpointError
+from hub import WeightsUnavailable
 from cli import UserError, parse_config
 from fid import LooFID, mean_cov
 from conftest import HERE, cuda, fixture, offline_hf_home, run_train

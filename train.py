@@ -52,9 +52,10 @@ import metrics
 import tracking
 import world
 import world_t2i
-from checkpoint import (RELEASES, CheckpointError, WeightsUnavailable, check_generator, check_out_dir,
+from checkpoint import (RELEASES, CheckpointError, check_generator, check_out_dir,
                         load_checkpoint, load_training_models, open_run, peek_gpt_config, resumed_rows,
                         save_checkpoint, training_configs, vq_downsample)
+from hub import WeightsUnavailable
 from cli import (UserError, atomic_write, check_device, check_range, check_seed, check_writable_dir,
                  disk_full_is_one_sentence, parse_config, run)
 from conditions import encode_prompts, load_t5, read_prompts
