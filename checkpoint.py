@@ -34,15 +34,14 @@ import warnings
 from dataclasses import asdict
 
 import torch
-
-import hub
-from hub import cache_only_if_offline, hub_cache_dir
 import torch.distributed as dist
 
 import distributed
+import hub
 import lora
 from cli import (TORCH_WRITE_FAILED, UserError, as_umask_allows, check_not_locked, disk_full_is_one_sentence,
                  exclusive, is_disk_full)
+from hub import cache_only_if_offline, hub_cache_dir
 from model import GPT, GPT_PRESETS, GPTConfig, config_for, precompute_freqs_cis_2d
 from tokenizer import VQ_PRESETS, VQConfig, VQModel
 
@@ -109,12 +108,12 @@ def header_metadata(spec, releases=RELEASES, flag='--ckpt'):
     hold no config) or a .pt; a local file's header; an `hf://` file's header from the cache, else over the network
     by two small range requests (huggingface_hub.parse_safetensors_file_metadata), so a run is planned -- and
     refused if it cannot fit -- before gigabytes are downloaded."""
-    if spec in releases or not spec.endswith('.safetensors'):
-        if not (spec in releases or spec.startswith('hf://')):
-            resolve_checkpoint(spec, releases, flag)  # a missing local file: one sentence now
+    if spec in releases:
         return {}
-    if not spec.startswith('hf://'):
+    if not spec.startswith('hf://'):  # a local file (a missing one: one sentence now)
         return file_metadata(resolve_checkpoint(spec, releases, flag))
+    if not spec.endswith('.safetensors'):
+        return {}
     repo, filename = hub_spec(spec)
     cached = hub.cached_file(repo, filename)
     if cached:
@@ -258,12 +257,12 @@ def gpt_config(ckpt, preset=None, image_size=None, downsample=16, **overrides):
     release is not downloaded for this (the released files, LlamaGen's .pt and AR-GRPO's safetensors, hold no
     config), and of an hf:// file only the header is read (header_metadata)."""
     rel = RELEASES.get(ckpt, {})
-    meta, path = header_metadata(ckpt), ckpt
+    meta = header_metadata(ckpt)
     if 'gpt_config' in meta:
         cfg = GPTConfig(**json.loads(meta['gpt_config']))
         shape = dict(n_layer=cfg.n_layer, n_head=cfg.n_head, dim=cfg.dim)
         if preset is not None and GPT_PRESETS.get(preset) != shape:
-            raise CheckpointError(f"checkpoint {path} holds a {shape} model, not {preset}; drop the preset or "
+            raise CheckpointError(f"checkpoint {ckpt} holds a {shape} model, not {preset}; drop the preset or "
                                   f"check --ckpt")
         return cfg
     kw = {k: v for k, v in rel.items() if k in ('model_type', 'cls_token_num')}
