@@ -1,7 +1,7 @@
 """
 world_t2i.py -- the text-to-image miniature (issue 25): prompts in GenEval's six categories through the project's
 real t2i path, a caption-conditioned generator pretrained here, verifiable and learned rewards, and an offline
-GenEval, all built on one CPU thread from one seed (world.py is the class-to-image twin it follows).
+GenEval, all built on two CPU threads from one seed (world.py is the class-to-image twin it follows).
 
     python world_t2i.py                                # smoke demo: the tests' tiny world (minutes), its summary
     python world_t2i.py --preset demo_t2i              # build (or load) the demo world and print its summary
@@ -27,7 +27,7 @@ What each part stands for (AR-GRPO, arXiv 2508.06924, text-to-image with LlamaGe
   loo_fid        fid.LooFID in world_clip's image features against the train split
   judge          geneval's 'judge' detector (another architecture and seed) trained on the held-out split, never a
                  reward: per-category GenEval accuracy, seen and unseen prompts, and the mini-FID's features
-How it departs: captions take caption_len positions (16; LlamaGen's 120 is a flag away, and model.GPT can run
+How it departs: captions take caption_len positions (12; LlamaGen's 120 is a flag away, and model.GPT can run
 CFG against its null caption only at 120, so the demo samples guidance-free as world.py's does); the T5 is
 random and frozen. Every part is cached under out/world_t2i/<hash of the config>.
 """
@@ -53,20 +53,19 @@ from fid import LooFID, mean_cov
 from miniature import (batches, conv_stack, decode_all, encode_all, fid_of, fit, fixed_threads, load_net, pairwise_mean,
                        predict, progress, random_distortions, roc_auc, save_net, seeded, spearman, to_float,
                        train_quality, train_vq, warmup_cosine, discriminator_any, quality_net,
-                       expected_level, THREADS)
+                       expected_level)
 from model import GPT, config_for, generate
 from provenance import one_line, provenance
 from rewards import parse_spec
 from tokenizer import to_uint8
 from world import WorldReward, read_summary
 
-VERSION = 3  # bump when the code changes what a config builds
-# The world is built on one thread (miniature.THREADS: the count, not the machine's cores, fixes the order of float
-# sums, so one CPU model builds the same world on any core count); GRPO and the measurements in run_demo run on
-# GRPO_THREADS = 2, since issue 25 times the demo on 2 CPU cores and a demo_t2i step takes 1.98 s on 1 thread,
-# 1.00 s on 2 (2-core AMD EPYC). The build stays on one: built on 2, world 0's generator missed its pretraining
-# target in 20 epochs and based at 0.239 on the judge instead of 0.327 (rounding steers a build this small).
-GRPO_THREADS = 2
+VERSION = 5  # bump when the code changes what a config builds (4 was a two-thread build, never released)
+# Every part of this world is built, and GRPO and the measurements in run_demo run, on THREADS = 2 torch threads
+# (the count, not the machine's cores, fixes the order of float sums, so one CPU model builds the same world on any
+# core count; issue 25 times the demo on 2 cores). Measured on a 2-core AMD EPYC: a demo_t2i step takes 1.98 s on
+# one thread, 1.00 s on two; a generator pretraining epoch 44 s on two. The class-to-image world stays on one.
+THREADS = 2
 
 
 @dataclass
@@ -85,7 +84,7 @@ class T2IWorldConfig:
     vq_lr: float = 3e-3  # VQ Adam learning rate (warm-up, then cosine)
     t5_dim: int = 32  # the text encoder's width (caption_dim of the generator)
     t5_layers: int = 2  # the text encoder's blocks
-    caption_len: int = 16  # caption positions = the generator's cls_token_num (LlamaGen: 120)
+    caption_len: int = 12  # caption positions = the generator's cls_token_num (LlamaGen: 120)
     gpt_layers: int = 2  # generator depth
     gpt_dim: int = 64  # generator width (a multiple of 16)
     gpt_epochs: int = 4  # most pretraining passes
@@ -133,10 +132,9 @@ T2I_PRESETS = {
                      gpt_epochs=10, detector_epochs=4, judge_epochs=6, clip_epochs=3, quality_epochs=3, fakes=500,
                      disc_epochs=3, eval_prompts=8, eval_per_prompt=8),
     # python train.py --preset demo_t2i: each size chosen by measurement (README)
-    'demo_t2i': dict(n_train=8000, n_heldout=2000, n_unseen=400, codebook_size=256, vq_steps=1000, vq_lr=6e-3,
-                     gpt_layers=3, gpt_dim=128, gpt_epochs=20, gpt_target=0.35, detector_epochs=5, judge_epochs=8,
-                     clip_epochs=4,
-                     quality_epochs=3, fakes=2000, disc_epochs=4, eval_prompts=16, eval_per_prompt=6),
+    'demo_t2i': dict(n_train=16000, n_heldout=2000, n_unseen=400, codebook_size=256, vq_steps=1000, vq_lr=6e-3,
+                     gpt_layers=3, gpt_dim=128, gpt_epochs=10, gpt_target=0.35, detector_epochs=3, judge_epochs=8,
+                     clip_epochs=2, quality_epochs=2, fakes=2000, disc_epochs=4, eval_prompts=16, eval_per_prompt=6),
 }
 NOT_KEYED = {'preset', 'root', 'eval_prompts', 'eval_per_prompt'}  # fields that do not change what is built
 REWARDS = ('geneval', 'world_clip', 'world_quality', 'world_real', 'loo_fid')  # by their --rewards names
@@ -591,7 +589,7 @@ def prepare(tcfg, log=print):
     """Build or load tcfg.world (a preset at tcfg.world_seed, or a directory) and point the TrainConfig at its
     generator, VQ, text encoder and GRPO prompts (the train split's captions: never an unseen one)."""
     if tcfg.world in T2I_PRESETS:
-        with fixed_threads():
+        with fixed_threads(THREADS):
             w = load_or_build(preset_config(tcfg.world, tcfg.world_seed), log)
     else:
         w = T2IWorld(tcfg.world)
@@ -636,7 +634,7 @@ def run_demo(tcfg, train_fn, log=print, control=True):
     """python train.py --preset demo_t2i: the world, GRPO + control, then base vs tuned vs control on the same
     seeds -> report.md, report.json, samples_*.npz, before_after.png, curves.png in tcfg.out_dir."""
     from plots import plot_runs
-    with fixed_threads(GRPO_THREADS):  # the build inside prepare() runs on one (fixed_threads())
+    with fixed_threads(THREADS):
         torch.manual_seed(0)
         t0 = time.perf_counter()
         w = prepare(tcfg, log)
