@@ -4,7 +4,7 @@ chance on held-out data, a short GRPO run through train.py's loop, the files the
 stops the generator's pretraining.
 
 The 'tiny_t2i' preset (the demo's 24 px scenes, 2,000 train scenes) is built once per session (tiny_t2i below, a
-few minutes on one core); every figure is on data the part never trained on. GenEval's rules themselves are
+few minutes on two cores); every figure is on data the part never trained on. GenEval's rules themselves are
 test_geneval.py's. Not here: issue 25's "a short GRPO run raises the held-out score by > 3 s.e. for each of
 several seeds" (README, the text-to-image section, says what was measured).
 """

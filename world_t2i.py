@@ -127,7 +127,7 @@ class T2IWorldConfig:
 
 
 T2I_PRESETS = {
-    # the tests and the smoke demo: the demo's 24 px scenes, every part trained a little (a few minutes of one core)
+    # the tests and the smoke demo: the demo's 24 px scenes, every part trained a little (a few minutes of two cores)
     'tiny_t2i': dict(n_train=2000, n_heldout=600, n_unseen=150, codebook_size=128, vq_steps=300, vq_lr=6e-3,
                      gpt_epochs=10, detector_epochs=4, judge_epochs=6, clip_epochs=3, quality_epochs=3, fakes=500,
                      disc_epochs=3, eval_prompts=8, eval_per_prompt=8),
