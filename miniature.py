@@ -312,7 +312,7 @@ THREADS = 1
 @contextlib.contextmanager
 def fixed_threads(threads=THREADS):
     """Run the block on exactly `threads` torch threads (the count, not the machine's cores, fixes the order of
-    float sums; world_t2i's GRPO runs on 2), then restore the caller's count."""
+    float sums; world_t2i runs on 2), then restore the caller's count."""
     n = torch.get_num_threads()
     torch.set_num_threads(threads)
     try:
