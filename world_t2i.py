@@ -63,8 +63,8 @@ from world import WorldReward, read_summary
 VERSION = 6  # bump when the code changes what a config builds (4 was a two-thread build, never released)
 # Every part of this world is built, and GRPO and the measurements in run_demo run, on THREADS = 2 torch threads
 # (the count, not the machine's cores, fixes the order of float sums, so one CPU model builds the same world on any
-# core count; issue 25 times the demo on 2 cores). Measured on a 2-core AMD EPYC: a demo_t2i step takes 1.98 s on
-# one thread, 1.00 s on two; a generator pretraining epoch 40 s on two. The class-to-image world stays on one.
+# core count; issue 25 times the demo on 2 cores). Measured on a 2-core AMD EPYC with the 512-wide SwiGLU below: a
+# demo_t2i step took 1.98 s on one thread, 1.00 s on two (0.82 s with 352). The class-to-image world stays on one.
 THREADS = 2
 # The generator's SwiGLU width is rounded up to a multiple of 32, not LlamaGen's 256 (model.GPTConfig.multiple_of):
 # at width 128 that is 352 hidden units instead of 512 (about the 8/3 of the width Llama's SwiGLU means, not 4).
