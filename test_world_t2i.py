@@ -158,7 +158,8 @@ def test_t2i_grpo_raises_the_heldout_single_object_score_for_each_seed(tiny_t2i,
     the tiny generator (base 0.09 overall) is nearly blind to the other categories, where a 2,000-scene
     detector is gamed before the generator learns (README). Measured on two threads, GRPO seeds 0-4 (README, the
     text-to-image section): +4.3 to +8.0 s.e. in this world, +8.1 to +11.9 and +3.8 to +9.2 in tiny worlds 1 and
-    2 -- another CPU rounds this world differently, and other worlds stand in for that. ~3.5 min on two cores."""
+    2 -- another CPU rounds this world differently, and other worlds stand in for that. The shuffled-reward
+    control (seed 2 here) must not gain 2 s.e.: -0.8 to -1.9 s.e. over seeds 0-4. ~4.5 min on two cores."""
     w = tiny_t2i
     captions = open(os.path.join(w.dir, 'prompts_train.txt')).read().split('\n')
     singles = sorted({c for c in captions if c and scenes.parse(c)['tag'] == 'single_object'})
@@ -181,6 +182,13 @@ def test_t2i_grpo_raises_the_heldout_single_object_score_for_each_seed(tiny_t2i,
             tuned = judged(world_t2i.load_gpt(str(tmp_path / str(seed) / 'latest' / 'model.safetensors')))
         gain = (tuned[0] - base[0]) / math.hypot(base[1], tuned[1])
         assert gain > 3, f"seed {seed}: single_object {base[0]:.3f} -> {tuned[0]:.3f} is {gain:+.1f} s.e."
+    # the shuffled-reward control from the same start and seed does not gain: the reward, not the updates, is why
+    cfg = replace(cfg, shuffle_rewards=True, out_dir=str(tmp_path / 'control'))
+    with miniature.fixed_threads(2):
+        train.train(cfg)
+        control = judged(world_t2i.load_gpt(str(tmp_path / 'control' / 'latest' / 'model.safetensors')))
+    gain = (control[0] - base[0]) / math.hypot(base[1], control[1])
+    assert gain < 2, f"control: single_object {base[0]:.3f} -> {control[0]:.3f} is {gain:+.1f} s.e."
 
 
 # ----------------------------------------------------------------------------- flags
