@@ -130,8 +130,8 @@ def test_t2i_grpo_writes_a_report_that_round_trips(tiny_t2i, tmp_path):
     prov = report.pop('provenance')  # where the result came from (provenance.py)
     assert report == res and set(report) == {'base', 'tuned', 'control'}
     assert prov['seeds']['seed'] == 0 and prov['world']['dir'] == os.path.abspath(tiny_t2i.dir)
-    keys = ['geneval_overall', 'geneval_overall_se', 'geneval_unseen', 'geneval_unseen_se', 'mini_fid',
-            'pixel_diversity', 'kl_to_base'] + [f'geneval_{t}' for t in scenes.TAGS]
+    keys = ['geneval_overall', 'geneval_overall_se', 'geneval_unseen', 'geneval_unseen_se', 'mini_fid', 'mini_fid_se',
+            'pixel_diversity', 'pixel_diversity_se', 'kl_to_base'] + [f'geneval_{t}' for t in scenes.TAGS]
     assert all(math.isfinite(report[part][k]) for part in report for k in keys)
     assert report['base']['kl_to_base'] == pytest.approx(0, abs=1e-6)
     table = '\n'.join(study.summarise('t2i', {(0, 0): report}, world_t2i))  # the study's table reads it too

@@ -58,7 +58,7 @@ from model import GPT, config_for, generate
 from provenance import one_line, provenance
 from rewards import parse_spec
 from tokenizer import to_uint8
-from world import WorldReward, read_summary
+from world import BOOTSTRAP, MEASURE_SEED, WorldReward, read_summary
 
 VERSION = 6  # bump when the code changes what a config builds (4 was a two-thread build, never released)
 # Every part of this world is built, and GRPO and the measurements in run_demo run, on THREADS = 2 torch threads
@@ -563,11 +563,13 @@ def model_stats(gpt, base, tokens, emb, mask, bs=256):
 
 
 @torch.no_grad()
-def measure(w, gpt, cfg_scale, per_prompt, seed=1234):
+def measure(w, gpt, cfg_scale, per_prompt, seed=MEASURE_SEED):
     """Sample per_prompt images of every measured prompt (seen, then unseen) with fixed seeds and score them:
     the held-out judge's GenEval accuracy per category (+- s.e.), overall (the mean over categories) on seen and
     on unseen prompts, each reward's mean on the seen ones, mini-FID to the held-out scenes, within-prompt pixel
-    diversity, token statistics, entropy and KL to the base -> (results, images, prompts, the judge's detections)."""
+    diversity, token statistics, entropy and KL to the base -> (results, images, prompts, the judge's detections).
+    Standard errors as world.measure's: binomial for accuracy, a bootstrap's for mini-FID, the spread over prompts
+    for pixel diversity (study.py's table gives each target's margin in them)."""
     from miniature import token_stats
     seen, unseen = eval_list(w, 'seen', per_prompt), eval_list(w, 'unseen', per_prompt)
     prompts, ns = seen + unseen, len(seen)
@@ -581,8 +583,14 @@ def measure(w, gpt, cfg_scale, per_prompt, seed=1234):
     out['geneval_unseen'], out['geneval_unseen_se'] = acc_u['overall'][:2]
     out |= {name: s(images[:ns], seen).mean().item() for name, s in w.scorers.items()}
     ids = torch.tensor([prompts.index(p) for p in prompts])  # one id per distinct prompt
-    out['mini_fid'] = fid_of(judge_features(w, w.heldout_x[:w.config.n_heldout]), judge_features(w, images[:ns]))
-    out['pixel_diversity'] = pairwise_mean(images.flatten(1), ids, lambda a, b: (a - b).pow(2).mean(-1).sqrt())
+    ref, f = judge_features(w, w.heldout_x[:w.config.n_heldout]), judge_features(w, images[:ns])
+    gen = torch.Generator().manual_seed(MEASURE_SEED)  # a bootstrap of the seen samples: the mini-FID's s.e.
+    boot = [fid_of(ref, f[torch.randint(len(f), (len(f),), generator=gen)]) for _ in range(BOOTSTRAP)]
+    out['mini_fid'], out['mini_fid_se'] = fid_of(ref, f), float(np.std(boot, ddof=1))
+    rms = lambda a, b: (a - b).pow(2).mean(-1).sqrt()
+    per = torch.tensor([pairwise_mean(images[ids == i].flatten(1), ids[ids == i], rms) for i in ids.unique()])
+    out['pixel_diversity'] = per.mean().item()  # = pairwise_mean over all prompts (a mean of per-prompt means)
+    out['pixel_diversity_se'] = (per.std() / math.sqrt(len(per))).item()  # the spread over prompts
     emb, mask = encode_captions(prompts, w.t5, gpt.config.cls_token_num)
     out |= token_stats(tokens, ids) | model_stats(gpt, w.gpt, tokens, emb, mask)
     return out, images, prompts, dets
@@ -732,7 +740,7 @@ def write_report(out_dir, w, tcfg, res, times):
     lines += ['', 'targets:'] + [f"- {name}: {v:.3f} vs {lim:.3f}: {'met' if ok else 'MISSED'} ({m:+.1f} s.e.)"
                                  for name, v, lim, ok, m in targets(res['base'], res['tuned'], res.get('control'))]
     lines.append("times (s): " + ", ".join(f"{k} {v:.0f}" for k, v in times.items()))
-    prov = provenance(tcfg, w.dir, extra_seeds=dict(world_seed=w.config.world_seed, measure_seed=1234,
+    prov = provenance(tcfg, w.dir, extra_seeds=dict(world_seed=w.config.world_seed, measure_seed=MEASURE_SEED,
                                                     curve_seed=999, demo_torch_seed=0))  # measure's, the hook's
     lines.append(f"provenance (report.json has all of it): {one_line(prov)}")
     table = '\n'.join(lines) + '\n'
