@@ -11,7 +11,9 @@ image_size, grid, codebook_size, vq_*, quality_epochs, disc_epochs) and tensors;
 not get a path to. Images are float (B, 3, H, W) in [-1, 1] (the decoder's range) unless a docstring says uint8.
 """
 import contextlib
+import json
 import math
+import os
 
 import numpy as np
 import torch
@@ -20,7 +22,7 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 from checkpoint import save_safetensors
-from cli import atomic_write, save_npz
+from cli import UserError, atomic_write, save_npz
 from fid import frechet_distance, mean_cov
 from safetensors.torch import load_file
 from tokenizer import VQConfig, VQModel
@@ -270,7 +272,7 @@ def predict(net, x, bs=500):
 
 
 # -----------------------------------------------------------------------------
-# saving and loading the nets; the two rewards trained the same way in both worlds
+# saving and loading the nets and a world's summary; the two rewards trained the same way in both worlds
 
 
 def save_net(net, path):
@@ -280,6 +282,37 @@ def save_net(net, path):
 def load_net(path, net):
     net.load_state_dict(load_file(path))
     return net.eval().requires_grad_(False)
+
+
+def read_summary(d):
+    """world.json of the world in d; a torn or unreadable one is one sentence naming it and what to do."""
+    path = os.path.join(d, 'world.json')
+    try:
+        with open(path) as f:
+            return json.load(f)
+    except (OSError, ValueError) as e:
+        raise UserError(f"{path} cannot be read ({e}); delete {d} and the world is rebuilt on the next run") from None
+
+
+class WorldReward(nn.Module):
+    """One learned reward of a world as a rewards.py scorer: images (B, 3, H, W) in [-1, 1] at the world's size,
+    conditions (B class ids for 'class'; unread otherwise) -> (B,) float32 in [0, 1], one forward per batch on the
+    images' device. kind 'class': P(target class); 'quality': 1 - expected distortion level / 4; 'real': P(real)."""
+
+    def __init__(self, net, kind):
+        super().__init__()
+        self.net, self.kind = net, kind
+
+    @torch.no_grad()
+    def forward(self, images, conditions):
+        self.net.to(images.device)
+        out = self.net(images.float().clamp(-1, 1))  # trained on [-1, 1] pixels
+        if self.kind == 'real':
+            return torch.sigmoid(out[:, 0])
+        if self.kind == 'quality':
+            return 1 - expected_level(out) / (LEVELS - 1)
+        ids = torch.as_tensor([int(c) for c in conditions], device=images.device)
+        return out.softmax(-1).gather(1, ids[:, None])[:, 0]
 
 
 def train_quality(wc, x):
@@ -323,6 +356,10 @@ def fixed_threads(threads=THREADS):
 
 # -----------------------------------------------------------------------------
 # statistics: ranks, Spearman, ROC AUC, FID, diversity, KL to the base
+
+
+BOOTSTRAP = 20  # resamples behind the mini-FID's standard error (each one FID in the judge's 64-d features)
+MEASURE_SEED = 1234  # the sampling seed of every measured generator (base, tuned, control: the same images' seeds)
 
 
 def ranks(x):

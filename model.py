@@ -312,8 +312,8 @@ class GPT(nn.Module):
             return torch.full_like(cond, self.config.num_classes)  # the null class row
         null = self.cls_embedding.uncond_embedding
         if cond.shape[1] != null.shape[0]:
-            raise ValueError(f"t2i CFG needs {null.shape[0]} caption positions (LlamaGen's null caption), "
-                             f"got {cond.shape[1]}")
+            raise ValueError(f"t2i CFG needs {null.shape[0]} caption positions (LlamaGen's null caption), got "
+                             f"{cond.shape[1]}; sample this model guidance-free (a CFG scale of 1)")
         return null.to(cond.dtype).expand(cond.shape[0], -1, -1)  # same rows for every sample, unmasked
 
     def new_kv_cache(self, batch_size, max_len=None, static=False):

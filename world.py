@@ -49,10 +49,11 @@ from PIL import Image, ImageDraw
 from checkpoint import load_gpt, load_vq, save_gpt, save_vq
 from cli import UserError, atomic_write, check_range, check_seed, check_writable_dir, check_writable_file
 from fid import LooFID, mean_cov
-from miniature import (LEVELS, THREADS, batches, conv_stack, decode_all, encode_all, expected_level, fid_of, fit,
-                       fixed_threads, load_adm, load_net, model_stats, pairwise_mean, predict, progress,
-                       random_distortions, roc_auc, save_adm, save_net, seeded, spearman, to_float, token_stats,
-                       train_discriminator, train_quality, train_vq, warmup_cosine, discriminator, quality_net)
+from miniature import (BOOTSTRAP, MEASURE_SEED, THREADS, WorldReward, batches, conv_stack, decode_all, encode_all,
+                       expected_level, fid_of, fit, fixed_threads, load_adm, load_net, model_stats, pairwise_mean,
+                       predict, progress, read_summary, random_distortions, roc_auc, save_adm, save_net, seeded,
+                       spearman, to_float, token_stats, train_discriminator, train_quality, train_vq, warmup_cosine,
+                       discriminator, quality_net)
 from model import GPT, config_for, generate
 from plots import class_rows, plot_runs
 from provenance import one_line, provenance
@@ -292,27 +293,6 @@ class Judge(nn.Module):
 # the world's rewards as rewards.py scorers: scorer(images, conditions) -> Tensor[B]
 
 
-class WorldReward(nn.Module):
-    """One learned reward of the world: images (B, 3, H, W) in [-1, 1] at the world's size, conditions B class
-    ids -> (B,) float32 in [0, 1], one forward per batch on the images' device.
-    kind 'class': P(target class); 'quality': 1 - expected distortion level / 4; 'real': P(real)."""
-
-    def __init__(self, net, kind):
-        super().__init__()
-        self.net, self.kind = net, kind
-
-    @torch.no_grad()
-    def forward(self, images, conditions):
-        self.net.to(images.device)
-        out = self.net(images.float().clamp(-1, 1))  # trained on [-1, 1] pixels
-        if self.kind == 'real':
-            return torch.sigmoid(out[:, 0])
-        if self.kind == 'quality':
-            return 1 - expected_level(out) / (LEVELS - 1)
-        ids = torch.as_tensor([int(c) for c in conditions], device=images.device)
-        return out.softmax(-1).gather(1, ids[:, None])[:, 0]
-
-
 INSTANCE = ('world_class', 'world_quality', 'world_real')  # the paper's three dimensions, one image at a time
 REWARDS = INSTANCE + ('loo_fid',)  # every reward a world hands to rewards.build_reward, by its --rewards name
 NETS = dict(world_class=('classifier', 'class'), world_quality=('quality', 'quality'),
@@ -369,16 +349,6 @@ def world_dir(wc):
     """root/<12 hex digits of the hash of the config fields that change what is built>."""
     key = {k: v for k, v in asdict(wc).items() if k not in NOT_KEYED} | {'version': VERSION}
     return os.path.join(wc.root, hashlib.sha1(json.dumps(key, sort_keys=True).encode()).hexdigest()[:12])
-
-
-def read_summary(d):
-    """world.json of the world in d; a torn or unreadable one is one sentence naming it and what to do."""
-    path = os.path.join(d, 'world.json')
-    try:
-        with open(path) as f:
-            return json.load(f)
-    except (OSError, ValueError) as e:
-        raise UserError(f"{path} cannot be read ({e}); delete {d} and the world is rebuilt on the next run") from None
 
 
 def build(wc, log=print):
@@ -534,9 +504,6 @@ def load_or_build(wc, log=print):
 # -----------------------------------------------------------------------------
 # measuring: held-out figures of the parts, and a generator's rewards, judges, diversity, KL to the base
 
-
-BOOTSTRAP = 20  # resamples behind the mini-FID's standard error (each one FID in the judge's 64-d features)
-MEASURE_SEED = 1234  # the sampling seed of every measured generator (base, tuned, control: the same images' seeds)
 
 
 @torch.no_grad()

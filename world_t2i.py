@@ -50,15 +50,14 @@ from checkpoint import load_gpt, load_vq, save_gpt, save_vq
 from cli import UserError, atomic_write, check_range, check_writable_dir, save_npz
 from conditions import encode_prompts, load_t5
 from fid import LooFID, mean_cov
-from miniature import (batches, conv_stack, decode_all, encode_all, fid_of, fit, fixed_threads, load_net, pairwise_mean,
-                       predict, progress, random_distortions, roc_auc, save_net, seeded, spearman, to_float,
-                       train_quality, train_vq, warmup_cosine, discriminator_any, quality_net,
-                       expected_level)
+from miniature import (BOOTSTRAP, MEASURE_SEED, WorldReward, batches, conv_stack, decode_all, encode_all, fid_of, fit,
+                       fixed_threads, load_net, pairwise_mean, predict, progress, random_distortions, read_summary,
+                       roc_auc, save_net, seeded, spearman, to_float, train_quality, train_vq, warmup_cosine,
+                       discriminator_any, quality_net, expected_level)
 from model import GPT, config_for, generate
 from provenance import one_line, provenance
 from rewards import parse_spec
 from tokenizer import to_uint8
-from world import BOOTSTRAP, MEASURE_SEED, WorldReward, read_summary
 
 VERSION = 6  # bump when the code changes what a config builds (4 was a two-thread build, never released)
 # Every part of this world is built, and GRPO and the measurements in run_demo run, on THREADS = 2 torch threads
