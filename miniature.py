@@ -398,6 +398,23 @@ def pairwise_mean(x, labels, fn):
     return torch.stack(vals).mean().item()
 
 
+def fid_and_se(ref, f):
+    """FID between reference features ref (n, d) and samples' features f (m, d), and its standard error: the
+    spread of the FID over BOOTSTRAP resamples of f, drawn with MEASURE_SEED (the same features, the same s.e.)."""
+    gen = torch.Generator().manual_seed(MEASURE_SEED)
+    boot = [fid_of(ref, f[torch.randint(len(f), (len(f),), generator=gen)]) for _ in range(BOOTSTRAP)]
+    return fid_of(ref, f), float(np.std(boot, ddof=1))
+
+
+def diversity_and_se(images, labels):
+    """Within-label pixel diversity of images (n, 3, H, W): the RMS distance between two images of one label,
+    averaged per label, then over labels (= pairwise_mean), and its standard error over labels."""
+    rms = lambda a, b: (a - b).pow(2).mean(-1).sqrt()
+    per = torch.tensor([pairwise_mean(images[labels == c].flatten(1), labels[labels == c], rms)
+                        for c in labels.unique()])
+    return per.mean().item(), (per.std() / math.sqrt(len(per))).item()
+
+
 def token_stats(tokens, labels):
     """Token-level diversity: distinct sequences, within-class Hamming distance, top-token share."""
     counts = torch.bincount(tokens.flatten())

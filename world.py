@@ -49,11 +49,11 @@ from PIL import Image, ImageDraw
 from checkpoint import load_gpt, load_vq, save_gpt, save_vq
 from cli import UserError, atomic_write, check_range, check_seed, check_writable_dir, check_writable_file
 from fid import LooFID, mean_cov
-from miniature import (BOOTSTRAP, MEASURE_SEED, THREADS, WorldReward, batches, conv_stack, decode_all, encode_all,
-                       expected_level, fid_of, fit, fixed_threads, load_adm, load_net, model_stats, pairwise_mean,
-                       predict, progress, read_summary, random_distortions, roc_auc, save_adm, save_net, seeded,
-                       spearman, to_float, token_stats, train_discriminator, train_quality, train_vq, warmup_cosine,
-                       discriminator, quality_net)
+from miniature import (MEASURE_SEED, THREADS, WorldReward, batches, conv_stack, decode_all, discriminator,
+                       diversity_and_se, encode_all, expected_level, fid_and_se, fid_of, fit, fixed_threads, load_adm,
+                       load_net, model_stats, predict, progress, quality_net, random_distortions, read_summary,
+                       roc_auc, save_adm, save_net, seeded, spearman, to_float, token_stats, train_discriminator,
+                       train_quality, train_vq, warmup_cosine)
 from model import GPT, config_for, generate
 from plots import class_rows, plot_runs
 from provenance import one_line, provenance
@@ -515,16 +515,10 @@ def score_images(w, images, labels):
     hit = (predict(w.judge, images).argmax(1) == labels).float()
     feats = lambda x: predict(w.judge.body, x)
     out = {name: scorer(images, labels).mean().item() for name, scorer in w.scorers.items()}
-    ref, f = feats(w.heldout_x), feats(images)
-    rms = lambda a, b: (a - b).pow(2).mean(-1).sqrt()
-    per_class = torch.tensor([pairwise_mean(images[labels == c].flatten(1), labels[labels == c], rms)
-                              for c in labels.unique()])  # within-class diversity of each class
-    gen = torch.Generator().manual_seed(MEASURE_SEED)  # a bootstrap of the samples: the mini-FID's standard error
-    boot = [fid_of(ref, f[torch.randint(len(f), (len(f),), generator=gen)]) for _ in range(BOOTSTRAP)]
+    fid, fid_se = fid_and_se(feats(w.heldout_x), feats(images))  # the s.e. a bootstrap's
+    div, div_se = diversity_and_se(images, labels)  # within-class, its s.e. over classes
     return out | dict(judge_accuracy=hit.mean().item(), judge_accuracy_se=(hit.std() / math.sqrt(len(hit))).item(),
-                      mini_fid=fid_of(ref, f), mini_fid_se=float(np.std(boot, ddof=1)),
-                      pixel_diversity=per_class.mean().item(),  # = pairwise_mean over all classes (a mean of means)
-                      pixel_diversity_se=(per_class.std() / math.sqrt(len(per_class))).item())
+                      mini_fid=fid, mini_fid_se=fid_se, pixel_diversity=div, pixel_diversity_se=div_se)
 
 
 @torch.no_grad()

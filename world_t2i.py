@@ -50,10 +50,10 @@ from checkpoint import load_gpt, load_vq, save_gpt, save_vq
 from cli import UserError, atomic_write, check_range, check_writable_dir, save_npz
 from conditions import encode_prompts, load_t5
 from fid import LooFID, mean_cov
-from miniature import (BOOTSTRAP, MEASURE_SEED, WorldReward, batches, conv_stack, decode_all, encode_all, fid_of, fit,
-                       fixed_threads, load_net, pairwise_mean, predict, progress, random_distortions, read_summary,
-                       roc_auc, save_net, seeded, spearman, to_float, train_quality, train_vq, warmup_cosine,
-                       discriminator_any, quality_net, expected_level)
+from miniature import (MEASURE_SEED, WorldReward, batches, conv_stack, decode_all, discriminator_any, diversity_and_se,
+                       encode_all, expected_level, fid_and_se, fit, fixed_threads, load_net, predict, progress,
+                       quality_net, random_distortions, read_summary, roc_auc, save_net, seeded, spearman, to_float,
+                       train_quality, train_vq, warmup_cosine)
 from model import GPT, config_for, generate
 from provenance import one_line, provenance
 from rewards import parse_spec
@@ -582,14 +582,9 @@ def measure(w, gpt, cfg_scale, per_prompt, seed=MEASURE_SEED):
     out['geneval_unseen'], out['geneval_unseen_se'] = acc_u['overall'][:2]
     out |= {name: s(images[:ns], seen).mean().item() for name, s in w.scorers.items()}
     ids = torch.tensor([prompts.index(p) for p in prompts])  # one id per distinct prompt
-    ref, f = judge_features(w, w.heldout_x[:w.config.n_heldout]), judge_features(w, images[:ns])
-    gen = torch.Generator().manual_seed(MEASURE_SEED)  # a bootstrap of the seen samples: the mini-FID's s.e.
-    boot = [fid_of(ref, f[torch.randint(len(f), (len(f),), generator=gen)]) for _ in range(BOOTSTRAP)]
-    out['mini_fid'], out['mini_fid_se'] = fid_of(ref, f), float(np.std(boot, ddof=1))
-    rms = lambda a, b: (a - b).pow(2).mean(-1).sqrt()
-    per = torch.tensor([pairwise_mean(images[ids == i].flatten(1), ids[ids == i], rms) for i in ids.unique()])
-    out['pixel_diversity'] = per.mean().item()  # = pairwise_mean over all prompts (a mean of per-prompt means)
-    out['pixel_diversity_se'] = (per.std() / math.sqrt(len(per))).item()  # the spread over prompts
+    out['mini_fid'], out['mini_fid_se'] = fid_and_se(judge_features(w, w.heldout_x[:w.config.n_heldout]),
+                                                     judge_features(w, images[:ns]))  # seen prompts' samples
+    out['pixel_diversity'], out['pixel_diversity_se'] = diversity_and_se(images, ids)  # within-prompt
     emb, mask = encode_captions(prompts, w.t5, gpt.config.cls_token_num)
     out |= token_stats(tokens, ids) | model_stats(gpt, w.gpt, tokens, emb, mask)
     return out, images, prompts, dets
