@@ -147,7 +147,8 @@ class CaptionEmbedder(nn.Module):
         super().__init__()
         self.cap_proj = MLP(caption_dim, dim, dim)
         # LlamaGen quirk: the null caption is a persistent *buffer* (in the state_dict, not a parameter)
-        # with a hard-coded 120 rows, so CFG only works when cls_token_num == 120.
+        # with a hard-coded 120 rows, so LlamaGen's CFG only works when cls_token_num == 120 (GPT.null_cond
+        # takes its last rows for a shorter caption)
         self.register_buffer('uncond_embedding', torch.randn(token_num, caption_dim) / caption_dim ** 0.5)
 
     def forward(self, caption):
@@ -307,14 +308,18 @@ class GPT(nn.Module):
             nn.init.normal_(m.weight, std=self.config.initializer_range)
 
     def null_cond(self, cond):
-        """The unconditional input for CFG, shaped like `cond`."""
+        """The unconditional input for CFG, shaped like `cond`: the null class, or for t2i the null caption, the
+        last L rows of the (120, D) uncond_embedding buffer for an (B, L, D) caption. At L = 120 that is LlamaGen's
+        null caption exactly; at L < 120 LlamaGen fails to broadcast, and we take the rows nearest the image
+        tokens, as left-padding places a short caption there (the rows the text-to-image miniature's caption
+        dropout trains, world_t2i.train_gpt)."""
         if self.config.model_type == 'c2i':
             return torch.full_like(cond, self.config.num_classes)  # the null class row
         null = self.cls_embedding.uncond_embedding
-        if cond.shape[1] != null.shape[0]:
-            raise ValueError(f"t2i CFG needs {null.shape[0]} caption positions (LlamaGen's null caption), got "
-                             f"{cond.shape[1]}; sample this model guidance-free (a CFG scale of 1)")
-        return null.to(cond.dtype).expand(cond.shape[0], -1, -1)  # same rows for every sample, unmasked
+        if cond.shape[1] > null.shape[0]:
+            raise ValueError(f"t2i CFG needs at most {null.shape[0]} caption positions (LlamaGen's null caption), "
+                             f"got {cond.shape[1]}")
+        return null[-cond.shape[1]:].to(cond.dtype).expand(cond.shape[0], -1, -1)  # same rows for every sample
 
     def new_kv_cache(self, batch_size, max_len=None, static=False):
         """A zeroed cache for `batch_size` sequences (CFG doubles the batch: pass 2B); static: see KVCache."""

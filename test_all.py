@@ -69,9 +69,14 @@ def test_t2i_parity(variant):
                                    atol=ATOL, rtol=0)
         greedy, _ = generate(m, emb, cond_mask=mask, cfg_scale=4.0, temperature=0)
         assert torch.equal(greedy, e['generate.greedy_cfg4_tokens'])
-    else:  # the reference cannot run CFG here (its null caption has 120 rows); we say so clearly
-        with pytest.raises(ValueError, match='120 caption positions'):
-            generate(m, emb, cond_mask=mask, cfg_scale=4.0)
+    else:  # the reference cannot run CFG here (its null caption has 120 rows): we take its last 8 rows
+        null = m.null_cond(emb)
+        assert torch.equal(null[1], m.cls_embedding.uncond_embedding[-emb.shape[1]:])
+        c, u = m(tok[:, :-1], emb, cond_mask=mask), m(tok[:, :-1], null, cond_mask=mask)  # the two CFG halves
+        torch.testing.assert_close(forced_generate(m, emb, tok, cond_mask=mask, cfg_scale=4.0), u + (c - u) * 4.0,
+                                   atol=ATOL, rtol=0)
+        with pytest.raises(ValueError, match='at most 120 caption positions'):
+            m.null_cond(torch.zeros(1, 121, emb.shape[2]))
 
 
 @torch.no_grad()

@@ -67,12 +67,17 @@ def test_t2i_caption_path_shapes_and_masks(tiny_t2i):
     assert torch.equal(same[:2], emb) and torch.equal(same[2], emb[0])
 
 
-def test_t2i_null_caption_is_llamagen_s_at_full_length():
-    """At LlamaGen's 120 positions the dropout's null caption is exactly what model.GPT.null_cond gives CFG."""
-    cfg = config_for(None, 16, 4, n_layer=1, n_head=4, dim=32, vocab_size=16, model_type='t2i', caption_dim=8)
+@pytest.mark.parametrize('L', [120, 12])
+def test_t2i_null_caption_is_the_rows_cfg_samples_against(L):
+    """The caption dropout's null caption is the last L rows of LlamaGen's 120-row buffer (all of it at LlamaGen's
+    120), with every position attended: the rows model.GPT.null_cond hands CFG, so guidance meets what was trained."""
+    cfg = config_for(None, 16, 4, n_layer=1, n_head=4, dim=32, vocab_size=16, model_type='t2i', caption_dim=8,
+                     cls_token_num=L)
     gpt = GPT(cfg)
     null, mask = world_t2i.null_caption(gpt, 3)
-    assert torch.equal(null, gpt.null_cond(torch.zeros(3, 120, 8))) and mask.shape == (3, 120) and mask.all()
+    rows = gpt.cls_embedding.uncond_embedding[120 - L:]  # (L, 8)
+    assert torch.equal(null, rows.expand(3, -1, -1)) and torch.equal(gpt.null_cond(torch.zeros(3, L, 8)), null)
+    assert mask.shape == (3, L) and mask.all()
 
 # ----------------------------------------------------------------------------- the rewards, on held-out data
 

@@ -27,9 +27,10 @@ What each part stands for (AR-GRPO, arXiv 2508.06924, text-to-image with LlamaGe
   loo_fid        fid.LooFID in world_clip's image features against the train split
   judge          geneval's 'judge' detector (another architecture and seed) trained on the held-out split, never a
                  reward: per-category GenEval accuracy, seen and unseen prompts, and the mini-FID's features
-How it departs: captions take caption_len positions (12; LlamaGen's 120 is a flag away, and model.GPT can run
-CFG against its null caption only at 120, so the demo samples guidance-free as world.py's does); the T5 is
-random and frozen. Every part is cached under out/world_t2i/<hash of the config>.
+How it departs: captions take caption_len positions (12; LlamaGen's 120 is a flag away; CFG's null caption is
+then the last 12 rows of LlamaGen's, model.GPT.null_cond); the demo trains and samples guidance-free, as world.py's
+does (README: guidance lifts the base, not the tuned model); the T5 is random and frozen. Every part is cached
+under out/world_t2i/<hash of the config>.
 """
 import hashlib
 import json
@@ -180,10 +181,10 @@ def encode_captions(captions, t5, length, bs=256):
 
 
 def null_caption(gpt, n):
-    """The null caption as a (n, L, D) condition with an all-ones mask: the last L rows of LlamaGen's (120, D)
-    uncond_embedding buffer (all of it at L = 120, where it is exactly what model.GPT.null_cond gives CFG)."""
-    null = gpt.cls_embedding.uncond_embedding[-gpt.config.cls_token_num:]
-    return null.expand(n, -1, -1), torch.ones(n, null.shape[0], dtype=torch.long)
+    """The null caption as a (n, L, D) condition with an all-ones mask: model.GPT.null_cond's rows, the last L of
+    LlamaGen's (120, D) uncond_embedding buffer (all of it at L = 120), so CFG samples against what was trained."""
+    L, D = gpt.config.cls_token_num, gpt.config.caption_dim
+    return gpt.null_cond(torch.zeros(n, L, D)), torch.ones(n, L, dtype=torch.long)  # null_cond reads the shape
 
 # -----------------------------------------------------------------------------
 # the generator: model.GPT t2i pretrained by next-token cross-entropy with caption dropout
