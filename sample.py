@@ -79,6 +79,8 @@ class SampleConfig:
         t2i = bool(self.prompts)
         self._world = t2i_world_of(self.ckpt) if t2i and self.ckpt else None
         if self._world:  # the text-to-image miniature: its own VQ and text encoder; guidance-free as it was tuned
+            import scenes
+            self.prompts = [scenes.canonical(p) for p in self.prompts]  # as its tokenizer knows the words
             self.vq_ckpt = self.vq_ckpt or os.path.join(self._world, 'vq.safetensors')
             self.t5 = os.path.join(self._world, 't5') if self.t5 == 'google/flan-t5-xl' else self.t5
             self.cfg, self.top_k = (1.0 if self.cfg is None else self.cfg), (0 if self.top_k is None else self.top_k)

@@ -111,10 +111,18 @@ def parse_phrase(words, text):
     return {'shape': shape, 'colour': words[1] if len(words) == 3 else None, 'count': count}
 
 
+def canonical(text):
+    """A typed prompt as the world's captions are written: lower case, single spaces, no full stop at the end
+    ("Two Yellow rings." -> "two yellow rings"). The world's word-level tokenizer knows only these forms: it
+    would read "Two" or "." as its unknown token."""
+    return ' '.join(text.lower().split()).rstrip('.!? ')
+
+
 def parse(text):
-    """A caption -> its spec (the inverse of caption()). Case and spacing are free; an unknown word, or words
-    in an order the grammar does not know, raise cli.UserError with one sentence naming the problem."""
-    words = text.lower().split()
+    """A caption -> its spec (the inverse of caption()). Case, spacing and a closing full stop are free
+    (canonical); an unknown word, or words in an order the grammar does not know, raise cli.UserError with one
+    sentence naming the problem."""
+    words = canonical(text).split()
     for w in words:
         if w not in VOCAB:
             raise UserError(f"unknown word {w!r} in the prompt {text!r}; the world's words are: {' '.join(VOCAB)}")

@@ -152,6 +152,9 @@ def test_t2i_grpo_writes_a_report_that_round_trips(tiny_t2i, tmp_path):
     ckpt, out = str(tmp_path / 'tuned' / 'latest' / 'model.safetensors'), str(tmp_path / 's.png')
     drawn = sample.main(['--prompt', 'two yellow rings', '--ckpt', ckpt, '--n', '2', '--out', out])
     assert drawn.shape == (2, tiny_t2i.config.image_size, tiny_t2i.config.image_size, 3)
+    # typed as a person types it: the same caption to the tokenizer, so the same images
+    assert np.array_equal(sample.main(['--prompt', ' Two  Yellow rings.', '--ckpt', ckpt, '--n', '2', '--out', out]),
+                          drawn)
     with pytest.raises(UserError, match="unknown word 'pink'"):
         sample.main(['--prompt', 'two pink rings', '--ckpt', ckpt, '--out', out])
 
