@@ -209,6 +209,11 @@ def test_t2i_train_flags(tmp_path):
     with pytest.raises(UserError, match='unknown reward'):
         parse_config(train.TrainConfig, ['--preset', 'demo_t2i', '--rewards', 'geneval=1,nope=1',
                                          '--out_dir', str(tmp_path / 'o')], presets=train.TRAIN_PRESETS)
+    (tmp_path / 'p.txt').write_text('Two Yellow rings.\ntwo pink rings\n')  # a typed file: case, a full stop
+    with pytest.raises(UserError, match="unknown word 'pink'"):  # before anything is built or loaded
+        train.check_train_config(train.TrainConfig(**{**train.TRAIN_PRESETS['demo_t2i'], 'prompts': str(
+            tmp_path / 'p.txt'), 'out_dir': str(tmp_path / 'o')}))
+    assert world_t2i.world_prompts(['Two  Yellow rings.']) == ['two yellow rings']  # as the captions are written
     parse = lambda *a: parse_config(world_t2i.T2IWorldConfig, [*a, '--root', str(tmp_path)],
                                     presets=world_t2i.T2I_PRESETS)
     cfg = parse('--preset', 'demo_t2i')
