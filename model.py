@@ -147,8 +147,7 @@ class CaptionEmbedder(nn.Module):
         super().__init__()
         self.cap_proj = MLP(caption_dim, dim, dim)
         # LlamaGen quirk: the null caption is a persistent *buffer* (in the state_dict, not a parameter)
-        # with a hard-coded 120 rows, so LlamaGen's CFG only works when cls_token_num == 120 (GPT.null_cond
-        # takes its last rows for a shorter caption)
+        # with a hard-coded 120 rows, so LlamaGen's CFG needs cls_token_num == 120 (GPT.null_cond: below)
         self.register_buffer('uncond_embedding', torch.randn(token_num, caption_dim) / caption_dim ** 0.5)
 
     def forward(self, caption):
@@ -308,11 +307,9 @@ class GPT(nn.Module):
             nn.init.normal_(m.weight, std=self.config.initializer_range)
 
     def null_cond(self, cond):
-        """The unconditional input for CFG, shaped like `cond`: the null class, or for t2i the null caption, the
-        last L rows of the (120, D) uncond_embedding buffer for an (B, L, D) caption. At L = 120 that is LlamaGen's
-        null caption exactly; at L < 120 LlamaGen fails to broadcast, and we take the rows nearest the image
-        tokens, as left-padding places a short caption there (the rows the text-to-image miniature's caption
-        dropout trains, world_t2i.train_gpt)."""
+        """The unconditional input for CFG, shaped like `cond`: the null class, or the last L rows of the (120, D)
+        null caption for (B, L, D) captions -- LlamaGen's exactly at 120; below, where LlamaGen fails, the rows a
+        left-padded short caption fills (and world_t2i's caption dropout trains)."""
         if self.config.model_type == 'c2i':
             return torch.full_like(cond, self.config.num_classes)  # the null class row
         null = self.cls_embedding.uncond_embedding

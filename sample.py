@@ -117,8 +117,7 @@ class SampleConfig:
         ids = self.class_ids()  # bad names fail here
         if self._world:  # the miniature knows only its world's words: an unknown one is one sentence
             import scenes
-            for p in self.prompts:
-                scenes.parse(p)
+            scenes.canonical_prompts(self.prompts)
         check_generator(peek_gpt_config(self.ckpt), self.ckpt, bool(self.prompts), ids or (), self.image_size,
                         vq_downsample(self.vq_ckpt), flags=('--prompt', '--class'))
         for path in filter(None, (self.out, self.npz)):

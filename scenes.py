@@ -143,6 +143,14 @@ def parse(text):
     return {'tag': infer_tag(objects, relation), 'objects': objects, 'relation': relation}
 
 
+def canonical_prompts(prompts):
+    """Typed prompts (a --prompt list or a --prompts file) for a generator of this world: each parsed (an unknown
+    word, or words the grammar cannot read, raise UserError naming them) -> their canonical forms."""
+    for p in prompts:
+        parse(p)
+    return [canonical(p) for p in prompts]
+
+
 # -----------------------------------------------------------------------------
 # specs: what a caption of each category asks for
 

@@ -186,6 +186,7 @@ BAD_INPUTS = [  # (script, argv with {placeholders}, phrase of the message)
     ('train', TRAIN + ['--ckpt', 't2i_XL_stage1_256', '--prompts', '{empty}'], 'is a directory'),
     ('train', TRAIN + ['--ckpt', 't2i_XL_stage1_256', '--prompts', '{nul}'], 'holds NUL bytes'),
     ('train', TRAIN + ['--ckpt', 't2i_XL_stage1_256', '--prompts', '{huge}'], 'is 2048 MiB, more than the 256 MiB'),
+    ('train', ['--preset', 'demo_t2i', '--prompts', '{prompts}'], "unknown word 'fox'"),  # the miniature's words
     ('metrics', ['--bogus', '1'], 'unrecognized arguments: --bogus 1'),
     ('study', ['--variants', '--out_dir {tmp}/elsewhere', '--out_dir', '{tmp}/s'], 'sets --out_dir, which the study'),
     ('study', ['--variants', '--beta 0.2 --seed 3', '--out_dir', '{tmp}/s'], 'sets --seed, which the study'),
@@ -210,8 +211,8 @@ if not torch.cuda.is_available():
 _ERRORS = (ValueError, CheckpointError, WeightsUnavailable)
 
 
-@pytest.mark.parametrize('script,argv,phrase', BAD_INPUTS, ids=[' '.join(r[1][len(TRAIN) * (r[0] == 'train'):])
-                                                               for r in BAD_INPUTS])
+@pytest.mark.parametrize('script,argv,phrase', BAD_INPUTS,
+                         ids=[' '.join(r[1][len(TRAIN) * (r[1][:len(TRAIN)] == TRAIN):]) for r in BAD_INPUTS])
 def test_bad_input_battery(script, argv, phrase, tmp_path, capsys, monkeypatch):
     monkeypatch.setenv('HF_HUB_OFFLINE', '1')  # a row that reached the Hub would fail on a different message
     monkeypatch.setenv('HF_HOME', str(tmp_path / 'hf'))

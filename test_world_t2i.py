@@ -213,7 +213,7 @@ def test_t2i_train_flags(tmp_path):
     with pytest.raises(UserError, match="unknown word 'pink'"):  # before anything is built or loaded
         train.check_train_config(train.TrainConfig(**{**train.TRAIN_PRESETS['demo_t2i'], 'prompts': str(
             tmp_path / 'p.txt'), 'out_dir': str(tmp_path / 'o')}))
-    assert world_t2i.world_prompts(['Two  Yellow rings.']) == ['two yellow rings']  # as the captions are written
+    assert scenes.canonical_prompts(['Two  Yellow rings.']) == ['two yellow rings']  # as the captions are written
     parse = lambda *a: parse_config(world_t2i.T2IWorldConfig, [*a, '--root', str(tmp_path)],
                                     presets=world_t2i.T2I_PRESETS)
     cfg = parse('--preset', 'demo_t2i')

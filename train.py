@@ -49,6 +49,7 @@ import grpo
 import lora
 import memory
 import metrics
+import scenes
 import tracking
 import world
 import world_t2i
@@ -535,7 +536,7 @@ def setup(cfg):
                              judge_url=cfg.judge_url, judge_model=cfg.judge_model, extra=extra_rewards(cfg, device))
     prompts = read_prompts(cfg.prompts) if policy.config.model_type == 't2i' else None
     if prompts and world_t2i.is_t2i(cfg.world):
-        prompts = world_t2i.world_prompts(prompts)  # as the world's captions are written
+        prompts = scenes.canonical_prompts(prompts)  # as the world's captions are written
     t5 = load_t5(cfg.t5, device=device) if prompts else None
     return Run(policy, ref, None, vq, policy, None, reward_fn, prompts, t5, rank, world_size, device,
                save_meta=world.checkpoint_metadata(cfg.world) if cfg.world else {})
@@ -635,7 +636,7 @@ def check_train_config(cfg):
     if cfg.prompts:
         prompts = read_prompts(cfg.prompts)  # exists, decodes, holds prompts
         if world_t2i.is_t2i(cfg.world):  # the miniature knows only its world's words
-            world_t2i.world_prompts(prompts)
+            scenes.canonical_prompts(prompts)
     check_generator(peek_gpt_config(cfg.ckpt) if cfg.ckpt else dict(model_type='c2i'), cfg.ckpt or 'the random-init '
                     'model', bool(cfg.prompts), cfg.classes, cfg.image_size, vq_downsample(cfg.vq_ckpt))
     check_writable_dir(cfg.out_dir, '--out_dir')

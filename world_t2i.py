@@ -362,15 +362,6 @@ def check_flags(world, rewards, world_seed=0):
         raise UserError(f"--world_seed picks the seed of a world preset, but --world is {world}; pass --world "
                         f"demo_t2i (a built directory has its own seed)")
 
-
-def world_prompts(prompts):
-    """train.py's --prompts for a t2i world, written as the world's captions are (scenes.canonical: its word-level
-    tokenizer would read "Two" or "rings." as <unk>). An unknown word, or words the grammar cannot read, raise
-    UserError naming them, before anything is built or loaded."""
-    for p in prompts:
-        scenes.parse(p)
-    return [scenes.canonical(p) for p in prompts]
-
 # -----------------------------------------------------------------------------
 # building the world (cached) and loading it back
 
